@@ -1,0 +1,222 @@
+"""The K-FAC training step, shared by `model.fit` and custom loops.
+
+One step, in three parts:
+
+1. *Gradients and statistics* (XLA-compiled when `jit_compile=True`): one
+   forward pass under a persistent `tf.GradientTape` with the registered
+   layers capturing their inputs and pre-activations; the real loss and its
+   gradient; and, every `cov_update_every` steps (a `tf.cond`, no host round
+   trip), the gradient of the *sampled* objective w.r.t. the captured
+   pre-activations (and w.r.t. the diagonal blocks' variables), from which
+   the blocks update their factors. No second forward pass.
+2. *Decompositions*, every `inv_update_every` steps (a `tf.cond`): outside
+   XLA on CPU, inside XLA on GPU (`kfac_keras.linalg.decomposition_jit`).
+3. *Update* (XLA-compiled when `jit_compile=True`): precondition, momentum,
+   apply; metrics.
+"""
+
+import keras
+import tensorflow as tf
+from keras.src.losses import loss as keras_loss_module
+
+from kfac_keras import losses as losses_lib
+from kfac_keras.optimizer import KFAC
+
+
+def _single_output(y_pred):
+    if not isinstance(y_pred, (tf.Tensor, tf.Variable)) and not hasattr(y_pred, "shape"):
+        raise ValueError(
+            "K-FAC supports models with a single output tensor; the model "
+            f"returned {type(y_pred).__name__}.")
+    return y_pred
+
+
+class KFACTrainStep:
+    """A callable K-FAC training step for a model and its KFAC optimizer.
+
+    Use `make_train_step` to build one for a custom loop; `KFACCallback`
+    builds one for `model.fit`.
+
+    Args:
+        model: a built Keras model with a single output.
+        optimizer: the `kfac_keras.KFAC` instance. Defaults to
+            `model.optimizer`.
+        loss: the loss, as accepted by `kfac_keras.losses.distribution_for_loss`
+            (string, Keras loss object or function). Defaults to the loss
+            given to `model.compile`, evaluated through Keras (so
+            `loss_weights` and regularization losses apply).
+        jit_compile: XLA-compile parts 1 and 3 of the step. Defaults to False.
+    """
+
+    def __init__(self, model, optimizer=None, loss=None, jit_compile=False):
+        optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+        if not isinstance(optimizer, KFAC):
+            raise TypeError(
+                "The K-FAC training step needs a kfac_keras.KFAC optimizer; "
+                f"received {type(optimizer).__name__}. Compile the model with "
+                "`optimizer=kfac_keras.KFAC(...)` or pass `optimizer=`.")
+        if loss is None:
+            compiled = getattr(model, "loss", None)
+            if compiled is None:
+                raise ValueError(
+                    "No loss: compile the model with a loss or pass `loss=` to "
+                    "make_train_step.")
+            self._loss_fn = None
+            loss = compiled
+        else:
+            self._loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+        self.distribution = losses_lib.distribution_for_loss(loss)
+        if not isinstance(jit_compile, bool):
+            raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
+        self.model = model
+        self.optimizer = optimizer
+        self.registration = optimizer.attach(model)
+        self.jit_compile = jit_compile
+        if jit_compile:
+            self._gradients_and_statistics = tf.function(
+                self._gradients_and_statistics_impl, jit_compile=True,
+                reduce_retracing=True)
+            self._apply = tf.function(self._apply_impl, jit_compile=True,
+                                      reduce_retracing=True)
+        else:
+            self._gradients_and_statistics = self._gradients_and_statistics_impl
+            self._apply = self._apply_impl
+
+    # ---------------------------------------------------------------- parts
+    def _loss(self, x, y, y_pred, sample_weight):
+        if self._loss_fn is None:
+            return self.model._compute_loss(
+                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+        value = self._loss_fn(y, y_pred, sample_weight=sample_weight)
+        if self.model.losses:
+            value = value + tf.add_n([tf.cast(l, value.dtype) for l in self.model.losses])
+        return value
+
+    def _statistics_objective(self, y, y_pred, sample_weight):
+        """`sum_n sqrt(c_n) NLL_n` over the statistics subset, and its size."""
+        optimizer = self.optimizer
+        batch = tf.shape(y_pred)[0]
+        subset = tf.cast(tf.math.ceil(
+            optimizer.statistics_fraction * tf.cast(batch, tf.float32)), tf.int32)
+        subset = tf.clip_by_value(subset, 1, batch)
+        scale = self.distribution.per_example_scale(y_pred, sample_weight)[:subset]
+        y_subset = y_pred[:subset]
+        if optimizer.estimation_mode == "fisher":
+            targets = self.distribution.sample_targets(y_subset, optimizer.sampling_seed())
+        else:
+            targets = self.distribution.empirical_targets(y[:subset], y_subset)
+        nll = self.distribution.per_example_nll(targets, y_subset)
+        return tf.reduce_sum(tf.sqrt(scale) * nll), subset
+
+    def _gradients_and_statistics_impl(self, x, y, sample_weight):
+        model, optimizer, registration = self.model, self.optimizer, self.registration
+        variables = model.trainable_variables
+        with tf.GradientTape(persistent=True) as tape:
+            with registration.capture() as recorder:
+                y_pred = _single_output(model(x, training=True))
+            loss = self._loss(x, y, y_pred, sample_weight)
+            scaled_loss = optimizer.scale_loss(loss)
+            objective, subset = self._statistics_objective(y, y_pred, sample_weight)
+        grads = tape.gradient(scaled_loss, variables)
+
+        records = {id(b): recorder.for_layer(b.layer) for b in registration.capture_blocks}
+
+        def update_statistics():
+            sources = []
+            for block in registration.blocks:
+                if block.needs_capture:
+                    sources.extend(pre for _, pre in records[id(block)])
+                elif block.kind != "identity":
+                    sources.extend(block.variables)
+            sampled = tape.gradient(objective, sources,
+                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            position = 0
+            block_inputs = []
+            for block in registration.blocks:
+                if block.needs_capture:
+                    uses = records[id(block)]
+                    captures = [(inputs[:subset], g[:subset])
+                                for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
+                    position += len(uses)
+                    block_inputs.append((captures, None))
+                elif block.kind != "identity":
+                    count = len(block.variables)
+                    block_inputs.append((None, sampled[position:position + count]))
+                    position += count
+                else:
+                    block_inputs.append((None, None))
+            optimizer.update_statistics(block_inputs, tf.cast(subset, tf.float32))
+            return tf.constant(True)
+
+        updated = tf.cond(optimizer.statistics_due(), update_statistics,
+                          lambda: tf.constant(False))
+        del tape
+        return y_pred, loss, grads, updated
+
+    def _apply_impl(self, grads):
+        variables = self.model.trainable_variables
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
+        self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+
+    # ----------------------------------------------------------- entry points
+    def run(self, x, y, sample_weight=None):
+        """Runs one step; returns `(y_pred, loss)`."""
+        y_pred, loss, grads, updated = self._gradients_and_statistics(x, y, sample_weight)
+        self.optimizer.maybe_update_inverses(updated)
+        self._apply(grads)
+        return y_pred, loss
+
+    def __call__(self, x, y, sample_weight=None):
+        """One K-FAC step on a batch, for custom loops.
+
+        Args:
+            x: model inputs.
+            y: targets, in the format the loss expects.
+            sample_weight: optional per-example weights, shape `(batch,)`.
+
+        Returns:
+            A dict with the batch's `"loss"` (before the update).
+        """
+        _, loss = self.run(x, y, sample_weight)
+        return {"loss": loss}
+
+    def keras_train_step(self, data):
+        """Drop-in replacement for `model.train_step`, used by `fit`."""
+        from keras.src.trainers.data_adapters import data_adapter_utils
+
+        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        y_pred, loss = self.run(x, y, sample_weight)
+        model = self.model
+        first_input = next(i for i in tf.nest.flatten(x) if i is not None)
+        model._loss_tracker.update_state(
+            keras_loss_module.unscale_loss_for_distribution(loss),
+            sample_weight=tf.shape(first_input)[0])
+        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+
+
+def make_train_step(model, optimizer=None, loss=None, jit_compile=False):
+    """Builds a K-FAC training step for a custom training loop.
+
+    Example::
+
+        optimizer = kfac_keras.KFAC(learning_rate=0.05, damping=1e-3)
+        step = tf.function(kfac_keras.make_train_step(
+            model, optimizer, loss="sparse_categorical_crossentropy"))
+        for x, y in dataset:
+            logs = step(x, y)
+
+    The returned step does the forward pass itself (so K-FAC can capture the
+    layers' inputs and pre-activation gradients); do not call
+    `optimizer.apply_gradients` yourself.
+
+    Args:
+        model: a built Keras model with one output.
+        optimizer: a `kfac_keras.KFAC`. Defaults to `model.optimizer`.
+        loss: the loss (see `KFACTrainStep`). Defaults to the compiled loss.
+        jit_compile: XLA-compile the step's gradient and update parts.
+            Defaults to False.
+
+    Returns:
+        A `KFACTrainStep`; call it as `step(x, y, sample_weight=None)`.
+    """
+    return KFACTrainStep(model, optimizer=optimizer, loss=loss, jit_compile=jit_compile)

@@ -301,6 +301,28 @@ def _unsupported(loss):
     )
 
 
+_LOSS_CLASSES = {
+    "sparse_categorical_crossentropy": keras.losses.SparseCategoricalCrossentropy,
+    "categorical_crossentropy": keras.losses.CategoricalCrossentropy,
+    "binary_crossentropy": keras.losses.BinaryCrossentropy,
+    "mean_squared_error": keras.losses.MeanSquaredError,
+    "mse": keras.losses.MeanSquaredError,
+}
+
+
+def loss_object(loss):
+    """A `keras.losses.Loss` instance for a supported string, function or object.
+
+    Raises:
+        ValueError: for an unsupported loss.
+    """
+    distribution_for_loss(loss)
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    name = _FUNCTION_LOSSES.get(loss, loss)
+    return _LOSS_CLASSES[name]()
+
+
 def distribution_for_loss(loss):
     """Maps a Keras loss (string, object or function) to its distribution.
 

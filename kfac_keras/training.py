@@ -64,7 +64,7 @@ class KFACTrainStep:
             self._loss_fn = None
             loss = compiled
         else:
-            self._loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+            self._loss_fn = losses_lib.loss_object(loss)
         self.distribution = losses_lib.distribution_for_loss(loss)
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")

@@ -31,6 +31,8 @@ The output Hessians (for exact Fisher-vector products) are available through
 import keras
 import tensorflow as tf
 
+from kfac_keras import sampling
+
 _EPSILON = 1e-7
 
 SUPPORTED_REDUCTIONS = ("sum_over_batch_size", "mean", "sum")
@@ -168,7 +170,7 @@ class Categorical(PredictiveDistribution):
         log_probs = tf.stop_gradient(self._log_probs(y_pred))
         num_classes = log_probs.shape[-1]
         flat = tf.reshape(log_probs, [-1, num_classes])
-        labels = tf.random.stateless_categorical(flat, 1, seed=seed)[:, 0]
+        labels = sampling.categorical(flat, seed)
         one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return tf.reshape(one_hot, tf.shape(log_probs))
 
@@ -213,7 +215,7 @@ class Bernoulli(PredictiveDistribution):
 
     def sample_targets(self, y_pred, seed):
         probs = tf.stop_gradient(self._probs(y_pred))
-        uniform = tf.random.stateless_uniform(tf.shape(probs), seed=seed)
+        uniform = sampling.uniform(tf.shape(probs), seed)
         return tf.cast(uniform < probs, tf.float32)
 
     def empirical_targets(self, y_true, y_pred):
@@ -251,8 +253,7 @@ class Gaussian(PredictiveDistribution):
 
     def sample_targets(self, y_pred, seed):
         mean = tf.stop_gradient(_to_float(y_pred))
-        return mean + tf.sqrt(0.5) * tf.random.stateless_normal(
-            tf.shape(mean), seed=seed)
+        return mean + tf.sqrt(0.5) * sampling.normal(tf.shape(mean), seed)
 
     def empirical_targets(self, y_true, y_pred):
         return tf.stop_gradient(tf.reshape(_to_float(y_true), tf.shape(y_pred)))

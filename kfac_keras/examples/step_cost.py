@@ -1,0 +1,203 @@
+"""Where the time of a K-FAC step goes, next to an Adam step on the same model.
+
+Run with::
+
+    python -m kfac_keras.examples.step_cost [--models autoencoder,cnn]
+        [--batch-size 1000] [--repeats 10] [--data-dir DIR] [--out-dir DIR]
+
+For each model it times, in milliseconds (median over `--repeats` calls of a
+`tf.function`, after two warm-up calls; jit off, the Keras default on CPU):
+
+* `adam_step`: a complete Adam training step (forward, backward, update).
+* `forward_backward`: forward pass, loss and gradient only.
+* `statistics`: the extra cost of a step that updates the factor statistics
+  (the sampled-loss backward pass and the factor products), measured as
+  (step with statistics) - (step without).
+* `decomposition_per_call` and `decomposition_amortized` (= per call /
+  `inv_update_every`): all factor decompositions of the model.
+* `preconditioning`: multiplying all gradients by the damped inverse blocks.
+* `kfac_step_default`: the mean K-FAC step at the default options, over a
+  whole number of `inv_update_every` periods, so the occasional statistics
+  and decompositions are included at their real frequency.
+
+and prints the ratio `kfac_step_default / adam_step`. Results are printed as
+a Markdown table and written to `<out-dir>/step_cost.md` and `.csv`.
+"""
+
+import argparse
+import csv
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import kfac_keras  # noqa: E402
+
+
+def _median_ms(fn, repeats, warmup=2):
+    for _ in range(warmup):
+        _block(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _block(fn())
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def _block(result):
+    """Forces evaluation (values are fetched, so async work is finished)."""
+    for value in tf.nest.flatten(result):
+        if hasattr(value, "numpy"):
+            value.numpy()
+
+
+def autoencoder_problem(batch_size, data_dir):
+    from kfac_keras.datasets import load_mnist
+    from kfac_keras.examples.autoencoder import make_autoencoder
+
+    x, _, source = load_mnist(data_dir)
+    x = x[:batch_size]
+    return (make_autoencoder, x, x,
+            keras.losses.BinaryCrossentropy(from_logits=True),
+            f"autoencoder 784-1000-500-250-30-250-500-1000-784 ({source})")
+
+
+def cnn_problem(batch_size, data_dir):
+    from kfac_keras.datasets import load_mnist
+    from kfac_keras.examples.small_models import small_cnn
+
+    x, y, source = load_mnist(data_dir, flatten=False)
+    return (lambda: small_cnn(input_shape=(28, 28, 1), num_classes=10),
+            x[:batch_size], y[:batch_size],
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            f"small CNN ({source})")
+
+
+PROBLEMS = {"autoencoder": autoencoder_problem, "cnn": cnn_problem}
+
+
+def measure(make_model, x, y, loss, repeats, kfac_options=None):
+    """Returns a dict of milliseconds for one model and batch."""
+    kfac_options = dict(kfac_options or {})
+    x = tf.constant(x)
+    y = tf.constant(y)
+    results = {}
+
+    keras.utils.set_random_seed(0)
+    model = make_model()
+    adam = keras.optimizers.Adam(1e-3)
+    adam.build(model.trainable_variables)
+
+    @tf.function
+    def adam_step():
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
+        adam.apply_gradients(zip(tape.gradient(value, model.trainable_variables),
+                                 model.trainable_variables))
+        return value
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            value = loss(y, model(x, training=True))
+        return tape.gradient(value, model.trainable_variables)
+
+    results["adam_step"] = _median_ms(adam_step, repeats)
+    results["forward_backward"] = _median_ms(forward_backward, repeats)
+
+    def kfac_step_fn(**options):
+        keras.utils.set_random_seed(0)
+        kmodel = make_model()
+        optimizer = kfac_keras.KFAC(seed=0, **{**kfac_options, **options})
+        step = kfac_keras.make_train_step(kmodel, optimizer, loss)
+        return kmodel, optimizer, tf.function(lambda: step(x, y)["loss"])
+
+    never = 10**9
+    _, _, plain = kfac_step_fn(cov_update_every=never, inv_update_every=never)
+    _, _, with_stats = kfac_step_fn(cov_update_every=1, inv_update_every=never)
+    plain_ms = _median_ms(plain, repeats)
+    results["statistics"] = _median_ms(with_stats, repeats) - plain_ms
+
+    kmodel, optimizer, _ = kfac_step_fn()
+    decompose = tf.function(optimizer.update_inverses, autograph=False)
+    results["decomposition_per_call"] = _median_ms(decompose, max(3, repeats // 3))
+    results["decomposition_amortized"] = (
+        results["decomposition_per_call"] / optimizer.inv_update_every)
+    grads = forward_backward()
+    variables = model.trainable_variables
+    kvars = kmodel.trainable_variables
+    precondition = tf.function(lambda: optimizer.precondition(grads, kvars))
+    results["preconditioning"] = _median_ms(precondition, repeats)
+    results["update_and_overhead"] = max(
+        0.0, plain_ms - results["forward_backward"] - results["preconditioning"])
+    del variables
+
+    _, optimizer, default_step = kfac_step_fn()
+    period = optimizer.inv_update_every
+    for _ in range(2):
+        _block(default_step())
+    steps = period * max(1, repeats // period + (1 if repeats % period else 0))
+    start = time.perf_counter()
+    for _ in range(steps):
+        _block(default_step())
+    results["kfac_step_default"] = 1000.0 * (time.perf_counter() - start) / steps
+    results["ratio_kfac_to_adam"] = results["kfac_step_default"] / results["adam_step"]
+    return results
+
+
+COLUMNS = ["adam_step", "forward_backward", "statistics", "decomposition_per_call",
+           "decomposition_amortized", "preconditioning", "update_and_overhead",
+           "kfac_step_default", "ratio_kfac_to_adam"]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="autoencoder,cnn",
+                        help="comma list from: " + ",".join(PROBLEMS))
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out-dir", default=os.path.join("benchmark_results", "step_cost"))
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROBLEMS]
+    if unknown:
+        parser.error(f"--models: unknown {unknown}; choose from {sorted(PROBLEMS)}")
+    defaults = kfac_keras.KFAC()
+    print(f"K-FAC defaults: cov_update_every={defaults.cov_update_every}, "
+          f"inv_update_every={defaults.inv_update_every}, "
+          f"inverse_method={defaults.inverse_method!r}, "
+          f"statistics_fraction={defaults.statistics_fraction}")
+    rows = []
+    for name in names:
+        make_model, x, y, loss, label = PROBLEMS[name](args.batch_size, args.data_dir)
+        print(f"measuring {label}, batch {args.batch_size} ...", flush=True)
+        result = measure(make_model, x, y, loss, args.repeats)
+        rows.append((name, result))
+    header = "| model | " + " | ".join(COLUMNS) + " |"
+    lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, result in rows:
+        cells = [f"{result[c]:.2f}" if c == "ratio_kfac_to_adam" else f"{result[c]:.1f}"
+                 for c in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print("\nMilliseconds per step (ratio unitless), batch", args.batch_size)
+    print(table)
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, "step_cost.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out_dir, "step_cost.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model"] + COLUMNS)
+        for name, result in rows:
+            writer.writerow([name] + [f"{result[c]:.4f}" for c in COLUMNS])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,9 @@ both inside and outside XLA.
 
 import tensorflow as tf
 
-INVERSE_METHODS = ("cholesky", "inverse", "eigh")
+#: `"ekfac"` (George et al. 2018) is the `"eigh"` eigenbasis with a re-estimated
+#: diagonal; see `kfac_keras.blocks.kronecker`.
+INVERSE_METHODS = ("cholesky", "inverse", "eigh", "ekfac")
 
 
 def gpu_available():

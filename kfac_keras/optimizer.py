@@ -8,8 +8,12 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from kfac_keras import checkpointing
+from kfac_keras import damping as damping_lib
+from kfac_keras import guards
 from kfac_keras import linalg
 from kfac_keras import losses as losses_lib
+from kfac_keras import quadratic_model
 from kfac_keras import registration as registration_lib
 
 _MISSING_CAPTURE = (
@@ -38,6 +42,10 @@ def _check_number(name, value, low=None, high=None, low_open=False,
             + f"; received {value!r} of type {type(value).__name__}.")
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be finite; received {value!r}.")
+    if integer and abs(value) > 2**31 - 1:
+        raise ValueError(f"`{name}` must be at most {2**31 - 1} in magnitude; received {value!r}.")
+    if not integer:
+        guards.check_float32_number(name, value)
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
@@ -46,6 +54,33 @@ def _check_number(name, value, low=None, high=None, low_open=False,
         interval = ("(" if low_open else "[") + f"{lo}, {hi}" + (")" if high_open else "]")
         raise ValueError(f"`{name}` must be in {interval}; received {value!r}.")
     return value
+
+
+#: Fisher approximations across layers (`KFAC(approximation=...)`).
+APPROXIMATIONS = ("block_diagonal", "tridiagonal")
+
+
+def _schedule_value(schedule, step):
+    """A schedule's value at `step`, as a Python float."""
+    return float(keras.ops.convert_to_numpy(schedule(step)))
+
+
+def _serialize_schedule(value):
+    if guards.is_keras_schedule(value):
+        return keras.optimizers.schedules.serialize(value)
+    return value
+
+
+class _Diagnostics:
+    """Per-step values for the logs (`KFAC.logged_values`). Plain TensorFlow
+    variables, deliberately not optimizer variables: they are not part of
+    checkpoints, and may hold NaN (`rho` when undefined) without tripping
+    the non-finite guards, which watch the optimizer's variables."""
+
+    def __init__(self):
+        self.update_norm = tf.Variable(0.0, trainable=False, name="kfac_update_norm")
+        self.rho = tf.Variable(float("nan"), trainable=False, name="kfac_rho")
+        self.qmodel_change = tf.Variable(0.0, trainable=False, name="kfac_qmodel_change")
 
 
 def _check_choice(name, value, choices):
@@ -77,14 +112,50 @@ class KFAC(keras.optimizers.Optimizer):
     every `cov_update_every` steps, decompositions `O(n^3)` every
     `inv_update_every` steps (outside XLA on CPU, inside XLA on GPU).
 
+    The rest of the paper's algorithm is available through a few grouped
+    options (all off by default):
+
+    * `approximation="tridiagonal"`: block-tridiagonal inverse over chains of
+      Dense layers (section 4.3; `kfac_keras.blocks.tridiagonal`).
+    * `adaptive=kfac_keras.AdaptiveOptions(...)`: step size and momentum
+      from the quadratic model with exact Fisher products (section 7) and/or
+      Levenberg-Marquardt damping (section 6.5); see
+      `kfac_keras.quadratic_model` and `kfac_keras.damping`.
+    * `norm_constraint=c`: "KL clipping" of the step (Ba et al. 2017).
+    * `inverse_method="ekfac"`: the eigenvalue-corrected diagonal of George
+      et al. 2018 (`kfac_keras.blocks.kronecker`).
+    * `learning_rate`, `momentum` and `damping` accept Keras
+      `LearningRateSchedule`s (evaluated at `optimizer.iterations`) where
+      they are not adaptive.
+
+    The current damping, the update norm and, when enabled, `rho`, `alpha`,
+    `mu` and the quadratic model's predicted change are added to the logs of
+    `fit` (progress bar, History, TensorBoard) and of the custom-loop step;
+    see `logged_values`.
+
+    Reliability (`kfac_keras.guards`, `kfac_keras.checkpointing`): a batch
+    whose loss, gradients or statistics are NaN/Inf is skipped without
+    changing any variable (`skipped_steps` counts such steps and is logged
+    as `kfac_skipped_steps`); a decomposition that fails keeps the previous
+    one and multiplies the damping by 10. `model.save` / `load_model`,
+    `load_weights`, `BackupAndRestore` and `tf.train.Checkpoint` restore the
+    whole K-FAC state, even though the blocks' variables are only created
+    when the optimizer is attached to the model at the start of training.
+
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
             the step size applied to the preconditioned gradient. Defaults to
-            0.01.
-        momentum: float in [0, 1), heavy-ball momentum. Defaults to 0.9.
-        damping: float > 0, the Tikhonov damping `lambda` added to the Fisher.
-            Larger values make steps shorter and more gradient-like. Defaults
-            to 1e-3.
+            None, meaning 0.01 (must stay None with
+            `AdaptiveOptions(quadratic_model_step=True)`, which chooses the
+            step size itself; `optimizer.learning_rate` then reads the last
+            `alpha`).
+        momentum: float in [0, 1) or a `LearningRateSchedule`, heavy-ball
+            momentum. Defaults to None, meaning 0.9 (must stay None with
+            `quadratic_model_step`, which chooses `mu`).
+        damping: float > 0 or a `LearningRateSchedule`, the Tikhonov damping
+            `lambda` added to the Fisher. Larger values make steps shorter
+            and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
+            it is the initial value (a number). Defaults to 1e-3.
         l2_reg: float >= 0, coefficient `eta` of an L2 penalty
             `(eta / 2) ||theta||^2` that K-FAC adds to the objective: `eta *
             theta` is added to the gradient and `eta` to the damping (the
@@ -108,7 +179,12 @@ class KFAC(keras.optimizers.Optimizer):
             Tikhonov damping with the pi adjustment, inverses stored
             explicitly; `"eigh"`: exact damping of each Kronecker product in
             the eigenbasis (twice the preconditioning cost, and `eigh` is
-            ~4x slower than Cholesky: use `inv_update_every` >= 50 on CPU).
+            ~4x slower than Cholesky: use `inv_update_every` >= 50 on CPU);
+            `"ekfac"` (George et al. 2018): the `"eigh"` eigenbasis with the
+            diagonal re-estimated from per-example gradients every
+            `scale_update_every` steps (layers whose block cannot provide
+            per-example gradients fall back as for other unsupported
+            options; see the registration report).
         layer_blocks: optional dict mapping a layer name or layer class name
             to a block kind: `"auto"`, `"kronecker"`, `"diagonal"` or
             `"identity"` (plain gradient). Defaults to None (all `"auto"`).
@@ -120,18 +196,43 @@ class KFAC(keras.optimizers.Optimizer):
             not part of the config, so pass a seed for reproducible runs).
         decomposition_jit_compile: `"auto"` (default: XLA on GPU, not on CPU),
             True or False: whether factor decompositions run in XLA.
+        approximation: `"block_diagonal"` (default) or `"tridiagonal"`
+            (paper section 4.3): chains of Dense layers (each layer's input
+            is the previous layer's output) get one block-tridiagonal block;
+            other layers keep their blocks, and the registration report
+            names the chains found. Needs `inverse_method` `"cholesky"` or
+            `"inverse"` (factored Tikhonov damping, applied to the diagonal
+            factors before forming the off-diagonal terms).
+        adaptive: None (default), a `kfac_keras.AdaptiveOptions` or a dict of
+            its arguments: quadratic-model step size and momentum and/or
+            Levenberg-Marquardt damping. Not combinable with `weight_decay`
+            or `ema_overwrite_frequency` (they change the weights outside the
+            quadratic model).
+        norm_constraint: None (default) or float c > 0: "KL clipping" (Ba,
+            Grosse & Martens 2017, "Distributed Second-Order Optimization
+            using Kronecker-Factored Approximations"). The
+            preconditioned gradient `Delta = (Fhat + lambda + eta)^{-1} grad`
+            is scaled by `min(1, sqrt(c / (lr^2 Delta^T (Fhat + lambda + eta)
+            Delta)))`, so that `lr^2 Delta^T Fhat Delta <= c` (with the damped
+            `Fhat` the preconditioner inverts); momentum is added after.
+            Not available with `quadratic_model_step`.
+        scale_update_every: int >= 1 or None, `T_scale` of EKFAC: the
+            corrected diagonal is re-estimated every this many steps. Only
+            with `inverse_method="ekfac"`. Defaults to None (=
+            `cov_update_every`).
         name: string, the optimizer name. Defaults to `"kfac"`.
         **kwargs: the base optimizer's arguments (`weight_decay`, `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
             `ema_overwrite_frequency`, `loss_scale_factor`). Clipping applies
-            to the raw gradient, before preconditioning.
+            to the preconditioned gradient (before the norm constraint,
+            the quadratic model and momentum).
             `gradient_accumulation_steps` is not supported.
     """
 
     def __init__(
         self,
-        learning_rate=0.01,
-        momentum=0.9,
+        learning_rate=None,
+        momentum=None,
         damping=1e-3,
         l2_reg=0.0,
         factor_decay=0.95,
@@ -144,6 +245,10 @@ class KFAC(keras.optimizers.Optimizer):
         exclude_layers=None,
         seed=None,
         decomposition_jit_compile="auto",
+        approximation="block_diagonal",
+        adaptive=None,
+        norm_constraint=None,
+        scale_update_every=None,
         name="kfac",
         **kwargs,
     ):
@@ -151,11 +256,24 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(
                 "`gradient_accumulation_steps` is not supported by KFAC: its "
                 "factor statistics and step counters are per step; use a "
-                "larger batch or `statistics_fraction` instead.")
-        _check_number("learning_rate", learning_rate, low=0.0, low_open=True,
-                      allow_schedule=True)
-        _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-        _check_number("damping", damping, low=0.0, low_open=True)
+                "larger batch or `statistics_fraction` instead (received "
+                f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}).")
+        adaptive = quadratic_model.AdaptiveOptions.from_value(adaptive)
+        learning_rate, momentum = self._check_step_rule(
+            learning_rate, momentum, damping, adaptive, norm_constraint, kwargs)
+        _check_choice("approximation", approximation, APPROXIMATIONS)
+        _check_choice("inverse_method", inverse_method, linalg.INVERSE_METHODS)
+        if approximation == "tridiagonal" and inverse_method not in ("cholesky", "inverse"):
+            raise ValueError(
+                "approximation='tridiagonal' uses factored Tikhonov damping: "
+                "`inverse_method` must be 'cholesky' or 'inverse'; received "
+                f"{inverse_method!r}.")
+        if scale_update_every is not None:
+            _check_number("scale_update_every", scale_update_every, low=1, integer=True)
+            if inverse_method != "ekfac":
+                raise ValueError(
+                    "`scale_update_every` is EKFAC's T_scale and needs "
+                    f"inverse_method='ekfac'; received inverse_method={inverse_method!r}.")
         _check_number("l2_reg", l2_reg, low=0.0)
         _check_number("factor_decay", factor_decay, low=0.0, high=1.0, high_open=True)
         _check_number("cov_update_every", cov_update_every, low=1, integer=True)
@@ -172,9 +290,24 @@ class KFAC(keras.optimizers.Optimizer):
             raise ValueError(
                 "`decomposition_jit_compile` must be 'auto', True or False; "
                 f"received {decomposition_jit_compile!r}.")
+        guards.check_name(name)
+        guards.check_base_optimizer_arguments(kwargs)
+        if not (guards.is_keras_schedule(learning_rate) or callable(learning_rate)):
+            learning_rate = float(learning_rate)  # Keras accepts only a Python float.
         super().__init__(learning_rate=learning_rate, name=name, **kwargs)
-        self.momentum = float(momentum)
-        self.initial_damping = float(damping)
+        self.momentum = momentum  # float, schedule, or None with quadratic_model_step
+        self.damping_schedule = damping if guards.is_keras_schedule(damping) else None
+        self.initial_damping = (
+            _schedule_value(damping, 0) if self.damping_schedule is not None else float(damping))
+        self.approximation = approximation
+        self.adaptive = adaptive
+        self.norm_constraint = None if norm_constraint is None else float(norm_constraint)
+        self.scale_update_every = (
+            None if scale_update_every is None else int(scale_update_every))
+        self._damping_factor = (
+            damping_lib.adjustment_factor(int(adaptive.damping_update_every))
+            if adaptive is not None and adaptive.adapt_damping else None)
+        self._diagnostics = None
         self.l2_reg = float(l2_reg)
         self.factor_decay = float(factor_decay)
         self.cov_update_every = int(cov_update_every)
@@ -199,7 +332,7 @@ class KFAC(keras.optimizers.Optimizer):
             raise TypeError(
                 "`layer_blocks` must be a dict from layer name or class name to "
                 f"one of {registration_lib.BLOCK_KINDS}; received "
-                f"{type(layer_blocks).__name__}.")
+                f"{layer_blocks!r} of type {type(layer_blocks).__name__}.")
         for key, kind in layer_blocks.items():
             if not isinstance(key, str):
                 raise TypeError(
@@ -236,6 +369,14 @@ class KFAC(keras.optimizers.Optimizer):
             dtype="float32", name="damping")
         self.num_estimates = self.add_variable(
             (), initializer="zeros", dtype="float32", name="num_estimates")
+        # Steps skipped by the non-finite guard (kfac_keras/guards.py).
+        self.skipped_steps = self.add_variable(
+            (), initializer="zeros", dtype="int64", name="skipped_steps")
+        if self.uses_quadratic_model_step:
+            # mu of the last step (alpha is kept in the learning-rate variable).
+            self.step_momentum = self.add_variable(
+                (), initializer="zeros", dtype="float32", name="step_momentum")
+        self._diagnostics = _Diagnostics()
 
     @property
     def registration(self):
@@ -264,7 +405,8 @@ class KFAC(keras.optimizers.Optimizer):
             self.build(model.trainable_variables)
         registration = registration_lib.register(
             model, inverse_method=self.inverse_method,
-            layer_blocks=self.layer_blocks, exclude_layers=self.exclude_layers)
+            layer_blocks=self.layer_blocks, exclude_layers=self.exclude_layers,
+            approximation=self.approximation)
         known = {id(v) for v in self._trainable_variables}
         missing = [v.path for v in model.trainable_variables if id(v) not in known]
         if missing:
@@ -275,6 +417,7 @@ class KFAC(keras.optimizers.Optimizer):
         for block in registration.blocks:
             block.build(self)
         self._registration = registration
+        checkpointing.restore_pending(self)  # state loaded before attach
         logging.info("%s", registration.report())
         return registration
 
@@ -312,17 +455,55 @@ class KFAC(keras.optimizers.Optimizer):
         for block, (captures, sampled_grads) in zip(self._registration.blocks, block_inputs):
             block.update_statistics(captures, sampled_grads, num_examples, decay)
 
+    def scalings_due(self):
+        """Bool tensor: EKFAC re-estimates its corrected diagonal this step."""
+        every = self.scale_update_every or self.cov_update_every
+        return tf.equal(self._step() % every, 0)
+
+    def curvature_pass_due(self):
+        """Bool tensor: this step needs the sampled-loss backward pass (factor
+        statistics, or EKFAC's corrected diagonal)."""
+        if self.inverse_method != "ekfac":
+            return self.statistics_due()
+        return tf.logical_or(self.statistics_due(), self.scalings_due())
+
+    def update_curvature(self, block_inputs, num_examples):
+        """Runs the statistics and EKFAC updates that are due this step.
+
+        Called in a step where `curvature_pass_due()` holds, with the same
+        arguments as `update_statistics` (which it calls when
+        `statistics_due()`); with `inverse_method="ekfac"` it also calls
+        each EKFAC block's `update_scalings` when `scalings_due()`.
+        """
+        if self.inverse_method != "ekfac":
+            self.update_statistics(block_inputs, num_examples)
+            return tf.constant(True)
+
+        def statistics():
+            self.update_statistics(block_inputs, num_examples)
+            return tf.constant(True)
+
+        def scalings():
+            for block, (captures, _) in zip(self._registration.blocks, block_inputs):
+                if getattr(block, "inverse_method", None) == "ekfac":
+                    block.update_scalings(captures, num_examples, self.factor_decay)
+            return tf.constant(True)
+
+        tf.cond(self.statistics_due(), statistics, lambda: tf.constant(False))
+        tf.cond(self.scalings_due(), scalings, lambda: tf.constant(False))
+        return tf.constant(True)
+
     def inverses_due(self, statistics_updated):
         """Bool tensor: decompose the factors at this step."""
         periodic = tf.equal(self._step() % self.inv_update_every, 0)
-        early = tf.logical_and(statistics_updated,
-                               tf.convert_to_tensor(self.num_estimates) <= 3.0)
+        early = tf.logical_and(
+            tf.logical_and(statistics_updated, self.statistics_due()),
+            tf.convert_to_tensor(self.num_estimates) <= 3.0)
         return tf.logical_or(periodic, early)
 
     def _decompose(self):
         damping = self.total_damping()
-        for block in self._registration.blocks:
-            block.update_inverses(damping)
+        guards.guarded_update_inverses(self, damping)  # failed block: keep, raise damping
         return tf.constant(True)
 
     def update_inverses(self):
@@ -348,7 +529,9 @@ class KFAC(keras.optimizers.Optimizer):
         for grad, variable in zip(grads, trainable_variables):
             if grad is None:
                 continue
-            grad = tf.convert_to_tensor(grad)
+            if not (isinstance(grad, tf.IndexedSlices) and not self.l2_reg and getattr(
+                    registration.block_of(variable), "accepts_indexed_slices", False)):
+                grad = tf.convert_to_tensor(grad)  # sparse rows only for blocks that take them
             if self.l2_reg:
                 grad = grad + self.l2_reg * tf.cast(variable, grad.dtype)
             by_var[id(variable)] = grad
@@ -368,34 +551,298 @@ class KFAC(keras.optimizers.Optimizer):
             new_grads = block.multiply_damped_inverse(block_grads, damping)
             for variable, grad in zip(block.variables, new_grads):
                 if id(variable) in by_var:
-                    result[id(variable)] = tf.cast(grad, variable.dtype)
+                    result[id(variable)] = tf.cast(tf.convert_to_tensor(grad), variable.dtype)
         return [None if g is None else result[id(v)]
                 for g, v in zip(grads, trainable_variables)]
 
-    # ------------------------------------------------------------ Keras API
-    def apply(self, grads, trainable_variables=None):
-        """Preconditions `grads` with the K-FAC blocks, then applies them."""
+    # ------------------------------------------------- step rule (paper 6-7)
+    @staticmethod
+    def _check_step_rule(learning_rate, momentum, damping, adaptive,
+                         norm_constraint, kwargs):
+        """Validates the step-size options together; returns `(lr, momentum)`."""
+        model_step = adaptive is not None and adaptive.quadratic_model_step
+        if model_step:
+            given = [n for n, v in (("learning_rate", learning_rate),
+                                    ("momentum", momentum)) if v is not None]
+            if given:
+                raise ValueError(
+                    "AdaptiveOptions(quadratic_model_step=True) chooses the step "
+                    "size and momentum from the quadratic model; do not pass "
+                    f"{' or '.join(f'`{n}`' for n in given)} (received "
+                    + ", ".join(f"{n}={v!r}" for n, v in (("learning_rate", learning_rate),
+                                                          ("momentum", momentum))
+                                if v is not None) + ").")
+            if norm_constraint is not None:
+                raise ValueError(
+                    "`norm_constraint` has no effect with "
+                    "AdaptiveOptions(quadratic_model_step=True): the step length "
+                    f"comes from the quadratic model; received norm_constraint="
+                    f"{norm_constraint!r}.")
+            learning_rate = 1.0  # placeholder variable; holds alpha after each step
+        else:
+            learning_rate = 0.01 if learning_rate is None else learning_rate
+            momentum = 0.9 if momentum is None else momentum
+            _check_number("learning_rate", learning_rate, low=0.0, low_open=True,
+                          allow_schedule=True)
+            if not guards.is_keras_schedule(momentum):
+                _check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
+                momentum = float(momentum)
+        if guards.is_keras_schedule(damping):
+            if adaptive is not None and adaptive.adapt_damping:
+                raise ValueError(
+                    "AdaptiveOptions(adapt_damping=True) adapts the damping; "
+                    "`damping` must be its initial value (a number), not a "
+                    f"schedule; received {damping!r}.")
+        else:
+            _check_number("damping", damping, low=0.0, low_open=True)
+            if adaptive is not None and adaptive.adapt_damping and not (
+                    adaptive.min_damping <= damping <= adaptive.max_damping):
+                raise ValueError(
+                    f"`damping` ({damping!r}) must lie in [min_damping, max_damping]"
+                    f" = [{adaptive.min_damping!r}, {adaptive.max_damping!r}] "
+                    "of AdaptiveOptions.")
+        if norm_constraint is not None:
+            _check_number("norm_constraint", norm_constraint, low=0.0, low_open=True)
+        if adaptive is not None:
+            conflicting = [n for n in ("weight_decay", "ema_overwrite_frequency")
+                           if kwargs.get(n)]
+            if conflicting:
+                raise ValueError(
+                    f"`adaptive` cannot be combined with {conflicting}: they change "
+                    "the weights outside the quadratic model that chooses the step "
+                    "and judges it; use `l2_reg` instead of `weight_decay`.")
+        return learning_rate, momentum
+
+    @property
+    def uses_quadratic_model_step(self):
+        """True if `alpha` and `mu` come from the quadratic model (section 7)."""
+        return self.adaptive is not None and self.adaptive.quadratic_model_step
+
+    @property
+    def adapts_damping(self):
+        """True if the damping follows the Levenberg-Marquardt rule (section 6.5)."""
+        return self.adaptive is not None and self.adaptive.adapt_damping
+
+    @property
+    def needs_batch(self):
+        """True if the update needs the batch again (exact Fisher products or
+        the loss after the step), i.e. any `adaptive` option."""
+        return self.adaptive is not None
+
+    def begin_step(self):
+        """Per-step work before the decompositions: writes a damping schedule's
+        value for this step into the `damping` variable."""
+        if self.damping_schedule is not None:
+            self.damping.assign(tf.cast(
+                self.damping_schedule(self.iterations), self.damping.dtype))
+        return tf.constant(True)
+
+    def damping_adaptation_due(self):
+        """Bool tensor: the Levenberg-Marquardt rule runs after this step."""
+        return tf.equal(self._step() % self.adaptive.damping_update_every, 0)
+
+    def current_momentum(self):
+        """The momentum coefficient of this step (`mu` with the quadratic model)."""
+        if self.uses_quadratic_model_step:
+            return tf.convert_to_tensor(self.step_momentum)
+        if guards.is_keras_schedule(self.momentum):
+            return tf.cast(self.momentum(self.iterations), tf.float32)
+        return self.momentum
+
+    def logged_values(self):
+        """The K-FAC quantities added to the step's logs, as tensors.
+
+        Always `damping` (the current `lambda`) and `update_norm` (the norm of
+        the last update `delta`); with `adapt_damping`, `rho` (last reduction
+        ratio; NaN when undefined) and `qmodel_change` (the last predicted
+        change `M(delta) - M(0)` of the undamped model); with
+        `quadratic_model_step`, also `alpha` and `mu` of the last step
+        (`qmodel_change` is then updated every step).
+        """
+        values = {"damping": tf.convert_to_tensor(self.damping),
+                  "update_norm": tf.convert_to_tensor(self._diagnostics.update_norm)}
+        if self.adapts_damping:
+            values["rho"] = tf.convert_to_tensor(self._diagnostics.rho)
+        if self.adaptive is not None:
+            values["qmodel_change"] = tf.convert_to_tensor(self._diagnostics.qmodel_change)
+        if self.uses_quadratic_model_step:
+            values["alpha"] = tf.cast(self.learning_rate, tf.float32)
+            values["mu"] = tf.convert_to_tensor(self.step_momentum)
+        return values
+
+    def _norm_constraint_scale(self, full_grads, preconditioned):
+        """`min(1, sqrt(c / (lr^2 Delta^T grad)))`; `Delta^T grad = Delta^T (Fhat +
+        lambda + eta) Delta` for the preconditioned gradient `Delta`."""
+        learning_rate = tf.cast(self._get_current_learning_rate(), tf.float32)
+        quadratic = quadratic_model.dot(preconditioned, full_grads)
+        size = tf.square(learning_rate) * quadratic
+        positive = size > 0.0
+        return tf.where(
+            positive,
+            tf.minimum(1.0, tf.sqrt(self.norm_constraint / tf.where(positive, size, 1.0))),
+            1.0)
+
+    def _choose_step_coefficients(self, full_grads, preconditioned, previous,
+                                  variables, batch):
+        """Section 7: sets `alpha` (learning-rate variable) and `mu`; returns the
+        undamped model's predicted change for this step."""
+        direction = [-p for p in preconditioned]
+        fisher = batch.fisher_gram([direction, previous], variables)
+        dot = quadratic_model.dot
+        cross = dot(direction, previous)
+        norms = tf.stack([tf.stack([dot(direction, direction), cross]),
+                          tf.stack([cross, dot(previous, previous)])])
+        linear = tf.stack([dot(full_grads, direction), dot(full_grads, previous)])
+        curvature = fisher + self.total_damping() * norms
+        alpha, mu, _ = quadratic_model.solve_step_coefficients(
+            curvature, linear, first_step=norms[1, 1] <= 0.0)
+        self._learning_rate.assign(tf.cast(alpha, self._learning_rate.dtype))
+        self.step_momentum.assign(mu)
+        change = quadratic_model.quadratic_change(
+            tf.stack([alpha, mu]), fisher, norms, linear, self.l2_reg)
+        self._diagnostics.qmodel_change.assign(change)
+        return change
+
+    def _predicted_change_of_fixed_step(self, full_grads, preconditioned, previous,
+                                        variables, batch):
+        """`M(delta) - M(0)` (undamped) for the learning-rate + momentum step."""
+        learning_rate = tf.cast(self._get_current_learning_rate(), tf.float32)
+        momentum = tf.cast(self.current_momentum(), tf.float32)
+        step = [momentum * tf.cast(v, tf.float32) - learning_rate * tf.cast(p, tf.float32)
+                for v, p in zip(previous, preconditioned)]
+        fisher = batch.fisher_gram([step], variables)[0, 0]
+        dot = quadratic_model.dot
+        change = 0.5 * (fisher + self.l2_reg * dot(step, step)) + dot(full_grads, step)
+        self._diagnostics.qmodel_change.assign(change)
+        return change
+
+    def _adapt_damping(self, loss_before, predicted_change, updates, variables, batch):
+        """Section 6.5: `rho` on the same batch, then the Levenberg-Marquardt rule."""
+        loss_after = batch.loss()
+        actual = loss_after - tf.cast(loss_before, tf.float32)
+        if self.l2_reg:
+            # (eta/2)(||theta + delta||^2 - ||theta||^2), from the new weights.
+            dot = quadratic_model.dot
+            actual += self.l2_reg * (dot(variables, updates) - 0.5 * dot(updates, updates))
+        rho = damping_lib.reduction_ratio(actual, predicted_change)
+        self.damping.assign(damping_lib.levenberg_marquardt_update(
+            self.damping, rho, self._damping_factor,
+            self.adaptive.min_damping, self.adaptive.max_damping))
+        self._diagnostics.rho.assign(rho)
+        return tf.constant(True)
+
+    def apply_step(self, grads, trainable_variables, batch=None, loss=None):
+        """The K-FAC update of one training step (used by `KFACTrainStep`).
+
+        Preconditions, clips (the base optimizer's `clipnorm`/`clipvalue`/
+        `global_clipnorm`, applied to the preconditioned gradient), applies the
+        norm constraint or the quadratic-model coefficients, then the Keras
+        update (`update_step`); with `adapt_damping`, every
+        `damping_update_every` steps it evaluates the loss after the update on
+        the same batch and adapts the damping.
+
+        Args:
+            grads: gradients of the (scaled) loss, aligned with
+                `trainable_variables`; None entries are skipped.
+            trainable_variables: the variables to update.
+            batch: a `kfac_keras.quadratic_model.BatchQuadraticModel` for this
+                step's batch; required when `adaptive` is set.
+            loss: scalar tensor, the batch loss before the update (unscaled);
+                required with `adapt_damping`.
+        """
         if self._registration is None:
             raise RuntimeError(_MISSING_CAPTURE)
+        if self.needs_batch and (batch is None or (self.adapts_damping and loss is None)):
+            raise RuntimeError(
+                "KFAC(adaptive=...) needs the training batch for exact Fisher "
+                "products and the loss after the step; train with "
+                "kfac_keras.KFACCallback (fit) or kfac_keras.make_train_step "
+                "(custom loops) instead of calling apply/apply_gradients.")
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
+        if not pairs:
+            return
+        # IndexedSlices (Embedding) reach `precondition` as they are: blocks
+        # that precondition row by row then touch only the rows present.
+        raw_grads = [g for g, _ in pairs]
+        grads = [tf.convert_to_tensor(g) for g in raw_grads]
+        variables = [v for _, v in pairs]
+        if self.loss_scale_factor is not None:
+            grads = [g / self.loss_scale_factor for g in grads]
+            raw_grads = grads
+        full_grads = ([g + self.l2_reg * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+                      if self.l2_reg else grads)
+        preconditioned = self._clip_gradients(self.precondition(raw_grads, variables))
+        if self.norm_constraint is not None:
+            coefficient = self._norm_constraint_scale(full_grads, preconditioned)
+            preconditioned = [p * tf.cast(coefficient, p.dtype) for p in preconditioned]
+        previous = [tf.convert_to_tensor(self.velocities[self._get_variable_index(v)])
+                    for v in variables]
+        predicted = None
+        if self.adapts_damping:
+            adapt_now = self.damping_adaptation_due()
+        if self.uses_quadratic_model_step:
+            predicted = self._choose_step_coefficients(
+                full_grads, preconditioned, previous, variables, batch)
+        elif self.adapts_damping:
+            predicted = tf.cond(
+                adapt_now,
+                lambda: self._predicted_change_of_fixed_step(
+                    full_grads, preconditioned, previous, variables, batch),
+                lambda: tf.constant(0.0))
+        if self.loss_scale_factor is not None:  # the base class divides by it
+            preconditioned = [p * self.loss_scale_factor for p in preconditioned]
+        super().apply(preconditioned, variables)
+        updates = [tf.convert_to_tensor(self.velocities[self._get_variable_index(v)])
+                   for v in variables]
+        self._diagnostics.update_norm.assign(tf.sqrt(quadratic_model.dot(updates, updates)))
+        if self.adapts_damping:
+            tf.cond(adapt_now,
+                    lambda: self._adapt_damping(loss, predicted, updates, variables, batch),
+                    lambda: tf.constant(False))
+
+    # ------------------------------------------------------------ Keras API
+    def apply(self, grads, trainable_variables=None):
+        """Preconditions `grads` with the K-FAC blocks, then applies them.
+
+        Raises a RuntimeError if the optimizer is not attached (see
+        `KFACCallback` / `make_train_step`), or if `adaptive` options are set
+        (they need the batch; use the K-FAC training step).
+        """
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
-        trainable_variables = list(trainable_variables)
-        grads = self.precondition(list(grads), trainable_variables)
-        return super().apply(grads, trainable_variables)
+        return self.apply_step(list(grads), list(trainable_variables))
 
     def update_step(self, gradient, variable, learning_rate):
         """Momentum update with the already preconditioned gradient."""
         learning_rate = tf.cast(learning_rate, variable.dtype)
         gradient = tf.cast(gradient, variable.dtype)
+        momentum = tf.cast(self.current_momentum(), variable.dtype)
         velocity = self.velocities[self._get_variable_index(variable)]
-        self.assign(velocity, self.momentum * velocity - learning_rate * gradient)
+        self.assign(velocity, momentum * velocity - learning_rate * gradient)
         self.assign_add(variable, velocity)
+
+    def load_own_variables(self, store):
+        """Loads saved optimizer state, including K-FAC state that `attach`
+        creates later (kept until then; see `kfac_keras.checkpointing`)."""
+        checkpointing.load_optimizer_variables(self, store)
+
+    def save_own_variables(self, store):
+        """Saves the optimizer state, including loaded K-FAC state still
+        waiting for `attach` (see `kfac_keras.checkpointing`)."""
+        checkpointing.save_optimizer_variables(self, store)
 
     def get_config(self):
         config = super().get_config()
+        if self.uses_quadratic_model_step:
+            config["learning_rate"] = None  # chosen by the quadratic model
         config.update({
-            "momentum": self.momentum,
-            "damping": self.initial_damping,
+            "momentum": _serialize_schedule(self.momentum),
+            "damping": (_serialize_schedule(self.damping_schedule)
+                        if self.damping_schedule is not None else self.initial_damping),
+            "approximation": self.approximation,
+            "adaptive": None if self.adaptive is None else self.adaptive.get_config(),
+            "norm_constraint": self.norm_constraint,
+            "scale_update_every": self.scale_update_every,
             "l2_reg": self.l2_reg,
             "factor_decay": self.factor_decay,
             "cov_update_every": self.cov_update_every,
@@ -409,3 +856,13 @@ class KFAC(keras.optimizers.Optimizer):
             "decomposition_jit_compile": self.decomposition_jit_compile,
         })
         return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        """Inverse of `get_config`; also restores `damping`/`momentum` schedules."""
+        config = dict(config)
+        for key in ("damping", "momentum"):
+            if isinstance(config.get(key), dict):
+                config[key] = keras.optimizers.schedules.deserialize(
+                    config[key], custom_objects=custom_objects)
+        return super().from_config(config, custom_objects=custom_objects)

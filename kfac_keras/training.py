@@ -12,14 +12,29 @@ One step, in three parts:
 2. *Decompositions*, every `inv_update_every` steps (a `tf.cond`): outside
    XLA on CPU, inside XLA on GPU (`kfac_keras.linalg.decomposition_jit`).
 3. *Update* (XLA-compiled when `jit_compile=True`): precondition, momentum,
-   apply; metrics.
+   apply; metrics. With `KFAC(adaptive=...)` this part also runs the extra
+   passes of the quadratic model on the same batch
+   (`kfac_keras.quadratic_model.BatchQuadraticModel`): forward-mode Fisher
+   products for `alpha`/`mu` every step, and every `T1` steps (a `tf.cond`)
+   the loss after the update for the Levenberg-Marquardt `rho`. The K-FAC
+   quantities of `KFAC.logged_values` are returned with the step's logs as
+   tensors (no host round trip inside the step).
+
+Non-finite guard (`kfac_keras.guards`, all `tf.cond`s inside the step): a
+batch whose loss, gradients or statistics are NaN/Inf skips parts 2 and 3,
+the statistics and the model's non-trainable variables are put back, and
+`optimizer.skipped_steps` (logged as `kfac_skipped_steps`) grows by one; an
+update that would write a non-finite value is undone the same way.
 """
 
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 
+from kfac_keras import guards
 from kfac_keras import losses as losses_lib
+from kfac_keras import quadratic_model
+from kfac_keras import registration as registration_lib
 from kfac_keras.optimizer import KFAC
 
 
@@ -111,6 +126,8 @@ class KFACTrainStep:
     def _gradients_and_statistics_impl(self, x, y, sample_weight):
         model, optimizer, registration = self.model, self.optimizer, self.registration
         variables = model.trainable_variables
+        frozen = model.non_trainable_variables  # put back if the step is skipped
+        frozen_values = guards.read_values(frozen)
         with tf.GradientTape(persistent=True) as tape:
             with registration.capture() as recorder:
                 y_pred = _single_output(model(x, training=True))
@@ -119,7 +136,11 @@ class KFACTrainStep:
             objective, subset = self._statistics_objective(y, y_pred, sample_weight)
         grads = tape.gradient(scaled_loss, variables)
 
-        records = {id(b): recorder.for_layer(b.layer) for b in registration.capture_blocks}
+        records = {id(b): registration_lib.block_captures(b, recorder)
+                   for b in registration.capture_blocks}
+        for block in registration.capture_blocks:
+            if hasattr(block, "verify_captures"):  # multi-layer blocks (Dense chains)
+                block.verify_captures(recorder)
 
         def update_statistics():
             sources = []
@@ -145,25 +166,34 @@ class KFACTrainStep:
                     position += count
                 else:
                     block_inputs.append((None, None))
-            optimizer.update_statistics(block_inputs, tf.cast(subset, tf.float32))
+            optimizer.update_curvature(block_inputs, tf.cast(subset, tf.float32))
             return tf.constant(True)
 
-        updated = tf.cond(optimizer.statistics_due(), update_statistics,
-                          lambda: tf.constant(False))
+        # Non-finite guard: a bad batch or bad statistics skip the step.
+        updated, ok = guards.guarded_statistics_update(
+            optimizer, optimizer.curvature_pass_due(),
+            guards.batch_is_finite(loss, grads), update_statistics)
+        guards.restore_if_skipped(ok, frozen, frozen_values)
         del tape
-        return y_pred, loss, grads, updated
+        return y_pred, loss, grads, updated, ok
 
-    def _apply_impl(self, grads):
+    def _apply_impl(self, grads, ok, x, y, sample_weight, loss):
         variables = self.model.trainable_variables
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
-        self.optimizer.apply([g for g, _ in pairs], [v for _, v in pairs])
+        batch = quadratic_model.BatchQuadraticModel(
+            self.model, self.distribution, x, y, sample_weight, self._loss)
+        guards.guarded_apply(  # skipped unless ok; undone if the result is non-finite
+            self.optimizer, variables, ok,
+            lambda: self.optimizer.apply_step([g for g, _ in pairs], [v for _, v in pairs],
+                                              batch=batch, loss=loss))
 
     # ----------------------------------------------------------- entry points
     def run(self, x, y, sample_weight=None):
         """Runs one step; returns `(y_pred, loss)`."""
-        y_pred, loss, grads, updated = self._gradients_and_statistics(x, y, sample_weight)
-        self.optimizer.maybe_update_inverses(updated)
-        self._apply(grads)
+        self.optimizer.begin_step()
+        y_pred, loss, grads, updated, ok = self._gradients_and_statistics(x, y, sample_weight)
+        guards.run_if(ok, lambda: self.optimizer.maybe_update_inverses(updated))
+        self._apply(grads, ok, x, y, sample_weight, loss)
         return y_pred, loss
 
     def __call__(self, x, y, sample_weight=None):
@@ -175,10 +205,17 @@ class KFACTrainStep:
             sample_weight: optional per-example weights, shape `(batch,)`.
 
         Returns:
-            A dict with the batch's `"loss"` (before the update).
+            A dict with the batch's `"loss"` (before the update),
+            `"kfac_skipped_steps"`, the number of steps the non-finite guard
+            has skipped so far (`kfac_keras.guards`), and the tensors of
+            `KFAC.logged_values` (`"damping"`, `"update_norm"`, and with
+            `adaptive` options `"rho"`, `"alpha"`, `"mu"`, `"qmodel_change"`).
         """
         _, loss = self.run(x, y, sample_weight)
-        return {"loss": loss}
+        logs = {"loss": loss,
+                "kfac_skipped_steps": tf.convert_to_tensor(self.optimizer.skipped_steps)}
+        logs.update(self.optimizer.logged_values())
+        return logs
 
     def keras_train_step(self, data):
         """Drop-in replacement for `model.train_step`, used by `fit`."""
@@ -188,10 +225,17 @@ class KFACTrainStep:
         y_pred, loss = self.run(x, y, sample_weight)
         model = self.model
         first_input = next(i for i in tf.nest.flatten(x) if i is not None)
+        # A non-finite loss means the guard skipped the batch: leave it out of
+        # the logged mean loss (so TerminateOnNaN does not end a healthy run).
+        loss_is_finite = tf.math.is_finite(loss)
         model._loss_tracker.update_state(
-            keras_loss_module.unscale_loss_for_distribution(loss),
-            sample_weight=tf.shape(first_input)[0])
-        return model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+            tf.where(loss_is_finite, keras_loss_module.unscale_loss_for_distribution(loss), 0.0),
+            sample_weight=tf.where(loss_is_finite, tf.shape(first_input)[0], 0))
+        logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        logs["kfac_skipped_steps"] = tf.convert_to_tensor(self.optimizer.skipped_steps)
+        for key, value in self.optimizer.logged_values().items():
+            logs[key if key not in logs else "kfac_" + key] = value
+        return logs
 
 
 def make_train_step(model, optimizer=None, loss=None, jit_compile=False):

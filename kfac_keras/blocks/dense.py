@@ -56,6 +56,16 @@ class DenseBlock(KroneckerBlock):
             return [matrix[:-1], matrix[-1]]
         return [matrix]
 
+    def per_example_rows(self, captures):
+        """`(examples, positions * uses, d)` rows for EKFAC's per-example gradients."""
+        inputs = tf.concat(
+            [_example_rows(x, self.input_units) for x, _ in captures], axis=1)
+        grads = tf.concat(
+            [_example_rows(g, self.output_dim) for _, g in captures], axis=1)
+        if self.has_bias:
+            inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
+        return inputs, grads
+
     def compute_factors(self, captures, num_examples):
         inputs = tf.concat(
             [location_rows(x, self.input_units) for x, _ in captures], axis=0)
@@ -69,3 +79,14 @@ class DenseBlock(KroneckerBlock):
         output_grad_factor = tf.matmul(grads, grads, transpose_a=True) / (
             num_examples * locations)
         return input_factor, output_grad_factor
+
+
+def _example_rows(tensor, width):
+    """Reshapes `(batch, ..., width)` to `(batch, locations, width)`, float32."""
+    tensor = tf.cast(tensor, tf.float32)
+    locations = 1
+    for size in tensor.shape[1:-1]:
+        locations = None if (locations is None or size is None) else locations * size
+    if locations is None:
+        locations = -1
+    return tf.reshape(tensor, [tf.shape(tensor)[0], locations, width])

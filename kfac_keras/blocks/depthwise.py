@@ -1,0 +1,204 @@
+"""KFC blocks for depthwise and separable convolutions.
+
+Depthwise (`DepthwiseConv1D`, `DepthwiseConv2D`): channel `c` is convolved on
+its own with `depth_multiplier = M` filters, writing output channels
+`c*M ... c*M + M - 1`. That is a grouped convolution with `groups = C`, one
+input channel and `M` output channels per group, so KFC applies to each channel
+exactly as to an ordinary convolution (same assumptions, Grosse & Martens
+2016): `blockdiag_c(A_c (x) G_c)` with `A_c` the `(k+1) x (k+1)` second moment
+of channel `c`'s patches (`k = prod(kernel_size)`, `+1` for the bias) and `G_c`
+the `M x M` second moment of its output gradients. With `M = 1` each `G_c` is
+a scalar and the block is a full `(k+1) x (k+1)` block per channel.
+Memory: `C (k+1)^2 + C M^2` floats, plus the same for inverses.
+
+Separable (`SeparableConv1D`, `SeparableConv2D`): a depthwise convolution
+(no bias) followed by a 1x1 pointwise convolution (with the bias), then the
+activation. Both parts are linear maps applied at every location, so each gets
+its own KFC block, treating the other as fixed (the two are block-diagonal
+in the Fisher, like two consecutive layers):
+
+* pointwise: inputs are the depthwise outputs `u_t` (recomputed from the
+  patches and the depthwise kernel: exact), gradients are those w.r.t. the
+  layer's pre-activation `g_t`;
+  `A = (1/m) sum [u_t, 1][u_t, 1]^T`, `G = (1/(m |T|)) sum g_t g_t^T`.
+* depthwise: inputs are the patches, gradients are those w.r.t. `u_t`,
+  `P g_t` with `P` the pointwise kernel as a `(C M, filters)` matrix (exact:
+  the pointwise map is linear and acts per location); per channel as above.
+
+Shared layers: uses are pooled as extra locations, as for `ConvBlock`.
+"""
+
+import tensorflow as tf
+
+from kfac_keras.blocks.base import FisherBlock
+from kfac_keras.blocks.conv import GroupedConvBlock, _ConvGeometry, _layer_name, _trainable_bias
+from kfac_keras.blocks.grouped_kronecker import location_factors
+from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
+
+
+def depthwise_unsupported_reason(layer):
+    """Why a depthwise/separable layer cannot get a KFC block, or None."""
+    if getattr(layer, "lora_enabled", False):
+        return "LoRA-enabled convolutions are not Kronecker-factored"
+    if getattr(layer, "quantization_mode", None):
+        return "quantized convolutions are not Kronecker-factored"
+    return None
+
+
+class DepthwiseConvBlock(GroupedConvBlock):
+    """Per-channel KFC block of a depthwise convolution's kernel and bias.
+
+    Args:
+        layer: a built `DepthwiseConv1D` or `DepthwiseConv2D`.
+        inverse_method: one of `GROUPED_INVERSE_METHODS`. Defaults to
+            `"cholesky"`.
+    """
+
+    kind = "kronecker (depthwise conv, KFC per channel)"
+
+    def __init__(self, layer, inverse_method="cholesky"):
+        kernel = layer.kernel
+        channels, multiplier = int(kernel.shape[-2]), int(kernel.shape[-1])
+        super().__init__(layer, kernel, groups=channels, group_in_channels=1,
+                         group_out_channels=multiplier, bias=_trainable_bias(layer),
+                         inverse_method=inverse_method)
+
+
+class _DepthwisePart(GroupedConvBlock):
+    """The depthwise half of a separable block; captures are ready rows."""
+
+    kind = "kronecker (depthwise part)"
+
+    def compute_factors(self, captures, num_examples):
+        (patch_rows, grad_rows), = captures
+        inputs, grads = self.group_rows(patch_rows, grad_rows)
+        return location_factors(inputs, grads, num_examples)
+
+
+class _PointwisePart(KroneckerBlock):
+    """The pointwise half of a separable block; captures are ready rows."""
+
+    kind = "kronecker (pointwise part)"
+
+    def __init__(self, name, layer, kernel, bias, inverse_method):
+        self.kernel_shape = tuple(kernel.shape)
+        self.has_bias = bias is not None
+        super().__init__(
+            name=name, variables=[kernel] + ([bias] if self.has_bias else []),
+            layer=layer, input_dim=int(kernel.shape[-2]) + int(self.has_bias),
+            output_dim=int(kernel.shape[-1]), inverse_method=inverse_method)
+
+    def grads_to_matrix(self, grads):
+        kernel = tf.reshape(grads[0], [-1, self.output_dim])
+        if self.has_bias:
+            return tf.concat([kernel, tf.reshape(grads[1], [1, -1])], axis=0)
+        return kernel
+
+    def matrix_to_grads(self, matrix):
+        kernel = tf.reshape(matrix[:self.input_dim - int(self.has_bias)], self.kernel_shape)
+        if self.has_bias:
+            return [kernel, matrix[-1]]
+        return [kernel]
+
+    def compute_factors(self, captures, num_examples):
+        (input_rows, grad_rows), = captures
+        if self.has_bias:
+            input_rows = append_homogeneous(input_rows)
+        return location_factors(input_rows, grad_rows, num_examples)
+
+
+class SeparableConvBlock(FisherBlock):
+    """KFC blocks for both kernels of a separable convolution.
+
+    The block is `blockdiag(depthwise per-channel KFC, pointwise KFC)`; see
+    the module docstring. Variables, in order: depthwise kernel, pointwise
+    kernel, bias (if trainable).
+
+    Args:
+        layer: a built `SeparableConv1D` or `SeparableConv2D`.
+        inverse_method: one of `GROUPED_INVERSE_METHODS` (the depthwise part
+            is a grouped block). Defaults to `"cholesky"`.
+    """
+
+    kind = "kronecker (separable conv: depthwise per channel + pointwise)"
+    needs_capture = True
+
+    def __init__(self, layer, inverse_method="cholesky"):
+        name = _layer_name(layer)
+        depthwise = layer.depthwise_kernel
+        pointwise = layer.pointwise_kernel
+        bias = _trainable_bias(layer)
+        self.geometry = _ConvGeometry(layer)
+        self.channels = int(depthwise.shape[-2])
+        self.multiplier = int(depthwise.shape[-1])
+        self.depthwise_part = _DepthwisePart(
+            layer, depthwise, groups=self.channels, group_in_channels=1,
+            group_out_channels=self.multiplier, bias=None,
+            inverse_method=inverse_method)
+        self.depthwise_part.name = f"{name}/depthwise"
+        self.pointwise_part = _PointwisePart(
+            f"{name}/pointwise", layer, pointwise, bias, inverse_method)
+        super().__init__(name, [depthwise] + self.pointwise_part.variables, layer)
+        self.inverse_method = inverse_method
+
+    def build(self, optimizer):
+        if self.built:
+            return
+        self.depthwise_part.build(optimizer)
+        self.pointwise_part.build(optimizer)
+        self.built = True
+
+    def state_variables(self):
+        return self.depthwise_part.state_variables() + self.pointwise_part.state_variables()
+
+    def factor_shapes(self):
+        shapes = {}
+        for prefix, part in (("depthwise", self.depthwise_part),
+                             ("pointwise", self.pointwise_part)):
+            for key, shape in part.factor_shapes().items():
+                shapes[f"{prefix}_{key}"] = shape
+        return shapes
+
+    def part_rows(self, captures):
+        """Rows for both parts: `((patches, grads_u), (u, grads_s))`.
+
+        `patches`: `(R, k, C)`; `u`: `(R, C M)` depthwise outputs; `grads_s`:
+        `(R, filters)` pre-activation gradients; `grads_u = grads_s P^T`.
+        """
+        patch_rows, grad_rows = self.geometry.rows(captures)
+        k = self.geometry.num_offsets
+        depthwise = tf.reshape(tf.cast(self.depthwise_part.variables[0], tf.float32),
+                               [k, self.channels, self.multiplier])
+        pointwise = tf.reshape(tf.cast(self.pointwise_part.variables[0], tf.float32),
+                               [self.channels * self.multiplier, -1])
+        middle = tf.reshape(tf.einsum("rkc,kcj->rcj", patch_rows, depthwise),
+                            [-1, self.channels * self.multiplier])
+        middle_grads = tf.matmul(grad_rows, pointwise, transpose_b=True)
+        return (patch_rows, middle_grads), (middle, grad_rows)
+
+    def update_statistics(self, captures, sampled_grads, num_examples, decay):
+        depthwise_rows, pointwise_rows = self.part_rows(captures)
+        self.depthwise_part.update_statistics([depthwise_rows], None, num_examples, decay)
+        self.pointwise_part.update_statistics([pointwise_rows], None, num_examples, decay)
+
+    def update_inverses(self, damping):
+        self.depthwise_part.update_inverses(damping)
+        self.pointwise_part.update_inverses(damping)
+
+    def multiply_damped_inverse(self, grads, damping):
+        return (self.depthwise_part.multiply_damped_inverse(grads[:1], damping)
+                + self.pointwise_part.multiply_damped_inverse(grads[1:], damping))
+
+
+def make_depthwise_block(layer, inverse_method="cholesky"):
+    """`DepthwiseConvBlock` for a depthwise layer."""
+    return DepthwiseConvBlock(layer, inverse_method)
+
+
+def make_separable_block(layer, inverse_method="cholesky"):
+    """`SeparableConvBlock` for a separable layer."""
+    return SeparableConvBlock(layer, inverse_method)
+
+
+__all__ = ["DepthwiseConvBlock", "SeparableConvBlock", "depthwise_unsupported_reason",
+           "make_depthwise_block", "make_separable_block"]

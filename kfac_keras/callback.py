@@ -38,6 +38,10 @@ class KFACCallback(keras.callbacks.Callback):
     def on_train_begin(self, logs=None):
         model = self.model
         optimizer = getattr(model, "optimizer", None)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # mixed_float16: compile wrapped KFAC; KFACTrainStep keeps the
+            # dynamic loss scaling.
+            optimizer = optimizer.inner_optimizer
         if not isinstance(optimizer, KFAC):
             raise TypeError(
                 "KFACCallback needs a model compiled with "
@@ -46,7 +50,7 @@ class KFACCallback(keras.callbacks.Callback):
         first_time = optimizer.registration is None
         self._requested_jit = bool(model.jit_compile)
         step = KFACTrainStep(
-            model, optimizer,
+            model, model.optimizer,
             jit_compile=self._requested_jit and not model.run_eagerly)
         if self.verbose and first_time:
             print(optimizer.registration.report())

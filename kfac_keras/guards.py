@@ -45,6 +45,7 @@ variable (TensorFlow copies on write while an older read is alive).
 
 import math
 import numbers
+import re
 
 import keras
 import numpy as np
@@ -387,14 +388,23 @@ def check_base_optimizer_arguments(kwargs):
             f"set; received {', '.join(f'{n}={kwargs[n]!r}' for n in clips)}.")
 
 
+_VALID_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.>-]*$")
+
+
 def check_name(name):
-    """The optimizer name must be a non-empty string without '/'."""
+    """The optimizer name must be usable as a TensorFlow name scope.
+
+    TensorFlow rejects other names only when it builds the first graph (deep
+    inside the first training step), so they are rejected here.
+    """
     if not isinstance(name, str):
         raise TypeError(f"`name` must be a string; received {name!r} of type "
                         f"{type(name).__name__}.")
-    if not name or "/" in name:
+    if not _VALID_NAME.match(name):
         raise ValueError(
-            f"`name` must be a non-empty string without '/'; received {name!r}.")
+            "`name` must be a TensorFlow scope name: an ASCII letter, digit or "
+            "'.', then letters, digits or any of '_.>-' (no spaces or '/'); "
+            f"received {name!r}.")
     return name
 
 

@@ -46,6 +46,65 @@ def _single_output(y_pred):
     return y_pred
 
 
+def check_single_replica(model):
+    """Raises NotImplementedError under a `tf.distribute` strategy with more
+    than one replica (the model's or the current one).
+
+    K-FAC's step keeps its periodic work (factor statistics, decompositions,
+    the non-finite guards) inside `tf.cond`s; under `MirroredStrategy` on CPU
+    every cross-replica reduction and every Keras optimizer update is a
+    `merge_call`, which TensorFlow does not allow inside a `tf.cond` branch,
+    and the factor statistics would need an all-reduce there. Until that is
+    supported, a multi-replica run is refused up front rather than failing
+    deep inside the first step.
+    """
+    strategies = [tf.distribute.get_strategy()]
+    model_strategy = getattr(model, "distribute_strategy", None)
+    if model_strategy is not None:
+        strategies.append(model_strategy)
+    for strategy in strategies:
+        replicas = strategy.num_replicas_in_sync
+        if replicas > 1:
+            raise NotImplementedError(
+                f"K-FAC does not support tf.distribute strategies with more than "
+                f"one replica yet; received {type(strategy).__name__} with "
+                f"{replicas} replicas. Its statistics, decompositions and "
+                "non-finite guards run inside tf.cond, where MirroredStrategy "
+                "cannot all-reduce or update mirrored variables (merge_call). "
+                "Train on a single device.")
+
+
+def _unscale_gradients(grads, scale):
+    """Divides loss-scaled gradients by the dynamic loss scale."""
+    result = []
+    for grad in grads:
+        if grad is None:
+            result.append(None)
+        elif isinstance(grad, tf.IndexedSlices):
+            result.append(tf.IndexedSlices(
+                grad.values / tf.cast(scale, grad.values.dtype), grad.indices,
+                grad.dense_shape))
+        else:
+            result.append(grad / tf.cast(scale, grad.dtype))
+    return result
+
+
+def _update_loss_scale(loss_scale_optimizer, batch_ok):
+    """`keras.optimizers.LossScaleOptimizer`'s dynamic rule: halve the scale
+    after a non-finite batch; double it after `dynamic_growth_steps`
+    consecutive finite ones."""
+    counter = loss_scale_optimizer.step_counter
+    scale = loss_scale_optimizer.dynamic_scale
+    grow = tf.logical_and(
+        batch_ok, tf.equal(tf.convert_to_tensor(counter),
+                           loss_scale_optimizer.dynamic_growth_steps - 1))
+    factor = tf.where(batch_ok, tf.where(grow, 2.0, 1.0), 0.5)
+    scale.assign(tf.convert_to_tensor(scale) * factor)
+    counter.assign(tf.where(tf.logical_and(batch_ok, tf.logical_not(grow)),
+                            tf.convert_to_tensor(counter) + 1,
+                            tf.zeros_like(tf.convert_to_tensor(counter))))
+
+
 class KFACTrainStep:
     """A callable K-FAC training step for a model and its KFAC optimizer.
 
@@ -54,8 +113,13 @@ class KFACTrainStep:
 
     Args:
         model: a built Keras model with a single output.
-        optimizer: the `kfac_keras.KFAC` instance. Defaults to
-            `model.optimizer`.
+        optimizer: the `kfac_keras.KFAC` instance, or a
+            `keras.optimizers.LossScaleOptimizer` wrapping one (what
+            `model.compile` makes of it under the `"mixed_float16"` policy;
+            the step then scales the loss, unscales the gradients before the
+            non-finite guard and updates the dynamic scale like Keras does).
+            Defaults to `model.optimizer`. Raises NotImplementedError under a
+            `tf.distribute` strategy with more than one replica.
         loss: the loss, as accepted by `kfac_keras.losses.distribution_for_loss`
             (string, Keras loss object or function). Defaults to the loss
             given to `model.compile`, evaluated through Keras (so
@@ -65,6 +129,20 @@ class KFACTrainStep:
 
     def __init__(self, model, optimizer=None, loss=None, jit_compile=False):
         optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
+        check_single_replica(model)
+        # mixed_float16: `model.compile` wraps the optimizer in a
+        # LossScaleOptimizer; K-FAC keeps its dynamic loss scaling (scale the
+        # loss, unscale the gradients, halve the scale on a non-finite batch,
+        # double it after `dynamic_growth_steps` finite ones) and trains with
+        # the wrapped KFAC.
+        self.loss_scale_optimizer = None
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            self.loss_scale_optimizer = optimizer
+            if not optimizer.built:
+                with keras.name_scope(optimizer.name, caller=optimizer):
+                    optimizer.build(model.trainable_variables)
+                optimizer.built = True
+            optimizer = optimizer.inner_optimizer
         if not isinstance(optimizer, KFAC):
             raise TypeError(
                 "The K-FAC training step needs a kfac_keras.KFAC optimizer; "
@@ -132,9 +210,14 @@ class KFACTrainStep:
             with registration.capture() as recorder:
                 y_pred = _single_output(model(x, training=True))
             loss = self._loss(x, y, y_pred, sample_weight)
-            scaled_loss = optimizer.scale_loss(loss)
+            if self.loss_scale_optimizer is not None:
+                scaled_loss = self.loss_scale_optimizer.scale_loss(loss)
+            else:
+                scaled_loss = optimizer.scale_loss(loss)
             objective, subset = self._statistics_objective(y, y_pred, sample_weight)
         grads = tape.gradient(scaled_loss, variables)
+        if self.loss_scale_optimizer is not None:
+            grads = _unscale_gradients(grads, self.loss_scale_optimizer.dynamic_scale)
 
         records = {id(b): registration_lib.block_captures(b, recorder)
                    for b in registration.capture_blocks}
@@ -170,9 +253,11 @@ class KFACTrainStep:
             return tf.constant(True)
 
         # Non-finite guard: a bad batch or bad statistics skip the step.
+        batch_ok = guards.batch_is_finite(loss, grads)
+        if self.loss_scale_optimizer is not None:
+            _update_loss_scale(self.loss_scale_optimizer, batch_ok)
         updated, ok = guards.guarded_statistics_update(
-            optimizer, optimizer.curvature_pass_due(),
-            guards.batch_is_finite(loss, grads), update_statistics)
+            optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
         guards.restore_if_skipped(ok, frozen, frozen_values)
         del tape
         return y_pred, loss, grads, updated, ok

@@ -247,6 +247,9 @@ def test_optimizer_specs_and_parser():
     opts = [s.build(None) for s in specs]
     assert opts[2].nesterov and opts[1].momentum == 0.9
     assert opts[3].exclude_layers == ["output_logits"]
+    assert opts[3].weight_decay == 0.0 and opts[3].adam_weight_decay == 0.0
+    sgd = common.get_optimizer_specs(["sgd"], grids={"sgd": ((0.1, 1.0), (1.0,))})[0]
+    assert sgd.grid == (0.1, 1.0) and sgd.quick_grid == (1.0,)
     args = common.build_common_parser("x", default_steps=10, quick_steps=2).parse_args(
         ["--optimizers", "adam,muon", "--lrs", "adam=0.01"])
     assert args.optimizers == ["adam", "muon"] and args.lrs == {"adam": 0.01}

@@ -7,7 +7,9 @@ bitwise, with `tf.config.experimental.enable_op_determinism()` in both
 processes. The oracle is the uninterrupted run itself. Covered:
 
 * `model.save("m.keras")` -> `keras.models.load_model` (safe mode) -> `fit`,
-  for several K-FAC configurations, including loading and saving again
+  for several K-FAC configurations (Cholesky, eigh, EKFAC, tridiagonal,
+  adaptive step and damping) and blocks (Dense, diagonal, Conv2D,
+  DepthwiseConv2D, BatchNormalization), including loading and saving again
   before training;
 * `tf.train.Checkpoint` with a custom loop (`make_train_step`);
 * `keras.callbacks.BackupAndRestore` in a single-process `fit` interrupted by
@@ -39,7 +41,9 @@ CONFIGS = {
                                    damping_update_every=2)),
     "tridiagonal": dict(approximation="tridiagonal", momentum=0.5),
     "ekfac": dict(inverse_method="ekfac"),
+    "layers": dict(momentum=0.9),  # on the CNN of _build_model("cnn")
 }
+MODEL_OF = {"layers": "cnn"}  # other configs train the MLP
 GRAPH_CONFIGS = ("cholesky",)
 CHECKPOINT_CONFIGS = ("cholesky",)
 
@@ -55,10 +59,17 @@ def _kfac(options):
     return kfac_keras.KFAC(**base)
 
 
-def _build_model():
+def _build_model(kind="mlp"):
     import keras
 
     keras.utils.set_random_seed(5)
+    if kind == "cnn":  # conv, depthwise-conv and scale-and-shift blocks
+        inputs = keras.Input((6, 6, 2))
+        h = keras.layers.Conv2D(3, 3, activation="tanh", name="conv")(inputs)
+        h = keras.layers.BatchNormalization(name="bn")(h)
+        h = keras.layers.DepthwiseConv2D(2, activation="tanh", name="depthwise")(h)
+        out = keras.layers.Dense(3, name="out")(keras.layers.Flatten()(h))
+        return keras.Model(inputs, out)
     inputs = keras.Input((6,))
     h = keras.layers.Dense(8, activation="tanh", name="h1")(inputs)
     h = keras.layers.Dense(7, activation="tanh", name="h2")(h)
@@ -67,9 +78,10 @@ def _build_model():
     return keras.Model(inputs, out)
 
 
-def _data(steps):
+def _data(steps, kind="mlp"):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(steps * BATCH, 6)).astype("float32")
+    shape = (6, 6, 2) if kind == "cnn" else (6,)
+    x = rng.normal(size=(steps * BATCH,) + shape).astype("float32")
     y = rng.integers(0, 3, size=steps * BATCH)
     return x, y
 
@@ -108,16 +120,17 @@ def _phase_first(spec):
     import kfac_keras
 
     out = spec["dir"]
-    x, y = _data(N_STEPS + M_STEPS)
     split = N_STEPS * BATCH
     for name in spec["configs"]:
-        model = _build_model()
+        x, y = _data(N_STEPS + M_STEPS, MODEL_OF.get(name, "mlp"))
+        model = _build_model(MODEL_OF.get(name, "mlp"))
         _compile(model, CONFIGS[name], run_eagerly=name not in GRAPH_CONFIGS)
         _fit(model, x[:split], y[:split])
         model.save(os.path.join(out, f"{name}.keras"))
         _fit(model, x[split:], y[split:])
         _dump(os.path.join(out, f"{name}_full.npz"), model, model.optimizer)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x, y = _data(N_STEPS + M_STEPS)
     for name in spec["checkpoint_configs"]:
         model = _build_model()
         optimizer = _kfac(CONFIGS[name])
@@ -138,9 +151,9 @@ def _phase_resume(spec):
     import kfac_keras
 
     out = spec["dir"]
-    x, y = _data(N_STEPS + M_STEPS)
     split = N_STEPS * BATCH
     for name in spec["configs"]:
+        x, y = _data(N_STEPS + M_STEPS, MODEL_OF.get(name, "mlp"))
         model = keras.models.load_model(os.path.join(out, f"{name}.keras"), safe_mode=True)
         if name == "cholesky":
             # Load, save again before any training, load that: nothing lost.
@@ -151,6 +164,7 @@ def _phase_resume(spec):
         _fit(model, x[split:], y[split:])
         _dump(os.path.join(out, f"{name}_resumed.npz"), model, model.optimizer)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    x, y = _data(N_STEPS + M_STEPS)
     for name in spec["checkpoint_configs"]:
         model = _build_model()
         keras.utils.set_random_seed(99)  # restored values must not depend on it

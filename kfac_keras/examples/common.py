@@ -585,13 +585,15 @@ def _make_kfac_callbacks_factory():
 
 
 def get_optimizer_specs(names=OPTIMIZER_NAMES, *, output_layer_name=None,
-                        kfac_kwargs=None, kfac_grid=None, verbose=True):
+                        kfac_kwargs=None, kfac_grid=None, grids=None, verbose=True):
     """OptimizerSpecs for ``names`` (from ``OPTIMIZER_NAMES``).
 
     K-FAC is skipped with a message if it can't be imported.
     ``output_layer_name`` is given to Muon's ``exclude_layers``.
     ``kfac_grid``: learning rates to search for K-FAC (default: none, so
     K-FAC runs with its own default learning rate).
+    ``grids``: ``{name: (grid, quick_grid)}`` to replace the default grids
+    for a problem whose good learning rates lie elsewhere.
     """
     kfac_kwargs = dict(kfac_kwargs or {})
     opt = keras.optimizers
@@ -636,7 +638,11 @@ def get_optimizer_specs(names=OPTIMIZER_NAMES, *, output_layer_name=None,
                 if verbose:
                     print(f"skipping kfac: cannot import kfac_keras.KFAC ({err})", flush=True)
                 continue
-        specs.append(table[n])
+        spec = table[n]
+        if grids and n in grids:
+            full, quick = grids[n]
+            spec = dataclasses.replace(spec, grid=tuple(full), quick_grid=tuple(quick))
+        specs.append(spec)
     return specs
 
 

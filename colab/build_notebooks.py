@@ -140,14 +140,13 @@ def make_model():
     return keras.Sequential([
         keras.Input((784,)),
         keras.layers.Dense(256, activation="relu"),
-        keras.layers.Dense(256, activation="relu"),
         keras.layers.Dense(10),  # logits
     ])
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 model = make_model()
-model.compile(optimizer=kfac_keras.KFAC(seed=0), loss=LOSS, metrics=["accuracy"])
+model.compile(optimizer=kfac_keras.KFAC(), loss=LOSS, metrics=["accuracy"])
 kfac_timer = nbu.common.TimedLossHistory()  # per-batch loss and wall-clock time, for the plot
 kfac_history = model.fit(
     x_train, y_train, batch_size=BATCH_SIZE, epochs=EPOCHS,
@@ -217,7 +216,7 @@ from kfac_keras.examples.autoencoder import PIXELS, make_autoencoder
 print(nbu.size_banner())
 x, _, source = load_mnist()
 print("Data:", source)
-STEPS = nbu.choose(small=12, tutorial=150)
+STEPS = nbu.choose(small=12, tutorial=120)
 BATCH_SIZE = nbu.choose(small=250, tutorial=500)
 TARGETS = nbu.choose(small=(450, 400), tutorial=(250, 200, 150, 120))
 print(f"{STEPS} steps of batches of {BATCH_SIZE}; targets (summed CE per image): {TARGETS}")

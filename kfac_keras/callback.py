@@ -23,6 +23,13 @@ class KFACCallback(keras.callbacks.Callback):
     callback compiles those parts itself and runs Keras's outer step function
     without XLA during `fit`.
 
+    Mixed precision: under the `"mixed_float16"` policy `model.compile`
+    wraps KFAC in a `keras.optimizers.LossScaleOptimizer`; the callback
+    trains the wrapped KFAC and keeps the dynamic loss scaling
+    (`KFACTrainStep`). Under a `tf.distribute` strategy with more than one
+    replica, `fit` raises NotImplementedError (not supported yet; see
+    `kfac_keras.training.check_single_replica`).
+
     Args:
         verbose: 0 or 1; with 1 (default) print the registration report the
             first time the model is registered.

@@ -25,6 +25,13 @@ batch whose loss, gradients or statistics are NaN/Inf skips parts 2 and 3,
 the statistics and the model's non-trainable variables are put back, and
 `optimizer.skipped_steps` (logged as `kfac_skipped_steps`) grows by one; an
 update that would write a non-finite value is undone the same way.
+
+Mixed precision: with a `keras.optimizers.LossScaleOptimizer` around KFAC
+(what `model.compile` makes under `"mixed_float16"`), part 1 scales the loss
+by the dynamic scale, unscales the gradients before the guard and updates
+the scale with Keras's rule; the statistics objective is never scaled, and
+the K-FAC state stays float32. Multi-replica `tf.distribute` strategies are
+refused (`check_single_replica`).
 """
 
 import keras

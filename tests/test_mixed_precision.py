@@ -166,3 +166,29 @@ def test_float16_overflow_skips_step_keeps_factors_and_halves_scale(policy):
     assert int(optimizer.iterations) == iterations + 1
     assert all(np.all(np.isfinite(keras.ops.convert_to_numpy(w)))
                for w in model.trainable_weights)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16"], indirect=True)
+def test_save_and_load_restore_kfac_state_inside_loss_scale_optimizer(policy, tmp_path):
+    """Keras saves the wrapped KFAC as the LossScaleOptimizer's child; its
+    factors come back when the loaded model's step attaches it (the
+    LossScaleOptimizer's own dynamic scale is not restored: Keras warns and
+    starts it again from `initial_scale`)."""
+    x, y = _problem(count=64, seed=5)
+    model = _compile(_model())
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded.optimizer, keras.optimizers.LossScaleOptimizer)
+    kfac_keras.make_train_step(loaded)  # attaches: restores the K-FAC state
+    saved_state = guards.block_state_variables(_kfac(model))
+    loaded_state = guards.block_state_variables(_kfac(loaded))
+    assert len(saved_state) == len(loaded_state) > 0
+    for saved, restored in zip(saved_state, loaded_state):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(restored),
+                                      keras.ops.convert_to_numpy(saved),
+                                      err_msg=restored.path)
+    assert int(_kfac(loaded).iterations) == int(_kfac(model).iterations) == 4
+    assert float(_kfac(loaded).num_estimates) == float(_kfac(model).num_estimates)

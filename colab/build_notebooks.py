@@ -147,7 +147,7 @@ LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 model = make_model()
 model.compile(optimizer=kfac_keras.KFAC(), loss=LOSS, metrics=["accuracy"])
-kfac_timer = nbu.common.TimedLossHistory()  # per-batch loss and wall-clock time, for the plot
+kfac_timer = nbu.FitTimer()  # per-batch loss and training time, for the plot
 kfac_history = model.fit(
     x_train, y_train, batch_size=BATCH_SIZE, epochs=EPOCHS,
     validation_data=(x_val, y_val), verbose=2,
@@ -157,7 +157,7 @@ kfac_history = model.fit(
 '''), code('''
 model = make_model()
 model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=LOSS, metrics=["accuracy"])
-adam_timer = nbu.common.TimedLossHistory()
+adam_timer = nbu.FitTimer()
 adam_history = model.fit(
     x_train, y_train, batch_size=BATCH_SIZE, epochs=EPOCHS,
     validation_data=(x_val, y_val), verbose=2, callbacks=[adam_timer])
@@ -165,8 +165,8 @@ adam_history = model.fit(
 ## K-FAC vs Adam
 
 Training loss per step (a 10-step moving average of the per-batch loss) against the number
-of steps (left) and against the run time (right; the first two steps, which include tracing,
-are charged the median step time).
+of steps (left) and against the training time (right; the first two steps, which include
+tracing, are charged the median step time, and the validation between epochs is left out).
 '''), code('''
 runs = [{"label": "K-FAC", "history": kfac_timer.result()},
         {"label": "Adam (lr 1e-3)", "history": adam_timer.result()}]
@@ -354,7 +354,7 @@ CNN_EPOCHS = nbu.choose(small=1, tutorial=3)
 print(f"{len(x_train)} training and {len(x_val)} validation images, {CNN_EPOCHS} epochs")
 
 cnn_kfac = nbu.fit_and_record(
-    small_cnn, kfac_keras.KFAC(learning_rate=0.05, damping=1e-2, seed=0), LOSS,
+    small_cnn, kfac_keras.KFAC(learning_rate=0.05, damping=0.1, seed=0), LOSS,
     x_train, y_train, epochs=CNN_EPOCHS, batch_size=250, validation_data=(x_val, y_val),
     label="K-FAC, automatic blocks")
 '''), md('''
@@ -371,11 +371,13 @@ Reading the report:
 block; an error if the layer has none), `"diagonal"` or `"identity"` (plain gradient, the same
 as listing the layer in `exclude_layers`). A name beats a class. Here both normalization
 layers get diagonal blocks instead of their 2×2 blocks (a cruder approximation that ignores the
-coupling of each channel's scale and offset); the report shows the choice and a note.
+coupling of each channel's scale and offset); the report shows the choice and a note. A cruder
+block can need more damping: with `damping=1e-2` instead of `0.1`, this run diverges on this
+data while the automatic blocks still train (`tuning.ipynb` shows what damping does).
 '''), code('''
 cnn_choices = nbu.fit_and_record(
     small_cnn,
-    kfac_keras.KFAC(learning_rate=0.05, damping=1e-2, seed=0,
+    kfac_keras.KFAC(learning_rate=0.05, damping=0.1, seed=0,
                     layer_blocks={"BatchNormalization": "diagonal"}),
     LOSS, x_train, y_train, epochs=CNN_EPOCHS, batch_size=250,
     validation_data=(x_val, y_val), label="K-FAC, diagonal blocks for the BNs")
@@ -421,7 +423,7 @@ t_val, l_val = tokens[SEQ_EXAMPLES:], token_labels[SEQ_EXAMPLES:]
 SEQ_EPOCHS = nbu.choose(small=1, tutorial=6)
 
 transformer_kfac = nbu.fit_and_record(
-    small_transformer, kfac_keras.KFAC(learning_rate=0.05, damping=1e-2, seed=0), LOSS,
+    small_transformer, kfac_keras.KFAC(learning_rate=0.05, damping=0.1, seed=0), LOSS,
     t_train, l_train, epochs=SEQ_EPOCHS, batch_size=128, validation_data=(t_val, l_val),
     label="K-FAC")
 '''), md('''
@@ -574,14 +576,19 @@ with strategy.scope():
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss_fn)
 history = model.fit(x_dist, y_dist, batch_size=BATCH_SIZE, epochs=1, shuffle=False, verbose=2)
 '''), md('''
-Now K-FAC with `fit` under the same strategy. If the installed version of kfac_keras cannot
-train under `MirroredStrategy` yet, the cell prints the error instead of stopping the notebook.
+Now K-FAC under the same strategy. This version of kfac_keras does not support strategies with
+more than one replica yet: K-FAC's periodic work (statistics, decompositions, non-finite
+guards) runs inside `tf.cond`, where `MirroredStrategy` cannot all-reduce or update mirrored
+variables. Rather than failing deep inside the first step, `KFACCallback` and `make_train_step`
+raise `NotImplementedError` up front, with the reason. The two cells below try `fit` and a
+custom loop; while the limitation lasts they print that error (any other error stops the
+notebook), and once it is lifted they train.
 '''), code('''
-def report_failure(what, error):
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    message = lines[-1][:300] if lines else ""
-    print(f"{what} failed with kfac_keras {kfac_keras.__version__}: "
-          f"{type(error).__name__}: {message}")
+import textwrap
+
+def report_unsupported(what, error):
+    print(f"{what}: NotImplementedError in kfac_keras {kfac_keras.__version__}:")
+    print(textwrap.fill(str(error), width=96, initial_indent="  ", subsequent_indent="  "))
 
 with strategy.scope():
     model = make_model()
@@ -591,17 +598,12 @@ try:
     history = model.fit(x_dist, y_dist, batch_size=BATCH_SIZE, epochs=1, shuffle=False,
                         verbose=2, callbacks=[kfac_keras.KFACCallback(verbose=0)])
     print("K-FAC + MirroredStrategy, fit: final loss", history.history["loss"][-1])
-except Exception as error:  # reported, not hidden: see the printed message
-    report_failure("K-FAC + MirroredStrategy with fit", error)
+except NotImplementedError as error:
+    report_unsupported("K-FAC + MirroredStrategy with fit", error)
 '''), md('''
-And the custom loop under the strategy: `strategy.run` calls the K-FAC step on each replica's
-part of the batch.
+The custom loop under the strategy: `strategy.run` calls the K-FAC step on each replica's part
+of the batch.
 '''), code('''
-with strategy.scope():
-    model = make_model()
-    kfac = kfac_keras.KFAC(learning_rate=0.01, damping=1e-3, seed=0)
-    replica_step = kfac_keras.make_train_step(model, kfac, loss_fn)
-
 @tf.function
 def distributed_step(x_batch, y_batch):
     logs = strategy.run(replica_step, args=(x_batch, y_batch))
@@ -610,11 +612,15 @@ def distributed_step(x_batch, y_batch):
 dist_dataset = strategy.experimental_distribute_dataset(
     tf.data.Dataset.from_tensor_slices((x_dist, y_dist)).batch(BATCH_SIZE, drop_remainder=True))
 try:
+    with strategy.scope():
+        model = make_model()
+        kfac = kfac_keras.KFAC(learning_rate=0.01, damping=1e-3, seed=0)
+        replica_step = kfac_keras.make_train_step(model, kfac, loss_fn)
     dist_losses = [float(distributed_step(xb, yb)) for xb, yb in dist_dataset]
     print(f"K-FAC + MirroredStrategy, custom loop: loss {dist_losses[0]:.3f} -> "
           f"{dist_losses[-1]:.3f}")
-except Exception as error:  # reported, not hidden: see the printed message
-    report_failure("K-FAC + MirroredStrategy with a custom loop", error)
+except NotImplementedError as error:
+    report_unsupported("K-FAC + MirroredStrategy with a custom loop", error)
 '''), code(FOOTER)]
     return cells
 
@@ -662,8 +668,11 @@ def run(label, **options):
                      steps=STEPS, batch_size=BATCH_SIZE, label=label)
 
 def summary(runs):
+    """Final smoothed loss, and the mean step time (which includes the steps that
+    refresh the statistics and the inverses)."""
     for r in runs:
-        print(f"{r['label']:32s} final loss {r['final_loss']:.4f}   {r['per_step_ms']:.0f} ms/step")
+        print(f"{r['label']:40s} final loss {r['final_loss']:.4f}   "
+              f"mean {r['mean_step_ms']:.0f} ms/step")
 
 print(f"{STEPS} steps of batches of {BATCH_SIZE}")
 '''), md('''
@@ -716,8 +725,16 @@ With `AdaptiveOptions(adapt_damping=True)` the damping is adapted every
 `damping_update_every` steps (5 by default) by the Levenberg-Marquardt rule: K-FAC compares
 the actual change of the loss after an update with the change its quadratic model predicted,
 `ρ = (h(θ + δ) − h(θ)) / (M(δ) − M(0))`. When `ρ > 3/4` the model was good and `λ` shrinks by
-`(19/20)^5`; when `ρ < 1/4` it was poor and `λ` grows by the inverse factor. Starting from very
-different initial values, the damping moves toward a range that suits the problem:
+`(19/20)^5`; when `ρ < 1/4` it was poor and `λ` grows by the inverse factor. Below, three runs
+with a fixed learning rate of 0.01 start from very different damping values.
+
+What to look for: `ρ` measures how well the model predicted *the step that was taken*. With a
+fixed learning rate and momentum the step is not the model's optimum, and a short step is
+predicted well whatever `λ` is, so `ρ` stays near 1 and `λ` keeps shrinking until the steps
+become too long and the loss rises; only then does `ρ` fall and `λ` grow again. A run that
+starts with too little damping is hurt before the rule can catch up. The rule is at its best
+together with the quadratic-model step of section 5, which chooses the step length from the
+same model.
 '''), code('''
 adaptive = kfac_keras.AdaptiveOptions(adapt_damping=True)
 adaptive_runs = [run(f"adaptive, initial damping {d:g}", learning_rate=0.01, damping=d,
@@ -781,9 +798,9 @@ plt.show()
   and steady, lower the damping.
 * Raise `T_cov`/`T_inv` until the per-second curve stops improving; on a CPU the
   decompositions dominate for wide layers.
-* `AdaptiveOptions(adapt_damping=True)` removes most of the damping tuning;
-  `quadratic_model_step=True` also removes the learning rate and momentum, at the cost of the
-  extra forward passes.
+* `AdaptiveOptions(quadratic_model_step=True, adapt_damping=True)` (the paper's algorithm)
+  leaves only the initial damping to choose, at the cost of extra forward passes. Adaptive
+  damping alone, with a fixed learning rate, can let the damping drift too low (section 4).
 '''), code(FOOTER)]
     return cells
 

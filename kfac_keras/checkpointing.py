@@ -32,7 +32,17 @@ A mismatch (the model or the options that choose blocks differ from the
 saved run) raises a `ValueError` that says so, rather than silently starting
 from fresh curvature. `tf.train.Checkpoint` needs none of this: it tracks the
 optimizer's variable list by index and restores variables created after
-`restore()` as they are appended (deferred restoration).
+`restore()` as they are appended (deferred restoration). One caveat there:
+values TensorFlow still holds for deferred restoration are not written by a
+new `Checkpoint.save` before they are restored, so attach the optimizer
+(`make_train_step`, or start `fit`) before saving a restored checkpoint again.
+
+Mixed precision: `model.compile` wraps KFAC in Keras's `LossScaleOptimizer`.
+Keras saves the wrapped KFAC as a child object, so its state goes through
+the functions here and is restored; but Keras's `LossScaleOptimizer` itself
+skips loading its own variables (dynamic loss scale and its counter) when
+the saved count differs from the current one, which it does before attach,
+so those two restart from their initial values.
 """
 
 import warnings

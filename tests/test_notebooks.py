@@ -127,7 +127,7 @@ def test_small_mode_reads_the_switch(value, expected):
     environ = {} if value is None else {nbu.SMALL_ENV_VAR: value}
     assert nbu.small_mode(environ) is expected
     assert nbu.choose(small="s", tutorial="t", environ=environ) == ("s" if expected else "t")
-    assert ("SMALL" in nbu.size_banner(environ)) is expected
+    assert nbu.size_banner(environ).startswith("Size: SMALL") is expected
 
 
 def test_small_mode_rejects_other_values():
@@ -147,6 +147,30 @@ def test_step_values_records_each_step_and_skips_missing_keys():
     assert recorder.arrays() == {}
     with pytest.raises(TypeError, match="keys"):
         nbu.StepValues(keys="damping")
+
+
+def test_fit_timer_leaves_the_time_between_epochs_out(monkeypatch):
+    import time
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(time, "perf_counter", lambda: clock["now"])
+    timer = nbu.FitTimer(warmup_steps=0)
+
+    def at(t, hook, *args):
+        clock["now"] = t
+        hook(*args)
+
+    at(0.0, timer.on_train_begin)
+    at(0.0, timer.on_epoch_begin, 0)
+    at(1.0, timer.on_train_batch_end, 0, {"loss": 4.0})   # batch losses 4, 2
+    at(2.0, timer.on_train_batch_end, 1, {"loss": 3.0})   # running mean (4 + 2) / 2
+    at(10.0, timer.on_epoch_begin, 1)                      # 8 s of validation in between
+    at(11.5, timer.on_train_batch_end, 0, {"loss": 1.0})  # a new epoch: mean restarts
+    at(12.0, timer.on_train_batch_end, 1, {"loss": 0.75})  # batch loss 0.5
+    result = timer.result()
+    np.testing.assert_allclose(result["wall"], [1.0, 2.0, 3.5, 4.0])
+    np.testing.assert_allclose(result["step_seconds"], [1.0, 1.0, 1.5, 0.5])
+    np.testing.assert_allclose(result["loss"], [4.0, 2.0, 1.0, 0.5])
 
 
 def test_target_table_counts_steps_and_seconds_by_hand():

@@ -335,9 +335,9 @@ def test_tridiagonal_trains_in_fit():
     x = rng.normal(size=(64, 3)).astype("float32")
     y = rng.integers(0, 2, size=64)
     model = _mlp([6, 5, 2])
-    model.compile(optimizer=kfac_keras.KFAC(learning_rate=0.1, damping=0.1,
+    model.compile(optimizer=kfac_keras.KFAC(learning_rate=0.05, momentum=0.5, damping=0.1,
                                             approximation="tridiagonal",
-                                            cov_update_every=1, inv_update_every=2),
+                                            cov_update_every=1, inv_update_every=2, seed=4),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
                         callbacks=[kfac_keras.KFACCallback(verbose=0)])
@@ -354,7 +354,7 @@ def test_tridiagonal_with_the_full_adaptive_algorithm_trains():
                                          damping_update_every=2)
     model.compile(optimizer=kfac_keras.KFAC(damping=0.1, approximation="tridiagonal",
                                             adaptive=options, cov_update_every=1,
-                                            inv_update_every=2),
+                                            inv_update_every=2, seed=5),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
                         callbacks=[kfac_keras.KFACCallback(verbose=0)])

@@ -16,8 +16,8 @@ module holds only the parts that are the same in every notebook:
   (damping, rho, alpha, mu, update norm) when the optimizer is a ``KFAC``.
 * **Plain fit with records.** ``fit_and_record`` compiles and fits a fresh
   model with ``model.fit`` (adding ``KFACCallback`` for a ``KFAC``
-  optimizer) and keeps the per-batch losses, times and K-FAC values next to
-  the usual ``History``.
+  optimizer) and keeps the per-batch losses, training times (``FitTimer``)
+  and K-FAC values next to the usual ``History``.
 * **Plots and tables.** ``plot_loss_curves`` draws the smoothed training loss
   of several runs against steps and against run time, side by side;
   ``target_table`` lists the steps and seconds each run needed to reach a
@@ -30,6 +30,7 @@ module holds only the parts that are the same in every notebook:
 from __future__ import annotations
 
 import os
+import time
 
 import keras
 import numpy as np
@@ -37,6 +38,7 @@ import numpy as np
 from kfac_keras.examples import common
 
 __all__ = [
+    "FitTimer",
     "KFAC_LOG_KEYS",
     "SMALL_ENV_VAR",
     "StepValues",
@@ -147,6 +149,27 @@ class StepValues(keras.callbacks.Callback):
     def arrays(self):
         """The recorded values as float64 arrays, leaving out keys never seen."""
         return {key: np.asarray(v, dtype=np.float64) for key, v in self.values.items() if v}
+
+
+class FitTimer(common.TimedLossHistory):
+    """Per-batch losses and training time of a `model.fit` run with several epochs.
+
+    Like `kfac_keras.examples.common.TimedLossHistory` (per-batch loss
+    recovered from Keras' running mean, wall-clock time after every batch,
+    warm-up steps charged the median step time), except that the time
+    between epochs (validation, epoch-end callbacks) is left out of the run
+    time, so that it measures training only.
+
+    Args:
+        **kwargs: `TimedLossHistory` arguments (`warmup_steps`,
+            `smooth_window`, ...), with its defaults.
+    """
+
+    def on_epoch_begin(self, epoch, logs=None):
+        super().on_epoch_begin(epoch, logs)
+        if self.wall:  # shift the origin by the time since the last batch ended
+            now = time.perf_counter()
+            self.t0 += (now - self.t0) - self.wall[-1]
 
 
 def train(make_model, make_optimizer, x, y, loss, *, steps, batch_size, seed=0,
@@ -316,7 +339,8 @@ def fit_and_record(make_model, optimizer, loss, x, y, *, epochs, batch_size,
     Returns:
         A dict with ``label``, ``model``, ``optimizer``, ``epochs`` (the
         ``History.history`` dict), ``history`` (per-batch ``loss``,
-        ``smoothed`` and ``elapsed`` as in ``train``), ``per_step_ms`` and
+        ``smoothed`` and ``elapsed`` as in ``train``; ``FitTimer`` leaves the
+        validation between epochs out of the time), ``per_step_ms`` and
         ``values`` (``StepValues.arrays()``), so it can be passed to
         ``plot_loss_curves`` and ``target_table``.
     """
@@ -327,7 +351,7 @@ def fit_and_record(make_model, optimizer, loss, x, y, *, epochs, batch_size,
     model = make_model()
     model.compile(optimizer=optimizer, loss=loss,
                   metrics=list(metrics) if metrics else None)
-    timer = common.TimedLossHistory()
+    timer = FitTimer()
     values = StepValues(record)
     callbacks = [values, timer]  # the timer last, so it times the others too
     if isinstance(optimizer, KFAC):
@@ -381,7 +405,7 @@ def execute_notebook(path, *, small=True, cwd=None, timeout=900, env=None,
     import nbclient  # noqa: PLC0415 (test/examples dependency)
     import nbformat  # noqa: PLC0415
     from jupyter_client.kernelspec import KernelSpecManager  # noqa: PLC0415
-    from jupyter_client.manager import KernelManager  # noqa: PLC0415
+    from jupyter_client.manager import AsyncKernelManager  # noqa: PLC0415
 
     if not isinstance(small, bool):
         raise TypeError(f"`small` must be a bool; received {small!r}.")
@@ -408,8 +432,8 @@ def execute_notebook(path, *, small=True, cwd=None, timeout=900, env=None,
                                 "--IPKernelApp.capture_fd_output=False"],
                        "display_name": "Python (this interpreter)",
                        "language": "python"}, f)
-        manager = KernelManager(kernel_name=name,
-                                kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels]))
+        manager = AsyncKernelManager(
+            kernel_name=name, kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels]))
         client = nbclient.NotebookClient(
             notebook, km=manager, timeout=timeout, kernel_name=name,
             resources={"metadata": {"path": cwd or os.path.dirname(path)}})

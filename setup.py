@@ -43,7 +43,7 @@ setup(
             "ipykernel>=6",
             "matplotlib>=3.5",
         ],
-        "examples": ["matplotlib>=3.5"],
+        "examples": ["matplotlib>=3.5", "scikit-learn>=1.0"],
     },
     license="Apache-2.0",
 )

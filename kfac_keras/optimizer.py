@@ -155,7 +155,7 @@ class KFAC(keras.optimizers.Optimizer):
         damping: float > 0 or a `LearningRateSchedule`, the Tikhonov damping
             `lambda` added to the Fisher. Larger values make steps shorter
             and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
-            it is the initial value (a number). Defaults to 1e-3.
+            it is the initial value (a number). Defaults to 1e-2.
         l2_reg: float >= 0, coefficient `eta` of an L2 penalty
             `(eta / 2) ||theta||^2` that K-FAC adds to the objective: `eta *
             theta` is added to the gradient and `eta` to the damping (the
@@ -233,7 +233,7 @@ class KFAC(keras.optimizers.Optimizer):
         self,
         learning_rate=None,
         momentum=None,
-        damping=1e-3,
+        damping=1e-2,
         l2_reg=0.0,
         factor_decay=0.95,
         cov_update_every=10,

@@ -97,18 +97,23 @@ class IdentityBlock:
 
     def build(self, optimizer):
         """No state."""
+        return None
 
     def state_variables(self):
         return []
 
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
         """No statistics."""
+        return None
 
     def update_inverses(self, damping):
         """Nothing to decompose."""
+        return None
 
     def multiply_damped_inverse(self, grads, damping):
-        return list(grads)
+        # New tensors, not the incoming ones: the caller may run this inside a
+        # tf.cond branch, where Keras's apply needs branch-local tensors.
+        return [tf.identity(g) for g in grads]
 
     def describe(self):
         return {

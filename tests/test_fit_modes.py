@@ -146,3 +146,22 @@ def test_registration_report_lists_layers(capsys):
     rows = optimizer.registration.describe()
     assert [r["factor_shapes"]["input_factor"] for r in rows] == [(7, 7), (17, 17)]
     assert rows[0]["bytes"] == 4 * 2 * (7 * 7 + 16 * 16)
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_excluded_layer_gets_the_plain_gradient_in_graph_mode(jit):
+    """An `exclude_layers` layer is updated by -lr * grad inside a compiled step."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(8, 6)).astype("float32")
+    y = rng.normal(size=(8, 2)).astype("float32")
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="d1"),
+                              keras.layers.Dense(2, name="d2")])
+    optimizer = kfac_keras.KFAC(learning_rate=0.1, momentum=0.0, exclude_layers=["d1"], seed=0)
+    step = tf.function(kfac_keras.make_train_step(model, optimizer, "mse", jit_compile=jit))
+    with tf.GradientTape() as tape:
+        loss = keras.losses.MeanSquaredError()(y, model(x))
+    grad = tape.gradient(loss, model.layers[0].kernel).numpy()
+    before = model.layers[0].kernel.numpy().copy()
+    step(x, y)
+    np.testing.assert_allclose(model.layers[0].kernel.numpy() - before, -0.1 * grad,
+                               rtol=1e-4, atol=1e-7)

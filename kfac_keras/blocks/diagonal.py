@@ -59,6 +59,7 @@ class DiagonalBlock(FisherBlock):
 
     def update_inverses(self, damping):
         """Nothing to decompose."""
+        return None
 
     def multiply_damped_inverse(self, grads, damping):
         damping = tf.cast(damping, tf.float32)

@@ -12,6 +12,8 @@ import json
 import numpy as np
 import pytest
 
+import kfac_keras
+
 from conftest import mnist_dir
 from kfac_keras.examples import stability
 
@@ -37,7 +39,9 @@ def test_reduced_size_run_is_stable(tmp_path):
     assert summary["skipped_steps"] == 0 and summary["failed_variable_checks"] == []
     assert summary["largest_increase_ratio"] <= 10.0
     assert summary["loss_last"] < summary["loss_first"]  # it trains
-    assert summary["optimizer_config"]["damping"] == pytest.approx(1e-3)  # defaults
+    defaults = kfac_keras.KFAC().get_config()
+    for key in ("learning_rate", "momentum", "damping", "cov_update_every", "inv_update_every"):
+        assert summary["optimizer_config"][key] == pytest.approx(defaults[key]), key
 
 
 def test_run_with_nan_pixels_is_reported_unstable(monkeypatch, capsys):

@@ -366,7 +366,7 @@ def run_optimizer(make_model, make_optimizer, x, y, loss, batch_size, steps,
                   warmup_steps=DEFAULT_WARMUP_STEPS,
                   smooth_window=DEFAULT_SMOOTH_WINDOW, label="",
                   progress_every=0, loss_scale=1.0, loss_unit="",
-                  metrics=None):
+                  metrics=None, evaluate=None):
     """Trains a fresh model for ``steps`` steps and times it.
 
     Args:
@@ -383,11 +383,15 @@ def run_optimizer(make_model, make_optimizer, x, y, loss, batch_size, steps,
             one (use a callable for stateful callbacks such as K-FAC's).
         verbose: Keras ``fit`` verbosity (0 = silent; use ``progress_every``
             for compact lines).
+        evaluate: optional ``model -> dict`` called after training (outside
+            the timed run), e.g. to measure held-out accuracy. Defaults to
+            None (no evaluation).
 
     Returns:
         A dict with ``history`` (see ``TimedLossHistory.result``), plus
         ``final_loss`` (last smoothed loss), ``per_step_ms``,
-        ``compile_seconds``, ``jit_compile``, ``steps``, ``total_seconds``.
+        ``compile_seconds``, ``jit_compile``, ``steps``, ``total_seconds``,
+        and ``evaluation`` (the result of ``evaluate``, or None).
     """
     keras.backend.clear_session()
     keras.utils.set_random_seed(int(seed))
@@ -406,6 +410,7 @@ def run_optimizer(make_model, make_optimizer, x, y, loss, batch_size, steps,
     model.fit(ds, epochs=1, steps_per_epoch=steps, shuffle=False,
               verbose=verbose, callbacks=extra + [timer])
     total = time.perf_counter() - t
+    evaluation = None if evaluate is None else evaluate(model)
     h = timer.result()
     final = float(h["smoothed"][-1]) if h["steps_run"] else float("nan")
     if h["steps_run"] < steps:  # stopped early (diverged)
@@ -422,6 +427,7 @@ def run_optimizer(make_model, make_optimizer, x, y, loss, batch_size, steps,
         "steps_run": h["steps_run"],
         "total_seconds": total,
         "batch_size": int(batch_size) if batch_sizes is None else None,
+        "evaluation": evaluation,
     }
 
 
@@ -746,8 +752,14 @@ def benchmark_optimizers(specs, make_model, x, y, loss, *, steps, batch_size,
                          lr_overrides=None, jit="off", batch_sizes=None,
                          smooth_window=DEFAULT_SMOOTH_WINDOW,
                          warmup_steps=DEFAULT_WARMUP_STEPS, loss_scale=1.0,
-                         loss_unit="", verbose=0, progress_every=None):
+                         loss_unit="", verbose=0, progress_every=None,
+                         evaluate=None):
     """Grid-searches (optionally) and then trains every optimizer in ``specs``.
+
+    ``evaluate`` (``model -> dict``, default None) is passed to
+    ``run_optimizer`` for the final training run of each optimizer only (not
+    for grid-search or jit-probe runs); its result is the run's
+    ``evaluation``.
 
     Returns ``{"runs": {name: result}, "grids": {name: grid_search_dict}}``.
     Each run result also holds ``name``, ``display`` and ``lr``.
@@ -762,14 +774,14 @@ def benchmark_optimizers(specs, make_model, x, y, loss, *, steps, batch_size,
     for spec in specs:
         print(f"=== {spec.label} ===", flush=True)
 
-        def do_run(lr, n_steps, jit_flag, prog, tag, _spec=spec):
+        def do_run(lr, n_steps, jit_flag, prog, tag, _spec=spec, _evaluate=None):
             return run_optimizer(
                 make_model, lambda: _spec.build(lr), x, y, loss, batch_size, n_steps,
                 seed, jit_flag, callbacks=_spec.callbacks, verbose=verbose,
                 batch_sizes=None if batch_sizes is None else batch_sizes[:n_steps],
                 warmup_steps=warmup_steps, smooth_window=smooth_window,
                 label=f"{_spec.name} lr={fmt_lr(lr)}{tag}", progress_every=prog,
-                loss_scale=loss_scale, loss_unit=loss_unit)
+                loss_scale=loss_scale, loss_unit=loss_unit, evaluate=_evaluate)
 
         if jit == "auto" and batch_sizes is None:
             probe_lr = lr_overrides.get(spec.name, spec.default_lr)
@@ -803,7 +815,7 @@ def benchmark_optimizers(specs, make_model, x, y, loss, *, steps, batch_size,
         print(f"  [{spec.name}] training {steps} steps at lr={fmt_lr(lr)}, "
               f"jit_compile={jit_flag}", flush=True)
         try:
-            r = do_run(lr, steps, jit_flag, progress_every, "")
+            r = do_run(lr, steps, jit_flag, progress_every, "", _evaluate=evaluate)
         except Exception:  # noqa: BLE001 - report, and go on with the others
             print(f"  [{spec.name}] training raised; leaving it out of the results:",
                   flush=True)
@@ -860,12 +872,15 @@ def compute_ratios(runs, targets, kfac_key="kfac", loss_scale=1.0):
 
 def write_results(runs, targets, out_dir, *, title="Benchmark", loss_scale=1.0,
                   loss_name="loss", raw_loss_name=None, kfac_key="kfac",
-                  notes=(), grids=None, basename="results"):
+                  notes=(), grids=None, basename="results", extra_columns=()):
     """Writes ``<basename>.md`` and ``<basename>.csv`` (+ ``ratios.csv`` if
     K-FAC ran) to ``out_dir``. Returns the Markdown text.
 
     ``targets`` are in scaled units (``loss * loss_scale``).
     ``raw_loss_name`` names the unscaled loss column (e.g. Keras' mean BCE).
+    ``extra_columns`` (default none): ``(name, fn)`` pairs; ``fn(run)``
+    gives the value of column ``name`` (None: empty), which is added to both
+    tables after the final-loss columns (e.g. held-out accuracy).
     """
     os.makedirs(out_dir, exist_ok=True)
     targets = list(targets)
@@ -890,6 +905,9 @@ def write_results(runs, targets, out_dir, *, title="Benchmark", loss_scale=1.0,
         }
         if raw_loss_name:
             row[f"final_{raw_loss_name}"] = _round_sig(final, 5) if math.isfinite(final) else "nan"
+        for column, value_fn in extra_columns:
+            value = value_fn(r)
+            row[column] = "" if value is None else value
         for t in targets:
             s, sec = tt[t]
             row[f"steps_to_{_fmt_target(t)}"] = "" if s is None else s
@@ -919,6 +937,7 @@ def write_results(runs, targets, out_dir, *, title="Benchmark", loss_scale=1.0,
            f"final {loss_name}"]
     if raw_loss_name:
         hdr.append(f"final {raw_loss_name}")
+    hdr += [column for column, _ in extra_columns]
     hdr += [f"{loss_name} ≤ {_fmt_target(t)}: steps / s" for t in targets]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "---|" * len(hdr))
@@ -929,6 +948,7 @@ def write_results(runs, targets, out_dir, *, title="Benchmark", loss_scale=1.0,
                  str(row[f"final_{loss_name}"])]
         if raw_loss_name:
             cells.append(str(row[f"final_{raw_loss_name}"]))
+        cells += [str(row[column]) for column, _ in extra_columns]
         for t in targets:
             s = row[f"steps_to_{_fmt_target(t)}"]
             sec = row[f"seconds_to_{_fmt_target(t)}"]

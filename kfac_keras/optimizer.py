@@ -59,6 +59,14 @@ def _check_number(name, value, low=None, high=None, low_open=False,
 #: Fisher approximations across layers (`KFAC(approximation=...)`).
 APPROXIMATIONS = ("block_diagonal", "tridiagonal")
 
+#: What `KFAC(norm_constraint="auto")` means with a learning-rate step.
+DEFAULT_NORM_CONSTRAINT = 1e-4
+#: What `KFAC(adaptive="auto")` means when `damping` is a number:
+#: Levenberg-Marquardt damping adaptation with a floor (below it, the damping
+#: that the Cholesky inverses use, refreshed every `inv_update_every` steps,
+#: lags too far behind the rule on the benchmarks; see docs/benchmarks.md).
+DEFAULT_ADAPTIVE = dict(adapt_damping=True, min_damping=1e-3)
+
 
 def _schedule_value(schedule, step):
     """A schedule's value at `step`, as a Python float."""
@@ -112,8 +120,15 @@ class KFAC(keras.optimizers.Optimizer):
     every `cov_update_every` steps, decompositions `O(n^3)` every
     `inv_update_every` steps (outside XLA on CPU, inside XLA on GPU).
 
+    Defaults (chosen on the benchmarks of docs/benchmarks.md): a
+    learning-rate step of 1.0 with momentum 0.9, "KL clipping"
+    (`norm_constraint`) at 1e-4, which sets the step length in most steps,
+    and Levenberg-Marquardt adaptation of the damping (initial 1e-2, floor
+    1e-3). `KFAC(adaptive=None, norm_constraint=None, learning_rate=...)` is
+    the plain fixed-damping update above.
+
     The rest of the paper's algorithm is available through a few grouped
-    options (all off by default):
+    options:
 
     * `approximation="tridiagonal"`: block-tridiagonal inverse over chains of
       Dense layers (section 4.3; `kfac_keras.blocks.tridiagonal`).
@@ -144,8 +159,9 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
-            the step size applied to the preconditioned gradient. Defaults to
-            None, meaning 0.01 (must stay None with
+            the step size applied to the preconditioned gradient (before the
+            norm constraint, which usually sets the step length). Defaults to
+            None, meaning 1.0 (must stay None with
             `AdaptiveOptions(quadratic_model_step=True)`, which chooses the
             step size itself; `optimizer.learning_rate` then reads the last
             `alpha`).
@@ -155,7 +171,8 @@ class KFAC(keras.optimizers.Optimizer):
         damping: float > 0 or a `LearningRateSchedule`, the Tikhonov damping
             `lambda` added to the Fisher. Larger values make steps shorter
             and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
-            it is the initial value (a number). Defaults to 1e-2.
+            (the default, `adaptive="auto"`) it is the initial value (a
+            number). Defaults to 1e-2.
         l2_reg: float >= 0, coefficient `eta` of an L2 penalty
             `(eta / 2) ||theta||^2` that K-FAC adds to the objective: `eta *
             theta` is added to the gradient and `eta` to the damping (the
@@ -203,19 +220,26 @@ class KFAC(keras.optimizers.Optimizer):
             names the chains found. Needs `inverse_method` `"cholesky"` or
             `"inverse"` (factored Tikhonov damping, applied to the diagonal
             factors before forming the off-diagonal terms).
-        adaptive: None (default), a `kfac_keras.AdaptiveOptions` or a dict of
-            its arguments: quadratic-model step size and momentum and/or
-            Levenberg-Marquardt damping. Not combinable with `weight_decay`
-            or `ema_overwrite_frequency` (they change the weights outside the
-            quadratic model).
-        norm_constraint: None (default) or float c > 0: "KL clipping" (Ba,
+        adaptive: `"auto"` (default), None, a `kfac_keras.AdaptiveOptions`
+            or a dict of its arguments: quadratic-model step size and momentum
+            and/or Levenberg-Marquardt damping. `"auto"` means
+            `AdaptiveOptions(adapt_damping=True, min_damping=1e-3)` (the floor
+            is `damping` itself if that is smaller) when `damping` is a
+            number, and None when it is a schedule or `weight_decay` /
+            `ema_overwrite_frequency` is set. None keeps the damping
+            fixed and needs no extra forward passes. Adaptive options are not
+            combinable with `weight_decay` or `ema_overwrite_frequency` (they
+            change the weights outside the quadratic model).
+        norm_constraint: `"auto"` (default), None, or float c > 0: "KL clipping" (Ba,
             Grosse & Martens 2017, "Distributed Second-Order Optimization
             using Kronecker-Factored Approximations"). The
             preconditioned gradient `Delta = (Fhat + lambda + eta)^{-1} grad`
             is scaled by `min(1, sqrt(c / (lr^2 Delta^T (Fhat + lambda + eta)
             Delta)))`, so that `lr^2 Delta^T Fhat Delta <= c` (with the damped
             `Fhat` the preconditioner inverts); momentum is added after.
-            Not available with `quadratic_model_step`.
+            Not available with `quadratic_model_step`. `"auto"` means 1e-4
+            with a learning-rate step and None with `quadratic_model_step`;
+            None turns the constraint off (the plain `learning_rate` step).
         scale_update_every: int >= 1 or None, `T_scale` of EKFAC: the
             corrected diagonal is re-estimated every this many steps. Only
             with `inverse_method="ekfac"`. Defaults to None (=
@@ -246,8 +270,8 @@ class KFAC(keras.optimizers.Optimizer):
         seed=None,
         decomposition_jit_compile="auto",
         approximation="block_diagonal",
-        adaptive=None,
-        norm_constraint=None,
+        adaptive="auto",
+        norm_constraint="auto",
         scale_update_every=None,
         name="kfac",
         **kwargs,
@@ -258,7 +282,8 @@ class KFAC(keras.optimizers.Optimizer):
                 "factor statistics and step counters are per step; use a "
                 "larger batch or `statistics_fraction` instead (received "
                 f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}).")
-        adaptive = quadratic_model.AdaptiveOptions.from_value(adaptive)
+        adaptive, norm_constraint = self._resolve_auto_options(
+            adaptive, norm_constraint, damping, kwargs)
         learning_rate, momentum = self._check_step_rule(
             learning_rate, momentum, damping, adaptive, norm_constraint, kwargs)
         _check_choice("approximation", approximation, APPROXIMATIONS)
@@ -557,6 +582,36 @@ class KFAC(keras.optimizers.Optimizer):
 
     # ------------------------------------------------- step rule (paper 6-7)
     @staticmethod
+    def _resolve_auto_options(adaptive, norm_constraint, damping, kwargs):
+        """Replaces the `"auto"` defaults of `adaptive` and `norm_constraint`
+        by what they mean for these options; returns `(adaptive, norm_constraint)`
+        with `adaptive` an `AdaptiveOptions` or None."""
+        if isinstance(adaptive, str):
+            if adaptive != "auto":
+                raise TypeError(
+                    "`adaptive` must be 'auto', None, a kfac_keras.AdaptiveOptions "
+                    f"or a dict of its arguments; received {adaptive!r}.")
+            if guards.is_keras_schedule(damping) or any(
+                    kwargs.get(n) for n in ("weight_decay", "ema_overwrite_frequency")):
+                # The damping follows the user's schedule, or the weights change
+                # outside the quadratic model that judges the damping.
+                adaptive = None
+            else:
+                adaptive = dict(DEFAULT_ADAPTIVE)
+                if (isinstance(damping, numbers.Real) and not isinstance(damping, bool)
+                        and 0 < damping < adaptive["min_damping"]):
+                    adaptive["min_damping"] = float(damping)
+        adaptive = quadratic_model.AdaptiveOptions.from_value(adaptive)
+        if isinstance(norm_constraint, str):
+            if norm_constraint != "auto":
+                raise TypeError(
+                    "`norm_constraint` must be 'auto', None or a number > 0; "
+                    f"received {norm_constraint!r}.")
+            model_step = adaptive is not None and adaptive.quadratic_model_step
+            norm_constraint = None if model_step else DEFAULT_NORM_CONSTRAINT
+        return adaptive, norm_constraint
+
+    @staticmethod
     def _check_step_rule(learning_rate, momentum, damping, adaptive,
                          norm_constraint, kwargs):
         """Validates the step-size options together; returns `(lr, momentum)`."""
@@ -580,7 +635,7 @@ class KFAC(keras.optimizers.Optimizer):
                     f"{norm_constraint!r}.")
             learning_rate = 1.0  # placeholder variable; holds alpha after each step
         else:
-            learning_rate = 0.01 if learning_rate is None else learning_rate
+            learning_rate = 1.0 if learning_rate is None else learning_rate
             momentum = 0.9 if momentum is None else momentum
             _check_number("learning_rate", learning_rate, low=0.0, low_open=True,
                           allow_schedule=True)
@@ -754,10 +809,12 @@ class KFAC(keras.optimizers.Optimizer):
             raise RuntimeError(_MISSING_CAPTURE)
         if self.needs_batch and (batch is None or (self.adapts_damping and loss is None)):
             raise RuntimeError(
-                "KFAC(adaptive=...) needs the training batch for exact Fisher "
+                f"KFAC(adaptive={self.adaptive!r}) (the default, adaptive='auto', "
+                "adapts the damping) needs the training batch for exact Fisher "
                 "products and the loss after the step; train with "
                 "kfac_keras.KFACCallback (fit) or kfac_keras.make_train_step "
-                "(custom loops) instead of calling apply/apply_gradients.")
+                "(custom loops) instead of calling apply/apply_gradients, or "
+                "pass adaptive=None.")
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
         if not pairs:
             return

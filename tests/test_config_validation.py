@@ -409,3 +409,41 @@ def test_float32_overflowing_numbers_are_rejected():
             kfac_keras.KFAC(**{name: 1e39})
     assert math.isfinite(np.float32(3e38))
     kfac_keras.KFAC(learning_rate=3e38)  # representable: accepted (the guard handles it)
+
+
+# ------------------------------------------------ the "auto" default options
+def test_auto_defaults_resolve_to_kl_clipping_and_lm_damping():
+    optimizer = kfac_keras.KFAC()
+    assert optimizer.norm_constraint == 1e-4
+    assert optimizer.adaptive == kfac_keras.AdaptiveOptions(adapt_damping=True, min_damping=1e-3)
+    assert float(optimizer.learning_rate.numpy()) == 1.0
+    assert optimizer.momentum == 0.9 and optimizer.initial_damping == 1e-2
+    # get_config holds the resolved values, and rebuilding gives the same optimizer.
+    config = optimizer.get_config()
+    assert config["norm_constraint"] == 1e-4
+    assert config["adaptive"]["adapt_damping"] and config["adaptive"]["min_damping"] == 1e-3
+    again = kfac_keras.KFAC.from_config(config)
+    assert again.adaptive == optimizer.adaptive and again.norm_constraint == 1e-4
+
+
+def test_auto_defaults_yield_to_explicit_choices():
+    # A damping below the default floor becomes the floor.
+    assert kfac_keras.KFAC(damping=1e-5).adaptive.min_damping == 1e-5
+    # A damping schedule, weight decay or EMA overwrites: no damping adaptation.
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 10, 0.5)
+    assert kfac_keras.KFAC(damping=schedule).adaptive is None
+    assert kfac_keras.KFAC(weight_decay=1e-4).adaptive is None
+    assert kfac_keras.KFAC(use_ema=True, ema_overwrite_frequency=5).adaptive is None
+    # The quadratic-model step sets its own length: no norm constraint.
+    model_step = kfac_keras.KFAC(adaptive={"quadratic_model_step": True})
+    assert model_step.norm_constraint is None
+    # None turns each off; explicit values are kept.
+    plain = kfac_keras.KFAC(adaptive=None, norm_constraint=None)
+    assert plain.adaptive is None and plain.norm_constraint is None
+    assert kfac_keras.KFAC(norm_constraint=3e-3).norm_constraint == 3e-3
+
+
+@pytest.mark.parametrize("name", ["adaptive", "norm_constraint"])
+def test_auto_options_reject_other_strings(name):
+    with pytest.raises(TypeError, match=f"`{name}` must be 'auto', None"):
+        kfac_keras.KFAC(**{name: "on"})

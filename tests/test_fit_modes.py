@@ -43,7 +43,7 @@ def _build(kind):
 
 
 def _compile(model, mode, **options):
-    optimizer = kfac_keras.KFAC(learning_rate=0.05, damping=1e-2, seed=0, **options)
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.05, damping=1e-2, seed=0, **options)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=(mode == "jit"),
@@ -91,7 +91,7 @@ def test_custom_loop_equals_fit():
               callbacks=[kfac_keras.KFACCallback(verbose=0)])
     keras.utils.set_random_seed(5)
     loop_model = _build("functional")
-    optimizer = kfac_keras.KFAC(learning_rate=0.05, damping=1e-2, seed=0)
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.05, damping=1e-2, seed=0)
     step = tf.function(kfac_keras.make_train_step(
         loop_model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True)))
     for start in (0, 32):
@@ -156,7 +156,7 @@ def test_excluded_layer_gets_the_plain_gradient_in_graph_mode(jit):
     y = rng.normal(size=(8, 2)).astype("float32")
     model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4, name="d1"),
                               keras.layers.Dense(2, name="d2")])
-    optimizer = kfac_keras.KFAC(learning_rate=0.1, momentum=0.0, exclude_layers=["d1"], seed=0)
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.1, momentum=0.0, exclude_layers=["d1"], seed=0)
     step = tf.function(kfac_keras.make_train_step(model, optimizer, "mse", jit_compile=jit))
     with tf.GradientTape() as tape:
         loss = keras.losses.MeanSquaredError()(y, model(x))

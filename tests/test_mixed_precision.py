@@ -46,7 +46,7 @@ def _model():
 
 def _compile(model, **options):
     settings = dict(learning_rate=0.1, damping=1e-2, seed=1, cov_update_every=1,
-                    inv_update_every=2)
+                    inv_update_every=2, adaptive=None, norm_constraint=None)
     settings.update(options)
     model.compile(optimizer=kfac_keras.KFAC(**settings),
                   loss="sparse_categorical_crossentropy")

@@ -26,7 +26,7 @@ def _kinds_by_variable(model):
 
 
 def _fit(model, x, y, epochs, **kfac_options):
-    options = dict(learning_rate=0.02, damping=0.3, seed=1)
+    options = dict(learning_rate=0.02, damping=0.3, seed=1, adaptive=None, norm_constraint=None)
     options.update(kfac_options)
     model.compile(optimizer=kfac_keras.KFAC(**options),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),

@@ -59,7 +59,7 @@ def test_norm_constraint(method, bound):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = _model()
     lr, damping, l2 = 0.7, 0.05, 0.01
-    optimizer = kfac_keras.KFAC(learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
+    optimizer = kfac_keras.KFAC(adaptive=None, learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
                                 inverse_method=method, norm_constraint=bound,
                                 cov_update_every=1, inv_update_every=1, seed=1)
     step = kfac_keras.make_train_step(model, optimizer, loss)

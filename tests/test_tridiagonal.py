@@ -93,7 +93,7 @@ def _joint_factors(dims_in, dims_out, rng, samples=400):
 
 def _built_chain(model):
     layers = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
-    optimizer = kfac_keras.KFAC(learning_rate=0.1)
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.1)
     optimizer.build(model.trainable_variables)
     block = DenseChainBlock(layers)
     block.build(optimizer)
@@ -191,7 +191,7 @@ def test_training_step_factors_and_update_match_numpy():
     y = rng.integers(0, 3, size=32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     lr, damping, l2 = 0.2, 0.05, 0.01
-    optimizer = kfac_keras.KFAC(
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, 
         learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
         approximation="tridiagonal", estimation_mode="empirical",
         cov_update_every=1, inv_update_every=1, seed=3)
@@ -335,7 +335,7 @@ def test_tridiagonal_trains_in_fit():
     x = rng.normal(size=(64, 3)).astype("float32")
     y = rng.integers(0, 2, size=64)
     model = _mlp([6, 5, 2])
-    model.compile(optimizer=kfac_keras.KFAC(learning_rate=0.05, momentum=0.5, damping=0.1,
+    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.05, momentum=0.5, damping=0.1,
                                             approximation="tridiagonal",
                                             cov_update_every=1, inv_update_every=2, seed=4),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -68,8 +68,12 @@ automatically gets Muon's built-in AdamW step, at ``learning_rate *
 adam_lr_ratio``. The harness passes the model's output layer name in
 ``exclude_layers``, as Muon's docstring recommends, and sets both weight
 decays to 0 so that all optimizers minimise the same objective. ``kfac`` is
-``kfac_keras.KFAC`` plus ``kfac_keras.KFACCallback``. It is imported lazily,
-and skipped with a message if it can't be imported.
+``kfac_keras.KFAC`` (its defaults) plus ``kfac_keras.KFACCallback``. Optional
+K-FAC variants: ``kfac_paper`` (the paper's quadratic-model step size and
+momentum with Levenberg-Marquardt damping), ``kfac_tridiagonal`` (the same
+with the block-tridiagonal inverse) and ``kfac_fixed`` (learning rate 0.01,
+fixed damping, no norm constraint). K-FAC is imported lazily, and skipped
+with a message if it can't be imported.
 """
 
 from __future__ import annotations
@@ -111,7 +115,10 @@ __all__ = [
     "write_results",
 ]
 
-OPTIMIZER_NAMES = ("kfac", "adam", "sgd", "nesterov", "muon")
+OPTIMIZER_NAMES = ("kfac", "adam", "sgd", "nesterov", "muon", "kfac_paper",
+                   "kfac_tridiagonal", "kfac_fixed")
+#: What ``--optimizers`` runs unless told otherwise.
+DEFAULT_OPTIMIZERS = ("kfac", "adam", "sgd", "nesterov", "muon")
 DEFAULT_WARMUP_STEPS = 2
 DEFAULT_SMOOTH_WINDOW = 10
 
@@ -567,6 +574,11 @@ def kfac_import_error():
     return None
 
 
+#: ``AdaptiveOptions`` arguments of the ``kfac_paper`` variants.
+PAPER_ADAPTIVE = {"quadratic_model_step": True, "adapt_damping": True,
+                  "min_damping": 1e-3}
+
+
 def _kfac_build(lr, **kwargs):
     from kfac_keras import KFAC
 
@@ -590,7 +602,7 @@ def _make_kfac_callbacks_factory():
     return factory
 
 
-def get_optimizer_specs(names=OPTIMIZER_NAMES, *, output_layer_name=None,
+def get_optimizer_specs(names=DEFAULT_OPTIMIZERS, *, output_layer_name=None,
                         kfac_kwargs=None, kfac_grid=None, grids=None, verbose=True):
     """OptimizerSpecs for ``names`` (from ``OPTIMIZER_NAMES``).
 
@@ -629,6 +641,24 @@ def get_optimizer_specs(names=OPTIMIZER_NAMES, *, output_layer_name=None,
             lambda lr: _kfac_build(lr, **kfac_kwargs),
             None, tuple(kfac_grid or ()), tuple(kfac_grid or ()),
             _make_kfac_callbacks_factory()),
+        # The paper's adaptive algorithm (sections 6.5 and 7): step size and
+        # momentum from the quadratic model, Levenberg-Marquardt damping.
+        "kfac_paper": OptimizerSpec(
+            "kfac_paper", "K-FAC paper (quadratic-model step, LM damping)",
+            lambda lr: _kfac_build(None, adaptive=PAPER_ADAPTIVE, **kfac_kwargs),
+            None, (), (), _make_kfac_callbacks_factory()),
+        "kfac_tridiagonal": OptimizerSpec(
+            "kfac_tridiagonal", "K-FAC paper, block-tridiagonal",
+            lambda lr: _kfac_build(None, adaptive=PAPER_ADAPTIVE,
+                                   approximation="tridiagonal", **kfac_kwargs),
+            None, (), (), _make_kfac_callbacks_factory()),
+        # The plain update: fixed damping, no norm constraint.
+        "kfac_fixed": OptimizerSpec(
+            "kfac_fixed", "K-FAC fixed damping, no clipping",
+            lambda lr: _kfac_build(0.01 if lr is None else lr, adaptive=None,
+                                   norm_constraint=None, **kfac_kwargs),
+            0.01, tuple(kfac_grid or ()), tuple(kfac_grid or ()),
+            _make_kfac_callbacks_factory()),
     }
     specs = []
     for n in names:
@@ -638,7 +668,7 @@ def get_optimizer_specs(names=OPTIMIZER_NAMES, *, output_layer_name=None,
             if verbose:
                 print("skipping muon: this Keras has no keras.optimizers.Muon", flush=True)
             continue
-        if n == "kfac":
+        if n.startswith("kfac"):
             err = kfac_import_error()
             if err is not None:
                 if verbose:
@@ -677,7 +707,7 @@ def _parse_float_list(text: str):
 
 def build_common_parser(example: str, description: str = "", *,
                         default_steps: int, quick_steps: int,
-                        default_optimizers=OPTIMIZER_NAMES):
+                        default_optimizers=DEFAULT_OPTIMIZERS):
     """argparse parser with the flags shared by all benchmark examples."""
     p = argparse.ArgumentParser(
         prog=f"python -m kfac_keras.examples.{example}", description=description)
@@ -852,7 +882,7 @@ def compute_ratios(runs, targets, kfac_key="kfac", loss_scale=1.0):
     k = steps_and_seconds_to_target(runs[kfac_key], targets, loss_scale)
     rows = []
     for name, r in runs.items():
-        if name == kfac_key:
+        if name.startswith("kfac"):  # K-FAC and its variants are not baselines
             continue
         b = steps_and_seconds_to_target(r, targets, loss_scale)
         for t in targets:

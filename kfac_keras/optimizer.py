@@ -15,6 +15,7 @@ from kfac_keras import linalg
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
 from kfac_keras import registration as registration_lib
+from kfac_keras.blocks.base import EstimateRecorder, ema_assign
 
 _MISSING_CAPTURE = (
     "KFAC needs the layer inputs and pre-activation gradients of each training "
@@ -449,11 +450,42 @@ class KFAC(keras.optimizers.Optimizer):
                 `(None, None)`.
             num_examples: float32 scalar, size of the statistics subset.
         """
-        self.num_estimates.assign_add(1.0)
-        count = tf.convert_to_tensor(self.num_estimates)
-        decay = tf.minimum(1.0 - 1.0 / count, self.factor_decay)
+        decay = self._next_estimate_decay()
         for block, (captures, sampled_grads) in zip(self._registration.blocks, block_inputs):
             block.update_statistics(captures, sampled_grads, num_examples, decay)
+
+    def _next_estimate_decay(self):
+        """Counts one more estimate; returns its moving-average weight of the
+        old value, `min(1 - 1/k, factor_decay)`."""
+        self.num_estimates.assign_add(1.0)
+        count = tf.convert_to_tensor(self.num_estimates)
+        return tf.minimum(1.0 - 1.0 / count, self.factor_decay)
+
+    def record_estimates(self, block_inputs, num_examples):
+        """Every block's new estimates, without folding them into the factors.
+
+        Args: as for `update_statistics`.
+
+        Returns:
+            A list of `(state variable, estimate)` pairs, for `fold_estimates`
+            (after averaging the estimates over replicas).
+        """
+        recorder = EstimateRecorder()
+        for block, (captures, sampled_grads) in zip(self._registration.blocks, block_inputs):
+            block.update_statistics(captures, sampled_grads, num_examples, recorder)
+        return recorder.pairs
+
+    def fold_estimates(self, estimates):
+        """Folds estimates recorded by `kfac_keras.blocks.base.EstimateRecorder`
+        (already averaged over replicas) into the factors, as
+        `update_statistics` does with the estimates it computes.
+
+        Args:
+            estimates: list of `(variable, estimate)` pairs.
+        """
+        decay = self._next_estimate_decay()
+        for variable, estimate in estimates:
+            ema_assign(variable, estimate, decay)
 
     def scalings_due(self):
         """Bool tensor: EKFAC re-estimates its corrected diagonal this step."""
@@ -801,6 +833,29 @@ class KFAC(keras.optimizers.Optimizer):
                     lambda: tf.constant(False))
 
     # ------------------------------------------------------------ Keras API
+    def _backend_update_step(self, grads, trainable_variables, learning_rate):
+        """Keras's per-variable update; under a multi-replica strategy K-FAC
+        applies it in cross-replica context (`kfac_keras.distributed`), with
+        gradients already summed over replicas, where Keras's version would
+        look for a replica context to `merge_call` from."""
+        if not tf.distribute.in_cross_replica_context():
+            return super()._backend_update_step(grads, trainable_variables, learning_rate)
+        pairs = [(g, v.value if isinstance(v, keras.Variable) else v)
+                 for g, v in zip(grads, trainable_variables)]
+        return self._distributed_tf_update_step(
+            self._distribution_strategy, pairs, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        """Keras's decoupled weight decay, also in cross-replica context (see
+        `_backend_update_step`)."""
+        if self.weight_decay is None or not tf.distribute.in_cross_replica_context():
+            return super()._apply_weight_decay(variables)
+        for variable in variables:
+            if self._use_weight_decay(variable):
+                learning_rate = tf.cast(self.learning_rate, variable.dtype)
+                weight_decay = tf.cast(self.weight_decay, variable.dtype)
+                variable.assign_sub(variable * weight_decay * learning_rate)
+
     def apply(self, grads, trainable_variables=None):
         """Preconditions `grads` with the K-FAC blocks, then applies them.
 

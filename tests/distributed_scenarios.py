@@ -1,0 +1,279 @@
+"""Scenarios for the `tf.distribute` tests, run in fresh subprocesses.
+
+Logical CPU devices must be configured before TensorFlow initialises its
+devices, and pytest-xdist workers import other test modules that touch
+TensorFlow first, so the tests (`tests/test_distributed_*.py`) run this file
+as a script: `python tests/distributed_scenarios.py SCENARIO [ARGS]`. Each
+scenario asserts and prints `PASS <what>` lines; the tests look for them.
+
+The oracle for every multi-replica run is a single-device run of the same
+model from the same initial weights on the same global batches, in the same
+process (K-FAC's single-device math is tested against dense NumPy oracles in
+the other test files). Compared: the weights and every optimizer variable
+(momentum, damping, counters, factors, decompositions), `rtol=1e-4,
+atol=1e-6` (float32 sums in another order); the replicas' copies of every
+mirrored variable must be identical. Bases (`inverse_method="eigh"`
+eigenvectors, the tridiagonal blocks' generalized eigenvectors) are compared
+through `U diag(1 / (|d| + 0.05)) U^T`: column signs, and the vectors of
+nearly equal eigenvalues, may change with float32 rounding.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+GLOBAL_BATCH = 16
+STEPS = 8  # = 2 * inv_update_every below
+RTOL, ATOL = 1e-4, 1e-6
+
+
+def run_scenario(name, *arguments, timeout=110, env=None):
+    """Runs scenario `name` in a fresh Python; returns its stdout after
+    checking that it completed."""
+    env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="2")
+    result = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), name] + [json.dumps(a) for a in arguments],
+        capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0 and "ALL DONE" in result.stdout, (
+        result.stdout[-3000:] + result.stderr[-5000:])
+    return result.stdout
+
+
+def configure_logical_cpus(count):
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+
+
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(GLOBAL_BATCH * STEPS, 5)).astype("float32")
+    y = ((x[:, 0] + x[:, 1] > 0).astype("int32") + (x[:, 2] > 1).astype("int32"))
+    return x, y
+
+
+def build(options, layers=2):
+    """A tiny tanh MLP (3 classes) compiled with KFAC; same initial weights
+    for every call (seeded), same variable names."""
+    import keras
+    import kfac_keras
+    keras.utils.set_random_seed(1)
+    hidden = [keras.layers.Dense(6, activation="tanh", name=f"h{i}") for i in range(layers - 1)]
+    model = keras.Sequential([keras.Input((5,))] + hidden
+                             + [keras.layers.Dense(3, activation="softmax", name="out")],
+                             name="net")
+    kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
+                  damping=0.05)
+    kwargs.update(options)
+    optimizer = kfac_keras.KFAC(**kwargs)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    return model, optimizer
+
+
+def state(model, optimizer):
+    """Weights and optimizer variables by name, and a check that every
+    replica's copy of a mirrored variable is identical."""
+    values = {f"weight/{v.path}": np.array(v.numpy()) for v in model.weights}
+    values.update({f"optimizer/{v.path}": np.array(v.numpy()) for v in optimizer.variables})
+    for variable in list(model.weights) + list(optimizer.variables):
+        copies = getattr(variable.value, "values", None)
+        if copies is not None:
+            first = copies[0].numpy()
+            for copy in copies[1:]:
+                assert np.array_equal(first, copy.numpy()), f"replica copies differ: {variable.path}"
+    return values
+
+
+#: Basis variables (eigenvectors, generalized eigenvectors of the
+#: tridiagonal blocks) and their eigenvalue variables.
+_BASES = {"_eigenvectors": "_eigenvalues", "_sigma_basis": "_sigma_values"}
+
+
+def _basis_invariant(values, key, suffix):
+    """`U diag(1 / (|d| + 0.05)) U^T` for the basis `values[key]` and its
+    eigenvalues `d` (for `eigh`, the damped inverse preconditioning uses):
+    invariant to the signs of the columns and, nearly, to rotations within
+    nearly equal eigenvalues, which float32 rounding may change."""
+    basis = values[key].astype(np.float64)
+    eigenvalues = values[key.replace(suffix, _BASES[suffix])].astype(np.float64)
+    return (basis / (np.abs(eigenvalues) + 0.05)) @ basis.T
+
+
+def assert_same_state(expected, actual, label):
+    assert sorted(expected) == sorted(actual), (sorted(expected), sorted(actual))
+    for key in expected:
+        suffix = next((s for s in _BASES if key.endswith(s)), None)
+        if suffix is not None:
+            np.testing.assert_allclose(
+                _basis_invariant(actual, key, suffix), _basis_invariant(expected, key, suffix),
+                rtol=RTOL, atol=ATOL, err_msg=f"{label}: {key}")
+            continue
+        np.testing.assert_allclose(actual[key], expected[key], rtol=RTOL, atol=ATOL,
+                                   err_msg=f"{label}: {key}")
+    # The run must have trained: factors and weights moved.
+    assert expected["optimizer/kfac/num_estimates"] > 0
+    print("PASS", label, flush=True)
+
+
+def train_single(options, mode, batches, layers=2):
+    import kfac_keras
+    import tensorflow as tf
+    model, optimizer = build(options, layers)
+    if mode == "fit":
+        x, y = batches
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    else:
+        step = tf.function(kfac_keras.make_train_step(model, optimizer))
+        for x, y in batches:
+            step(x, y)
+    return model, optimizer
+
+
+def train_mirrored(strategy, options, mode, batches, layers=2):
+    import kfac_keras
+    import tensorflow as tf
+    with strategy.scope():
+        model, optimizer = build(options, layers)
+    if mode == "fit":
+        x, y = batches
+        with strategy.scope():
+            model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+                      callbacks=[kfac_keras.KFACCallback(verbose=0)])
+        return model, optimizer
+    step = kfac_keras.make_train_step(model, optimizer)
+
+    @tf.function
+    def distributed_step(x, y):
+        return strategy.run(step, args=(x, y))
+
+    for x, y in batches:
+        dataset = tf.data.Dataset.from_tensors((x, y))
+        for xs, ys in strategy.experimental_distribute_dataset(dataset):
+            distributed_step(xs, ys)
+    return model, optimizer
+
+
+def loop_batches(x, y):
+    return [(x[i:i + GLOBAL_BATCH], y[i:i + GLOBAL_BATCH])
+            for i in range(0, len(x), GLOBAL_BATCH)]
+
+
+CONFIGURATIONS = {
+    "cholesky": ({}, 2),
+    "eigh": ({"inverse_method": "eigh"}, 2),
+    "tridiagonal": ({"approximation": "tridiagonal"}, 3),
+    "l2_norm_constraint_weight_decay": (
+        {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
+}
+
+
+def scenario_mirrored_equivalence(names):
+    """Fit and custom loop under MirroredStrategy(2 CPUs) == one device."""
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = data()
+    for name in names:
+        options, layers = CONFIGURATIONS[name]
+        for mode in ("loop", "fit"):
+            if mode == "fit" and name != "cholesky":
+                continue  # fit and the loop share the step; one fit run suffices
+            batches = (x, y) if mode == "fit" else loop_batches(x, y)
+            expected = state(*train_single(options, mode, batches, layers))
+            actual = state(*train_mirrored(strategy, options, mode, batches, layers))
+            assert_same_state(expected, actual, f"{name}/{mode}")
+
+
+def scenario_mirrored_guard():
+    """An Inf in one replica's half of a statistics-step batch skips the step
+    on both replicas; factors and weights are those of the single-device run
+    (which skips the same batch); the factors are unchanged by that step."""
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = data()
+    x = x.copy()
+    bad_step = 2  # a statistics step (cov_update_every=2)
+    x[bad_step * GLOBAL_BATCH + GLOBAL_BATCH - 1, 0] = np.inf  # second replica's half
+    batches = loop_batches(x, y)
+    expected = state(*train_single({}, "loop", batches))
+    assert expected["optimizer/kfac/skipped_steps"] == 1
+
+    import kfac_keras
+    with strategy.scope():
+        model, optimizer = build({})
+    step = kfac_keras.make_train_step(model, optimizer)
+
+    @tf.function
+    def distributed_step(x, y):
+        return strategy.run(step, args=(x, y))
+
+    before_bad = None
+    for index, (xb, yb) in enumerate(batches):
+        if index == bad_step:
+            before_bad = state(model, optimizer)
+        for xs, ys in strategy.experimental_distribute_dataset(
+                tf.data.Dataset.from_tensors((xb, yb))):
+            distributed_step(xs, ys)
+        if index == bad_step:
+            after_bad = state(model, optimizer)
+            for key, value in before_bad.items():
+                if key != "optimizer/kfac/skipped_steps":
+                    assert np.array_equal(value, after_bad[key]), f"bad step changed {key}"
+            assert after_bad["optimizer/kfac/skipped_steps"] == 1
+            print("PASS guard/bad_step_changes_nothing", flush=True)
+    actual = state(model, optimizer)
+    assert_same_state(expected, actual, "guard/final_state")
+
+
+def scenario_mirrored_unsupported():
+    """Options K-FAC cannot run with under 2 replicas raise
+    NotImplementedError naming them, before any K-FAC state exists."""
+    import kfac_keras
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = data()
+    cases = {
+        "adaptive": ({"adaptive": kfac_keras.AdaptiveOptions(adapt_damping=True)},
+                     "adaptive", {}),
+        "ekfac": ({"inverse_method": "ekfac"}, "ekfac", {}),
+        "jit_compile": ({}, "jit_compile", {"jit_compile": True}),
+    }
+    for label, (options, expected_word, step_kwargs) in cases.items():
+        with strategy.scope():
+            model, optimizer = build(options)
+        try:
+            kfac_keras.make_train_step(model, optimizer, **step_kwargs)
+        except NotImplementedError as error:
+            message = str(error)
+            assert expected_word in message and "MirroredStrategy with 2 replicas" in message, message
+            assert optimizer.registration is None
+            print("PASS unsupported", label, flush=True)
+        else:
+            raise AssertionError(f"{label}: no NotImplementedError")
+    with strategy.scope():
+        model, optimizer = build({"inverse_method": "ekfac"})
+        try:
+            model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, verbose=0,
+                      callbacks=[kfac_keras.KFACCallback(verbose=0)])
+        except NotImplementedError as error:
+            assert "ekfac" in str(error), str(error)
+            assert optimizer.registration is None
+            print("PASS unsupported fit", flush=True)
+        else:
+            raise AssertionError("fit with ekfac: no NotImplementedError")
+
+
+if __name__ == "__main__":
+    scenario = sys.argv[1]
+    arguments = [json.loads(a) for a in sys.argv[2:]]
+    globals()[f"scenario_{scenario}"](*arguments)
+    print("ALL DONE", flush=True)

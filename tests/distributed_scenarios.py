@@ -154,9 +154,14 @@ def train_mirrored(strategy, options, mode, batches, layers=2):
         return strategy.run(step, args=(x, y))
 
     for x, y in batches:
-        dataset = tf.data.Dataset.from_tensors((x, y))
-        for xs, ys in strategy.experimental_distribute_dataset(dataset):
-            distributed_step(xs, ys)
+        share = len(x) // strategy.num_replicas_in_sync
+
+        def replica_slice(context, x=x, y=y):
+            """Replica r gets examples [r * share, (r + 1) * share)."""
+            start = context.replica_id_in_sync_group * share
+            return x[start:start + share], y[start:start + share]
+
+        distributed_step(*strategy.experimental_distribute_values_from_function(replica_slice))
     return model, optimizer
 
 
@@ -270,6 +275,74 @@ def scenario_mirrored_unsupported():
             print("PASS unsupported fit", flush=True)
         else:
             raise AssertionError("fit with ekfac: no NotImplementedError")
+
+
+def free_ports(count):
+    """`count` free TCP ports on 127.0.0.1 (bound, read, released)."""
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def worker_environment(ports, index):
+    """Environment of worker `index` of a loopback MultiWorkerMirroredStrategy."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": index}}))
+
+
+def save_state(path, values):
+    np.savez(path, **{key.replace("/", "|"): value for key, value in values.items()})
+
+
+def load_state(path):
+    with np.load(path) as archive:
+        return {key.replace("|", "/"): archive[key] for key in archive.files}
+
+
+def scenario_multiworker_worker(output_path):
+    """One worker of a 2-worker MultiWorkerMirroredStrategy (TF_CONFIG set by
+    the caller): the custom-loop step on the global batches (each worker
+    feeds its replica's half), then save the state. (Keras 3 `fit` itself
+    fails under MultiWorkerMirroredStrategy with any optimizer, when it
+    reduces scalar logs: tensorflow/tensorflow#72388,
+    keras-team/keras#20585.)"""
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    assert strategy.num_replicas_in_sync == 2
+    x, y = data()
+    model, optimizer = train_mirrored(strategy, {}, "loop", loop_batches(x, y))
+    save_state(output_path, state(model, optimizer))
+
+
+def scenario_multiworker(directory, timeout):
+    """Starts two loopback workers (bounded by `timeout` seconds), runs the
+    single-process oracle meanwhile, and compares each worker's final state
+    with it."""
+    ports = free_ports(2)
+    outputs = [os.path.join(directory, f"worker{index}.npz") for index in range(2)]
+    workers = [subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "multiworker_worker", json.dumps(path)],
+        env=worker_environment(ports, index), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for index, path in enumerate(outputs)]
+    try:
+        x, y = data()
+        expected = state(*train_single({}, "loop", loop_batches(x, y)))
+        for index, worker in enumerate(workers):
+            log, _ = worker.communicate(timeout=timeout)
+            assert worker.returncode == 0, f"worker {index}:\n{log[-5000:]}"
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for index, path in enumerate(outputs):
+        assert_same_state(expected, load_state(path), f"multiworker/worker{index}")
 
 
 if __name__ == "__main__":

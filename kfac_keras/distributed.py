@@ -71,6 +71,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from kfac_keras import guards
+
 
 def multi_replica_strategy(model=None):
     """The strategy with more than one replica this step would run under, or
@@ -177,3 +179,75 @@ def assign_per_replica(strategy, variables, per_replica_values):
         strategy.extended.update(
             target, lambda copy, value: copy.assign(value), args=(values,), group=False)
     return tf.constant(True)
+
+
+def decomposition_cost(block):
+    """Cost proxy of decomposing `block`: `n^3` summed over its square
+    matrix state variables (`n x n`)."""
+    cost = 0
+    for variable in block.state_variables():
+        shape = tuple(variable.shape)
+        if len(shape) == 2 and shape[0] == shape[1]:
+            cost += int(shape[0]) ** 3
+    return cost
+
+
+def assign_owners(costs, num_replicas):
+    """Greedy balance: blocks in decreasing cost, each to the replica with the
+    least total so far (ties: lowest replica id; equal costs keep their
+    order). Returns the owner replica id of each block."""
+    loads = [0] * num_replicas
+    owners = [0] * len(costs)
+    for index in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        owner = min(range(num_replicas), key=lambda r: (loads[r], r))
+        owners[index] = owner
+        loads[owner] += costs[index]
+    return owners
+
+
+def decompose_distributed(strategy, optimizer, damping):
+    """`guards.guarded_update_inverses` with the blocks shared out over the
+    replicas (`KFAC(distributed_inverses=True)`), in cross-replica context.
+
+    Each replica decomposes the blocks `assign_owners` gives it (writing only
+    its own copies of their state), then one all-reduce of the blocks' whole
+    state, zero where a replica does not own a block, plus one success flag
+    per block, gives every replica every block's new state, which is then
+    written to all copies. A failed block keeps its previous decomposition
+    and raises the damping, as in the replicated mode.
+
+    Returns:
+        A scalar bool tensor, True if every block was decomposed.
+    """
+    blocks = optimizer.registration.blocks
+    owners = assign_owners([decomposition_cost(b) for b in blocks],
+                           strategy.num_replicas_in_sync)
+    states = [list(block.state_variables()) for block in blocks]
+
+    def decompose_own_blocks(damping):
+        replica_id = tf.get_static_value(
+            tf.distribute.get_replica_context().replica_id_in_sync_group)
+        if replica_id is None:
+            raise NotImplementedError(
+                "KFAC(distributed_inverses=True) needs the replica id at trace "
+                f"time, which {type(strategy).__name__} does not provide; use "
+                "distributed_inverses=False.")
+        parts, flags = [], []
+        for block, owner, state in zip(blocks, owners, states):
+            if owner == replica_id:
+                flags.append(tf.cast(guards.decompose_blocks([block], damping)[0], tf.float32))
+                parts.extend(tf.convert_to_tensor(v) for v in state)
+            else:
+                flags.append(tf.constant(0.0))
+                parts.extend(tf.zeros(v.shape, v.dtype) for v in state)
+        return pack(parts + [tf.stack(flags)])
+
+    per_replica = strategy.extended.call_for_each_replica(decompose_own_blocks, args=(damping,))
+    variables = [v for state in states for v in state]
+    shapes = [v.shape for v in variables] + [(len(blocks),)]
+    *values, flags = unpack(sum_over_replicas(strategy, per_replica), shapes)
+    for variable, value in zip(variables, values):
+        variable.assign(tf.cast(value, variable.dtype))
+    succeeded = tf.reduce_all(flags > 0.5)
+    guards.raise_damping_unless(optimizer, succeeded)
+    return succeeded

@@ -174,6 +174,7 @@ CONFIGURATIONS = {
     "cholesky": ({}, 2),
     "eigh": ({"inverse_method": "eigh"}, 2),
     "tridiagonal": ({"approximation": "tridiagonal"}, 3),
+    "distributed_inverses": ({"distributed_inverses": True}, 4),
     "l2_norm_constraint_weight_decay": (
         {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
 }

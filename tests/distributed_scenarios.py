@@ -346,6 +346,84 @@ def scenario_multiworker(directory, timeout):
         assert_same_state(expected, load_state(path), f"multiworker/worker{index}")
 
 
+RESUME_EPOCHS = 3
+
+
+def scenario_mirrored_resume_worker(backup_dir, output_path, kill_after_steps):
+    """`fit` under MirroredStrategy(2 CPUs) with `BackupAndRestore` (saved at
+    each epoch end) and KFACCallback; with `kill_after_steps` > 0 the process
+    SIGKILLs itself after that many steps, else it trains to the end and
+    saves the state."""
+    import signal
+
+    import keras
+    import kfac_keras
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+    class KillAfter(keras.callbacks.Callback):
+        def __init__(self, steps):
+            super().__init__()
+            self.steps, self.seen = steps, 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.seen += 1
+            if self.seen == self.steps:
+                print("KILLING", flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    x, y = data()
+    with strategy.scope():
+        model, optimizer = build({})
+        callbacks = [keras.callbacks.BackupAndRestore(backup_dir, delete_checkpoint=False),
+                     kfac_keras.KFACCallback(verbose=0)]
+        if kill_after_steps:
+            callbacks.append(KillAfter(kill_after_steps))
+        history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=RESUME_EPOCHS,
+                            shuffle=False, verbose=0, callbacks=callbacks)
+    print("EPOCHS_TRAINED", len(history.history["loss"]), flush=True)
+    save_state(output_path, state(model, optimizer))
+
+
+def scenario_mirrored_resume(directory, kill_after_steps, timeout):
+    """Kill-and-resume: a 2-replica `fit` is SIGKILLed mid-epoch after
+    `kill_after_steps` steps, restarted (BackupAndRestore restores the last
+    epoch-end backup), and must end with the state of an uninterrupted
+    single-device `fit` on the same data order."""
+    backup_dir = os.path.join(directory, "backup")
+    output = os.path.join(directory, "resumed.npz")
+
+    def run(kill):
+        return subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "mirrored_resume_worker",
+             json.dumps(backup_dir), json.dumps(output), json.dumps(kill)],
+            capture_output=True, text=True, timeout=timeout,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+    killed = run(kill_after_steps)
+    assert killed.returncode == -9 and "KILLING" in killed.stdout, (
+        killed.returncode, killed.stdout[-2000:] + killed.stderr[-3000:])
+    assert not os.path.exists(output)
+    assert os.path.exists(os.path.join(backup_dir, "training_metadata.json"))
+    print("PASS resume/killed", flush=True)
+    resumed = run(0)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    # Killed in epoch `kill_after_steps // STEPS`; resumed from the backup
+    # made at the end of the epoch before it.
+    remaining = RESUME_EPOCHS - kill_after_steps // STEPS
+    assert f"EPOCHS_TRAINED {remaining}" in resumed.stdout, resumed.stdout
+
+    import kfac_keras
+    model, optimizer = build({})
+    x, y = data()
+    model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=RESUME_EPOCHS, shuffle=False, verbose=0,
+              callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    expected = state(model, optimizer)
+    assert expected["optimizer/kfac/iteration"] == RESUME_EPOCHS * STEPS
+    assert_same_state(expected, load_state(output), "resume/final_state")
+
+
 if __name__ == "__main__":
     scenario = sys.argv[1]
     arguments = [json.loads(a) for a in sys.argv[2:]]

@@ -168,6 +168,7 @@ class KFACTrainStep:
                                         self.loss_scale_optimizer is not None, jit_compile)
         self.model = model
         self.optimizer = optimizer
+        self._strategy = strategy
         with distributed.variable_scope(strategy):
             if self.loss_scale_optimizer is not None and not self.loss_scale_optimizer.built:
                 with keras.name_scope(self.loss_scale_optimizer.name,
@@ -360,6 +361,11 @@ class KFACTrainStep:
         a multi-replica strategy, `loss` is this replica's share (Keras
         divides it by the number of replicas; their sum is the global loss)."""
         if distributed.in_multi_replica_context():
+            if self._strategy is None:
+                raise RuntimeError(
+                    "This K-FAC step was built without a multi-replica strategy "
+                    "but is running inside one; build the model and the step "
+                    "inside `strategy.scope()`.")
             return self._run_replica(x, y, sample_weight)
         self.optimizer.begin_step()
         y_pred, loss, grads, updated, ok = self._gradients_and_statistics(x, y, sample_weight)

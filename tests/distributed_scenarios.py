@@ -424,6 +424,105 @@ def scenario_mirrored_resume(directory, kill_after_steps, timeout):
     assert_same_state(expected, load_state(output), "resume/final_state")
 
 
+RESUME_SAVE_EVERY = 4
+
+
+def scenario_multiworker_resume_worker(directory, kill_after_steps):
+    """One worker of a 2-worker MultiWorkerMirroredStrategy custom loop over
+    `RESUME_EPOCHS` epochs, restoring the latest `tf.train.Checkpoint` of the
+    chief (worker 0) if there is one and saving one every
+    `RESUME_SAVE_EVERY` steps (the chief into `directory/chief`, the other
+    worker into its own directory, as every worker must save). With
+    `kill_after_steps` > 0 the worker SIGKILLs itself after that many steps of
+    this run; at the end each worker saves its state to
+    `directory/final<index>.npz`."""
+    import signal
+
+    import kfac_keras
+    import tensorflow as tf
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    index = strategy.cluster_resolver.task_id
+    with strategy.scope():
+        model, optimizer = build({})
+    step = kfac_keras.make_train_step(model, optimizer)
+
+    @tf.function
+    def distributed_step(x, y):
+        return strategy.run(step, args=(x, y))
+
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
+    chief_directory = os.path.join(directory, "chief")
+    latest = tf.train.latest_checkpoint(chief_directory)
+    if latest is not None:
+        checkpoint.restore(latest).assert_existing_objects_matched()
+    manager = tf.train.CheckpointManager(
+        checkpoint, chief_directory if index == 0 else os.path.join(directory, f"worker{index}"),
+        max_to_keep=2)
+    first = int(optimizer.iterations.numpy())
+    print("STARTING_AT", first, flush=True)
+    batches = loop_batches(*data())
+    share = GLOBAL_BATCH // strategy.num_replicas_in_sync
+    for number in range(first, RESUME_EPOCHS * STEPS):
+        x, y = batches[number % STEPS]
+
+        def replica_slice(context, x=x, y=y):
+            start = context.replica_id_in_sync_group * share
+            return x[start:start + share], y[start:start + share]
+
+        distributed_step(*strategy.experimental_distribute_values_from_function(replica_slice))
+        if (number + 1) % RESUME_SAVE_EVERY == 0:
+            manager.save()
+        if kill_after_steps and number + 1 - first == kill_after_steps:
+            print("KILLING", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    save_state(os.path.join(directory, f"final{index}.npz"), state(model, optimizer))
+
+
+def scenario_multiworker_resume(directory, kill_after_steps, timeout):
+    """Kill-and-resume with 2 loopback workers: worker 1 SIGKILLs itself after
+    `kill_after_steps` steps; the job (both workers) is then stopped and
+    restarted, resumes from the chief's last checkpoint and must end with the
+    state of an uninterrupted single-process run."""
+
+    def start(kill, ports):
+        return [subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "multiworker_resume_worker",
+             json.dumps(directory), json.dumps(kill if index == 1 else 0)],
+            env=worker_environment(ports, index), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True) for index in range(2)]
+
+    workers = start(kill_after_steps, free_ports(2))
+    try:
+        log, _ = workers[1].communicate(timeout=timeout)
+        assert workers[1].returncode == -9 and "KILLING" in log, (workers[1].returncode, log[-4000:])
+    finally:
+        for worker in workers:  # the job restarts: stop the surviving worker too
+            if worker.poll() is None:
+                worker.kill()
+            worker.communicate()
+    assert os.path.exists(os.path.join(directory, "chief", "checkpoint"))
+    print("PASS multiworker_resume/killed", flush=True)
+
+    workers = start(0, free_ports(2))
+    try:
+        logs = [worker.communicate(timeout=timeout)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
+    for worker, log in zip(workers, logs):
+        assert worker.returncode == 0, log[-5000:]
+        resumed_at = RESUME_SAVE_EVERY * (kill_after_steps // RESUME_SAVE_EVERY)
+        assert f"STARTING_AT {resumed_at}" in log, log[-3000:]
+
+    x, y = data()
+    expected = state(*train_single({}, "loop", loop_batches(x, y) * RESUME_EPOCHS))
+    for index in range(2):
+        assert_same_state(expected, load_state(os.path.join(directory, f"final{index}.npz")),
+                          f"multiworker_resume/worker{index}")
+
+
 if __name__ == "__main__":
     scenario = sys.argv[1]
     arguments = [json.loads(a) for a in sys.argv[2:]]

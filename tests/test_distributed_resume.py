@@ -10,9 +10,13 @@ variable (momentum, damping, counters, factors, inverses) of an
 uninterrupted single-device `fit` on the same data order (`rtol=1e-4,
 atol=1e-6`; see `tests/distributed_scenarios.py`).
 
-A two-worker `MultiWorkerMirroredStrategy` version is not possible with
-Keras 3 `fit`, which fails under that strategy for any optimizer
-(tensorflow/tensorflow#72388, keras-team/keras#20585).
+Keras 3 `fit` fails under `MultiWorkerMirroredStrategy` for any optimizer
+(tensorflow/tensorflow#72388, keras-team/keras#20585), so the two-worker
+version uses the custom loop with `tf.train.Checkpoint` /
+`CheckpointManager` (every 4 steps; the chief's directory is the one
+restored): worker 1 of 2 loopback workers SIGKILLs itself after 6 steps, the
+job (both workers) is stopped and restarted, resumes at step 4 and must end
+(after 24 steps) with the single-process uninterrupted state, same tolerance.
 """
 
 from distributed_scenarios import run_scenario
@@ -26,3 +30,11 @@ def test_killed_fit_resumes_to_the_uninterrupted_state(tmp_path):
                           PROCESS_TIMEOUT, timeout=3 * PROCESS_TIMEOUT)
     assert "PASS resume/killed" in output, output
     assert "PASS resume/final_state" in output, output
+
+
+def test_killed_multiworker_job_resumes_to_the_uninterrupted_state(tmp_path):
+    output = run_scenario("multiworker_resume", str(tmp_path), 6, PROCESS_TIMEOUT,
+                          timeout=3 * PROCESS_TIMEOUT)
+    assert "PASS multiworker_resume/killed" in output, output
+    for index in range(2):
+        assert f"PASS multiworker_resume/worker{index}" in output, output

@@ -55,12 +55,14 @@ run the three are within noise).
 Equivalence with one device on the same global batches (tested in
 `tests/test_distributed_mirrored.py` and `tests/test_distributed_multiworker.py`):
 exact up to float32 summation order when the global batch splits evenly over
-the replicas and `statistics_fraction=1`. Blocks whose estimate is an
-average over examples (Kronecker factors of Dense, convolution, embedding
-and normalization layers, the tridiagonal cross factors) get the global-batch
-average. `DiagonalBlock`'s estimate is the square of the summed sampled
-gradient; its replicas' squares are averaged, which has the same expectation
-but is not the single-device value.
+the replicas and `statistics_fraction=1`. That holds for every block whose
+estimate is a mean of per-example (or per-location) terms, because the
+replicas' estimates are averaged weighted by their example counts; the tests
+cover Dense Kronecker blocks and the tridiagonal blocks. `DiagonalBlock`'s
+estimate is the square of the summed sampled gradient; its replicas' squares
+are averaged, which has the same expectation but is not the single-device
+value. Per-replica model state such as BatchNormalization's moving
+statistics follows Keras's own rules under the strategy.
 
 Not supported with more than one replica (NotImplementedError when the step
 is built, before any K-FAC state is created; see `check_supported`): the
@@ -73,7 +75,9 @@ outside XLA).
 TPU readiness: the step has no `py_function`, host callbacks or Python
 control flow on tensor values, and shapes are static; it was run on CPU only
 (`MirroredStrategy` over logical CPU devices, `MultiWorkerMirroredStrategy`
-over loopback), never on a TPU.
+over loopback), never on a TPU. `distributed_inverses=True` needs the
+replica id as a trace-time constant (true for the two strategies above; a
+strategy without it gets a NotImplementedError at the first decomposition).
 """
 
 import contextlib

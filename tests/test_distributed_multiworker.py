@@ -13,11 +13,18 @@ Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy for any
 optimizer (tensorflow/tensorflow#72388, keras-team/keras#20585: it reduces
 scalar logs along axis 0), so the multi-worker test uses the custom loop;
 `fit` with `KFACCallback` is tested under MirroredStrategy.
+
+Kill-and-resume: the same custom loop over 3 epochs with `tf.train.Checkpoint`
+/ `CheckpointManager` every 4 steps (the chief's directory is the one
+restored; `BackupAndRestore` needs `fit`); worker 1 SIGKILLs itself after 6
+steps, the job (both workers) is stopped and restarted, must resume at step
+4 and end (after 24 steps) with the single-process uninterrupted state, same
+tolerance.
 """
 
 from distributed_scenarios import run_scenario
 
-WORKER_TIMEOUT = 100  # seconds, per worker
+WORKER_TIMEOUT = 100  # seconds, per worker process
 
 
 def test_two_workers_match_one_process(tmp_path):
@@ -25,3 +32,11 @@ def test_two_workers_match_one_process(tmp_path):
                           timeout=WORKER_TIMEOUT + 20)
     assert "PASS multiworker/worker0" in output, output
     assert "PASS multiworker/worker1" in output, output
+
+
+def test_killed_multiworker_job_resumes_to_the_uninterrupted_state(tmp_path):
+    output = run_scenario("multiworker_resume", str(tmp_path), 6, WORKER_TIMEOUT,
+                          timeout=2 * WORKER_TIMEOUT + 20)
+    assert "PASS multiworker_resume/killed" in output, output
+    for index in range(2):
+        assert f"PASS multiworker_resume/worker{index}" in output, output

@@ -149,10 +149,11 @@ def train_mirrored(strategy, options, mode, batches, layers=2):
         return model, optimizer
     step = kfac_keras.make_train_step(model, optimizer)
 
-    @tf.function
     def distributed_step(x, y):
         return strategy.run(step, args=(x, y))
 
+    if mode != "eager":
+        distributed_step = tf.function(distributed_step)
     for x, y in batches:
         share = len(x) // strategy.num_replicas_in_sync
 
@@ -181,16 +182,17 @@ CONFIGURATIONS = {
 
 
 def scenario_mirrored_equivalence(names):
-    """Fit and custom loop under MirroredStrategy(2 CPUs) == one device."""
+    """Fit and custom loop (in a tf.function, and eagerly for the default
+    configuration) under MirroredStrategy(2 CPUs) == one device."""
     import tensorflow as tf
     configure_logical_cpus(2)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x, y = data()
     for name in names:
         options, layers = CONFIGURATIONS[name]
-        for mode in ("loop", "fit"):
-            if mode == "fit" and name != "cholesky":
-                continue  # fit and the loop share the step; one fit run suffices
+        for mode in ("loop", "fit", "eager"):
+            if mode != "loop" and name != "cholesky":
+                continue  # the modes share the step; one run of fit and eager suffices
             batches = (x, y) if mode == "fit" else loop_batches(x, y)
             expected = state(*train_single(options, mode, batches, layers))
             actual = state(*train_mirrored(strategy, options, mode, batches, layers))

@@ -16,11 +16,12 @@ from distributed_scenarios import run_scenario
 
 
 def test_two_replicas_match_one_device_fit_and_custom_loop():
-    """Custom loop (`strategy.run(make_train_step(...))`) and `fit` with
-    `KFACCallback`, default options (Cholesky inverses)."""
+    """Custom loop (`strategy.run(make_train_step(...))` in a `tf.function`,
+    and eagerly) and `fit` with `KFACCallback`, default options (Cholesky
+    inverses)."""
     output = run_scenario("mirrored_equivalence", ["cholesky"])
-    assert "PASS cholesky/loop" in output, output
-    assert "PASS cholesky/fit" in output, output
+    for mode in ("loop", "fit", "eager"):
+        assert f"PASS cholesky/{mode}" in output, output
 
 
 def test_inf_in_one_replica_skips_the_step_on_both():

@@ -240,6 +240,35 @@ def scenario_mirrored_guard():
     actual = state(model, optimizer)
     assert_same_state(expected, actual, "guard/final_state")
 
+    # BatchNormalization's moving statistics, written by each replica's
+    # forward pass, are put back on every replica when the step is skipped.
+    import keras
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6),
+                                  keras.layers.BatchNormalization(),
+                                  keras.layers.Activation("tanh"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        optimizer = kfac_keras.KFAC(seed=0, cov_update_every=2, inv_update_every=4)
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    step = kfac_keras.make_train_step(model, optimizer)
+
+    @tf.function
+    def batchnorm_step(x, y):
+        return strategy.run(step, args=(x, y))
+
+    def moving_statistics():
+        return [copy.numpy() for v in model.non_trainable_weights for copy in v.value.values]
+
+    for index, (xb, yb) in enumerate(batches[:bad_step + 2]):
+        before = moving_statistics()
+        for xs, ys in strategy.experimental_distribute_dataset(
+                tf.data.Dataset.from_tensors((xb, yb))):
+            batchnorm_step(xs, ys)
+        unchanged = all(np.array_equal(a, b) for a, b in zip(before, moving_statistics()))
+        assert unchanged == (index == bad_step), (index, unchanged)
+    assert int(optimizer.skipped_steps.numpy()) == 1
+    print("PASS guard/batchnorm_statistics_restored", flush=True)
+
 
 def scenario_mirrored_unsupported():
     """Options K-FAC cannot run with under 2 replicas raise

@@ -10,6 +10,11 @@ factors, decompositions) agree to `rtol=1e-4, atol=1e-6`, and the two
 replicas' copies of every variable are identical. Fisher targets are
 sampled, so the factors agree only because each replica samples with its
 global example indices.
+
+The guard test puts an Inf in the second replica's half of a statistics-step
+batch: the step is skipped on both replicas (no variable changes, including
+BatchNormalization's moving statistics; `skipped_steps` = 1), and the run
+ends like the single-device run that skips the same batch.
 """
 
 from distributed_scenarios import run_scenario
@@ -28,6 +33,7 @@ def test_inf_in_one_replica_skips_the_step_on_both():
     output = run_scenario("mirrored_guard")
     assert "PASS guard/bad_step_changes_nothing" in output, output
     assert "PASS guard/final_state" in output, output
+    assert "PASS guard/batchnorm_statistics_restored" in output, output
 
 
 def test_unsupported_options_are_refused_before_any_state():

@@ -2,6 +2,7 @@
 
 import keras
 
+from kfac_keras import distributed
 from kfac_keras.optimizer import KFAC
 from kfac_keras.training import KFACTrainStep
 
@@ -27,8 +28,9 @@ class KFACCallback(keras.callbacks.Callback):
     wraps KFAC in a `keras.optimizers.LossScaleOptimizer`; the callback
     trains the wrapped KFAC and keeps the dynamic loss scaling
     (`KFACTrainStep`). Under a `tf.distribute` strategy with more than one
-    replica, `fit` raises NotImplementedError (not supported yet; see
-    `kfac_keras.training.check_single_replica`).
+    replica (compile and fit inside `strategy.scope()`), the step all-reduces
+    gradients every step and factor statistics every `cov_update_every`
+    steps (`kfac_keras.distributed`) and runs without XLA.
 
     Args:
         verbose: 0 or 1; with 1 (default) print the registration report the
@@ -58,7 +60,8 @@ class KFACCallback(keras.callbacks.Callback):
         self._requested_jit = bool(model.jit_compile)
         step = KFACTrainStep(
             model, model.optimizer,
-            jit_compile=self._requested_jit and not model.run_eagerly)
+            jit_compile=(self._requested_jit and not model.run_eagerly
+                         and distributed.multi_replica_strategy(model) is None))
         if self.verbose and first_time:
             print(optimizer.registration.report())
         model.train_step = step.keras_train_step

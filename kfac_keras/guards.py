@@ -250,12 +250,26 @@ def guarded_update_inverses(optimizer, damping):
         A scalar bool tensor, True if every block was decomposed. When one
         failed, `optimizer.damping` was raised (see `raised_damping`).
     """
-    results = [_guarded_block_inverses(block, damping)
-               for block in optimizer.registration.blocks]
-    succeeded = tf.reduce_all(tf.stack(results)) if results else tf.constant(True)
+    succeeded = all_true(decompose_blocks(optimizer.registration.blocks, damping))
+    raise_damping_unless(optimizer, succeeded)
+    return succeeded
+
+
+def decompose_blocks(blocks, damping):
+    """Decomposes `blocks` (a failed block keeps its previous decomposition);
+    returns one scalar bool tensor per block, True if it was decomposed."""
+    return [_guarded_block_inverses(block, damping) for block in blocks]
+
+
+def all_true(flags):
+    """Scalar bool tensor: every flag in the list is True (True if empty)."""
+    return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
+
+
+def raise_damping_unless(optimizer, succeeded):
+    """Applies `raised_damping` to `optimizer.damping` unless `succeeded`."""
     current = tf.convert_to_tensor(optimizer.damping)
     optimizer.damping.assign(tf.where(succeeded, current, raised_damping(current)))
-    return succeeded
 
 
 def guarded_apply(optimizer, model_variables, ok, apply_fn):

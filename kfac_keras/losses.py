@@ -99,12 +99,17 @@ class PredictiveDistribution:
         return scale
 
     # -- targets ----------------------------------------------------------
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         """Targets drawn from the model's predictive distribution.
 
         Args:
             y_pred: the model output.
             seed: a shape-(2,) int32 tensor for stateless sampling.
+            first_example: int scalar (tensor), the index of `y_pred`'s first
+                example in the global batch. Defaults to 0. Each example's
+                draw depends only on `(seed, its global index)`, so replicas
+                holding consecutive slices of a batch draw what one device
+                draws for the whole batch.
         """
         raise NotImplementedError
 
@@ -142,6 +147,14 @@ def _to_float(x):
     return tf.cast(x, tf.float32)
 
 
+def _first_index(values, first_example):
+    """Index of the first element of `values` (examples along axis 0, in
+    row-major order) in the global batch whose example `first_example` is
+    `values[0]`."""
+    per_example = tf.reduce_prod(tf.shape(values)[1:])
+    return tf.cast(first_example, tf.int32) * per_example
+
+
 class Categorical(PredictiveDistribution):
     """Softmax cross-entropy: categorical distribution over the last axis.
 
@@ -166,11 +179,11 @@ class Categorical(PredictiveDistribution):
         probs = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
         return tf.math.log(tf.clip_by_value(probs, _EPSILON, 1.0 - _EPSILON))
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         log_probs = tf.stop_gradient(self._log_probs(y_pred))
         num_classes = log_probs.shape[-1]
         flat = tf.reshape(log_probs, [-1, num_classes])
-        labels = sampling.categorical(flat, seed)
+        labels = sampling.categorical(flat, seed, _first_index(log_probs, first_example))
         one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
         return tf.reshape(one_hot, tf.shape(log_probs))
 
@@ -213,9 +226,9 @@ class Bernoulli(PredictiveDistribution):
             return tf.sigmoid(y_pred)
         return tf.clip_by_value(y_pred, _EPSILON, 1.0 - _EPSILON)
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         probs = tf.stop_gradient(self._probs(y_pred))
-        uniform = sampling.uniform(tf.shape(probs), seed)
+        uniform = sampling.uniform(tf.shape(probs), seed, _first_index(probs, first_example))
         return tf.cast(uniform < probs, tf.float32)
 
     def empirical_targets(self, y_true, y_pred):
@@ -251,9 +264,10 @@ class Gaussian(PredictiveDistribution):
     def _averaged_axes(self, y_pred):
         return list(y_pred.shape[1:])
 
-    def sample_targets(self, y_pred, seed):
+    def sample_targets(self, y_pred, seed, first_example=0):
         mean = tf.stop_gradient(_to_float(y_pred))
-        return mean + tf.sqrt(0.5) * sampling.normal(tf.shape(mean), seed)
+        return mean + tf.sqrt(0.5) * sampling.normal(
+            tf.shape(mean), seed, _first_index(mean, first_example))
 
     def empirical_targets(self, y_true, y_pred):
         return tf.stop_gradient(tf.reshape(_to_float(y_true), tf.shape(y_pred)))

@@ -30,14 +30,24 @@ Mixed precision: with a `keras.optimizers.LossScaleOptimizer` around KFAC
 (what `model.compile` makes under `"mixed_float16"`), part 1 scales the loss
 by the dynamic scale, unscales the gradients before the guard and updates
 the scale with Keras's rule; the statistics objective is never scaled, and
-the K-FAC state stays float32. Multi-replica `tf.distribute` strategies are
-refused (`check_single_replica`).
+the K-FAC state stays float32.
+
+Multi-replica `tf.distribute` strategies (`MirroredStrategy`,
+`MultiWorkerMirroredStrategy`; `fit` inside `strategy.scope()`, or
+`strategy.run(step, ...)` in a custom loop): each replica runs the forward
+pass and its gradients on its slice of the global batch, then one
+`merge_call` runs the rest of the step once in cross-replica context, with
+gradients all-reduced every step and factor statistics every
+`cov_update_every` steps (`kfac_keras.distributed`, which also states the
+communication volume and what is not supported). The result equals a
+single-device step on the same global batch.
 """
 
 import keras
 import tensorflow as tf
 from keras.src.losses import loss as keras_loss_module
 
+from kfac_keras import distributed
 from kfac_keras import guards
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
@@ -51,34 +61,6 @@ def _single_output(y_pred):
             "K-FAC supports models with a single output tensor; the model "
             f"returned {type(y_pred).__name__}.")
     return y_pred
-
-
-def check_single_replica(model):
-    """Raises NotImplementedError under a `tf.distribute` strategy with more
-    than one replica (the model's or the current one).
-
-    K-FAC's step keeps its periodic work (factor statistics, decompositions,
-    the non-finite guards) inside `tf.cond`s; under `MirroredStrategy` on CPU
-    every cross-replica reduction and every Keras optimizer update is a
-    `merge_call`, which TensorFlow does not allow inside a `tf.cond` branch,
-    and the factor statistics would need an all-reduce there. Until that is
-    supported, a multi-replica run is refused up front rather than failing
-    deep inside the first step.
-    """
-    strategies = [tf.distribute.get_strategy()]
-    model_strategy = getattr(model, "distribute_strategy", None)
-    if model_strategy is not None:
-        strategies.append(model_strategy)
-    for strategy in strategies:
-        replicas = strategy.num_replicas_in_sync
-        if replicas > 1:
-            raise NotImplementedError(
-                f"K-FAC does not support tf.distribute strategies with more than "
-                f"one replica yet; received {type(strategy).__name__} with "
-                f"{replicas} replicas. Its statistics, decompositions and "
-                "non-finite guards run inside tf.cond, where MirroredStrategy "
-                "cannot all-reduce or update mirrored variables (merge_call). "
-                "Train on a single device.")
 
 
 def _unscale_gradients(grads, scale):
@@ -112,6 +94,21 @@ def _update_loss_scale(loss_scale_optimizer, batch_ok):
                             tf.zeros_like(tf.convert_to_tensor(counter))))
 
 
+class _ForwardPass:
+    """What the forward pass leaves for the rest of the step: the output, the
+    (unscaled) loss, its gradients, the persistent tape and captures for the
+    sampled backward pass, the statistics objective and its subset size."""
+
+    def __init__(self, y_pred, loss, grads, tape, records, objective, subset):
+        self.y_pred = y_pred
+        self.loss = loss
+        self.grads = grads
+        self.tape = tape
+        self.records = records
+        self.objective = objective
+        self.subset = subset
+
+
 class KFACTrainStep:
     """A callable K-FAC training step for a model and its KFAC optimizer.
 
@@ -125,8 +122,10 @@ class KFACTrainStep:
             `model.compile` makes of it under the `"mixed_float16"` policy;
             the step then scales the loss, unscales the gradients before the
             non-finite guard and updates the dynamic scale like Keras does).
-            Defaults to `model.optimizer`. Raises NotImplementedError under a
-            `tf.distribute` strategy with more than one replica.
+            Defaults to `model.optimizer`. Under a `tf.distribute` strategy
+            with more than one replica, options that cannot run there raise
+            NotImplementedError before any K-FAC state is created
+            (`kfac_keras.distributed.check_supported`).
         loss: the loss, as accepted by `kfac_keras.losses.distribution_for_loss`
             (string, Keras loss object or function). Defaults to the loss
             given to `model.compile`, evaluated through Keras (so
@@ -136,7 +135,6 @@ class KFACTrainStep:
 
     def __init__(self, model, optimizer=None, loss=None, jit_compile=False):
         optimizer = optimizer if optimizer is not None else getattr(model, "optimizer", None)
-        check_single_replica(model)
         # mixed_float16: `model.compile` wraps the optimizer in a
         # LossScaleOptimizer; K-FAC keeps its dynamic loss scaling (scale the
         # loss, unscale the gradients, halve the scale on a non-finite batch,
@@ -145,10 +143,6 @@ class KFACTrainStep:
         self.loss_scale_optimizer = None
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             self.loss_scale_optimizer = optimizer
-            if not optimizer.built:
-                with keras.name_scope(optimizer.name, caller=optimizer):
-                    optimizer.build(model.trainable_variables)
-                optimizer.built = True
             optimizer = optimizer.inner_optimizer
         if not isinstance(optimizer, KFAC):
             raise TypeError(
@@ -168,9 +162,20 @@ class KFACTrainStep:
         self.distribution = losses_lib.distribution_for_loss(loss)
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
+        strategy = distributed.multi_replica_strategy(model)
+        if strategy is not None:
+            distributed.check_supported(strategy, optimizer, self.distribution,
+                                        self.loss_scale_optimizer is not None, jit_compile)
         self.model = model
         self.optimizer = optimizer
-        self.registration = optimizer.attach(model)
+        self._strategy = strategy
+        with distributed.variable_scope(strategy):
+            if self.loss_scale_optimizer is not None and not self.loss_scale_optimizer.built:
+                with keras.name_scope(self.loss_scale_optimizer.name,
+                                      caller=self.loss_scale_optimizer):
+                    self.loss_scale_optimizer.build(model.trainable_variables)
+                self.loss_scale_optimizer.built = True
+            self.registration = optimizer.attach(model)
         self.jit_compile = jit_compile
         if jit_compile:
             self._gradients_and_statistics = tf.function(
@@ -189,11 +194,13 @@ class KFACTrainStep:
                 x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
         value = self._loss_fn(y, y_pred, sample_weight=sample_weight)
         if self.model.losses:
-            value = value + tf.add_n([tf.cast(l, value.dtype) for l in self.model.losses])
+            value = value + keras_loss_module.scale_loss_for_distribution(
+                tf.add_n([tf.cast(l, value.dtype) for l in self.model.losses]))
         return value
 
-    def _statistics_objective(self, y, y_pred, sample_weight):
-        """`sum_n sqrt(c_n) NLL_n` over the statistics subset, and its size."""
+    def _statistics_objective(self, y, y_pred, sample_weight, first_example):
+        """`sum_n sqrt(c_n) NLL_n` over the statistics subset, and its size.
+        `first_example`: index of `y_pred[0]` in the global batch."""
         optimizer = self.optimizer
         batch = tf.shape(y_pred)[0]
         subset = tf.cast(tf.math.ceil(
@@ -202,17 +209,17 @@ class KFACTrainStep:
         scale = self.distribution.per_example_scale(y_pred, sample_weight)[:subset]
         y_subset = y_pred[:subset]
         if optimizer.estimation_mode == "fisher":
-            targets = self.distribution.sample_targets(y_subset, optimizer.sampling_seed())
+            targets = self.distribution.sample_targets(
+                y_subset, optimizer.sampling_seed(), first_example)
         else:
             targets = self.distribution.empirical_targets(y[:subset], y_subset)
         nll = self.distribution.per_example_nll(targets, y_subset)
         return tf.reduce_sum(tf.sqrt(scale) * nll), subset
 
-    def _gradients_and_statistics_impl(self, x, y, sample_weight):
+    def _forward(self, x, y, sample_weight, first_example=0):
+        """Forward pass with captures, loss and gradients (of this replica's
+        slice of the batch under a strategy); see `_ForwardPass`."""
         model, optimizer, registration = self.model, self.optimizer, self.registration
-        variables = model.trainable_variables
-        frozen = model.non_trainable_variables  # put back if the step is skipped
-        frozen_values = guards.read_values(frozen)
         with tf.GradientTape(persistent=True) as tape:
             with registration.capture() as recorder:
                 y_pred = _single_output(model(x, training=True))
@@ -221,67 +228,145 @@ class KFACTrainStep:
                 scaled_loss = self.loss_scale_optimizer.scale_loss(loss)
             else:
                 scaled_loss = optimizer.scale_loss(loss)
-            objective, subset = self._statistics_objective(y, y_pred, sample_weight)
-        grads = tape.gradient(scaled_loss, variables)
+            objective, subset = self._statistics_objective(
+                y, y_pred, sample_weight, first_example)
+        grads = tape.gradient(scaled_loss, model.trainable_variables)
         if self.loss_scale_optimizer is not None:
             grads = _unscale_gradients(grads, self.loss_scale_optimizer.dynamic_scale)
-
         records = {id(b): registration_lib.block_captures(b, recorder)
                    for b in registration.capture_blocks}
         for block in registration.capture_blocks:
             if hasattr(block, "verify_captures"):  # multi-layer blocks (Dense chains)
                 block.verify_captures(recorder)
+        return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
+
+    def _block_inputs(self, forward):
+        """The sampled objective's backward pass: `(captures, sampled_grads)`
+        per block, as `KFAC.update_statistics` takes them."""
+        registration = self.registration
+        sources = []
+        for block in registration.blocks:
+            if block.needs_capture:
+                sources.extend(pre for _, pre in forward.records[id(block)])
+            elif block.kind != "identity":
+                sources.extend(block.variables)
+        sampled = forward.tape.gradient(forward.objective, sources,
+                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        subset = forward.subset
+        position = 0
+        block_inputs = []
+        for block in registration.blocks:
+            if block.needs_capture:
+                uses = forward.records[id(block)]
+                captures = [(inputs[:subset], g[:subset])
+                            for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
+                position += len(uses)
+                block_inputs.append((captures, None))
+            elif block.kind != "identity":
+                count = len(block.variables)
+                block_inputs.append((None, sampled[position:position + count]))
+                position += count
+            else:
+                block_inputs.append((None, None))
+        return block_inputs
+
+    def _gradients_and_statistics_impl(self, x, y, sample_weight):
+        optimizer = self.optimizer
+        frozen = self.model.non_trainable_variables  # put back if the step is skipped
+        frozen_values = guards.read_values(frozen)
+        forward = self._forward(x, y, sample_weight)
 
         def update_statistics():
-            sources = []
-            for block in registration.blocks:
-                if block.needs_capture:
-                    sources.extend(pre for _, pre in records[id(block)])
-                elif block.kind != "identity":
-                    sources.extend(block.variables)
-            sampled = tape.gradient(objective, sources,
-                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            position = 0
-            block_inputs = []
-            for block in registration.blocks:
-                if block.needs_capture:
-                    uses = records[id(block)]
-                    captures = [(inputs[:subset], g[:subset])
-                                for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
-                    position += len(uses)
-                    block_inputs.append((captures, None))
-                elif block.kind != "identity":
-                    count = len(block.variables)
-                    block_inputs.append((None, sampled[position:position + count]))
-                    position += count
-                else:
-                    block_inputs.append((None, None))
-            optimizer.update_curvature(block_inputs, tf.cast(subset, tf.float32))
+            optimizer.update_curvature(self._block_inputs(forward),
+                                       tf.cast(forward.subset, tf.float32))
             return tf.constant(True)
 
         # Non-finite guard: a bad batch or bad statistics skip the step.
-        batch_ok = guards.batch_is_finite(loss, grads)
+        batch_ok = guards.batch_is_finite(forward.loss, forward.grads)
         if self.loss_scale_optimizer is not None:
             _update_loss_scale(self.loss_scale_optimizer, batch_ok)
         updated, ok = guards.guarded_statistics_update(
             optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
         guards.restore_if_skipped(ok, frozen, frozen_values)
-        del tape
-        return y_pred, loss, grads, updated, ok
+        return forward.y_pred, forward.loss, forward.grads, updated, ok
 
     def _apply_impl(self, grads, ok, x, y, sample_weight, loss):
-        variables = self.model.trainable_variables
-        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         batch = quadratic_model.BatchQuadraticModel(
             self.model, self.distribution, x, y, sample_weight, self._loss)
+        self._guarded_update(grads, ok, batch, loss)
+
+    def _guarded_update(self, grads, ok, batch, loss):
+        variables = self.model.trainable_variables
+        pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         guards.guarded_apply(  # skipped unless ok; undone if the result is non-finite
             self.optimizer, variables, ok,
             lambda: self.optimizer.apply_step([g for g, _ in pairs], [v for _, v in pairs],
                                               batch=batch, loss=loss))
 
+    # ------------------------------------------------- multi-replica step
+    def _run_replica(self, x, y, sample_weight):
+        """One step in a replica context of a multi-replica strategy (see
+        `kfac_keras.distributed`): local forward pass, then one `merge_call`."""
+        frozen_values = guards.read_values(self.model.non_trainable_variables)
+        first_input = next(i for i in tf.nest.flatten(x) if i is not None)
+        forward = self._forward(x, y, sample_weight, distributed.first_global_example(
+            tf.shape(first_input)[0]))
+        present = [g for g in forward.grads if g is not None]
+        packed = distributed.pack([forward.loss] + present)
+        tf.distribute.get_replica_context().merge_call(
+            self._cross_replica_update, args=(forward, packed, frozen_values))
+        return forward.y_pred, forward.loss
+
+    def _replica_estimates(self, forward):
+        """This replica's new factor estimates, packed and multiplied by its
+        number of statistics examples, followed by that number."""
+        num_examples = tf.cast(forward.subset, tf.float32)
+        pairs = self.optimizer.record_estimates(self._block_inputs(forward), num_examples)
+        self._estimated_variables = [variable for variable, _ in pairs]
+        return distributed.pack([estimate * num_examples for _, estimate in pairs]
+                                + [num_examples])
+
+    def _cross_replica_update(self, strategy, forwards, packed, frozen_values):
+        """The rest of the step, once, in cross-replica context."""
+        optimizer = self.optimizer
+        optimizer.begin_step()
+        template = strategy.experimental_local_results(forwards)[0].grads
+        shapes = [()] + [v.shape for g, v in zip(template, self.model.trainable_variables)
+                         if g is not None]
+        reduced = iter(distributed.unpack(distributed.sum_over_replicas(strategy, packed), shapes))
+        loss = next(reduced)  # Keras divides each replica's loss by their number
+        grads = [None if g is None else tf.cast(next(reduced), g.dtype) for g in template]
+
+        def update_statistics():
+            per_replica = strategy.extended.call_for_each_replica(
+                self._replica_estimates, args=(forwards,))
+            total = distributed.sum_over_replicas(strategy, per_replica)
+            variables = self._estimated_variables
+            means = distributed.unpack(total[:-1] / total[-1], [v.shape for v in variables])
+            optimizer.fold_estimates(list(zip(variables, means)))
+            return tf.constant(True)
+
+        batch_ok = guards.batch_is_finite(loss, grads)
+        updated, ok = guards.guarded_statistics_update(
+            optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
+        frozen = self.model.non_trainable_variables
+        guards.run_if(tf.logical_not(ok), lambda: distributed.assign_per_replica(
+            strategy, frozen, frozen_values))
+        guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated))
+        self._guarded_update(grads, ok, batch=None, loss=loss)
+
     # ----------------------------------------------------------- entry points
     def run(self, x, y, sample_weight=None):
-        """Runs one step; returns `(y_pred, loss)`."""
+        """Runs one step; returns `(y_pred, loss)`. Inside `strategy.run` of
+        a multi-replica strategy, `loss` is this replica's share (Keras
+        divides it by the number of replicas; their sum is the global loss)."""
+        if distributed.in_multi_replica_context():
+            if self._strategy is None:
+                raise RuntimeError(
+                    "This K-FAC step was built without a multi-replica strategy "
+                    "but is running inside one; build the model and the step "
+                    "inside `strategy.scope()`.")
+            return self._run_replica(x, y, sample_weight)
         self.optimizer.begin_step()
         y_pred, loss, grads, updated, ok = self._gradients_and_statistics(x, y, sample_weight)
         guards.run_if(ok, lambda: self.optimizer.maybe_update_inverses(updated))

@@ -61,7 +61,11 @@ class FisherBlock:
                 subset) w.r.t. `self.variables`; None otherwise.
             num_examples: float32 scalar, the number of examples in the
                 statistics subset.
-            decay: scalar EMA weight of the old value (0 on the first estimate).
+            decay: scalar EMA weight of the old value (0 on the first
+                estimate), or an `EstimateRecorder`, which collects each
+                `(variable, estimate)` pair instead of assigning it (so a
+                multi-replica step can average the estimates over replicas
+                before folding them in; see `kfac_keras.distributed`).
         """
         raise NotImplementedError
 
@@ -101,6 +105,28 @@ class FisherBlock:
         }
 
 
+class EstimateRecorder:
+    """Passed as `decay` to `FisherBlock.update_statistics`: collects the
+    block's new estimates instead of folding them into its factors.
+
+    Every block folds its statistics with `ema_assign`, which, given a
+    recorder, appends `(variable, estimate)` to `pairs` and assigns nothing.
+    """
+
+    def __init__(self):
+        self.pairs = []
+
+    def record(self, variable, estimate):
+        """Keeps `estimate` (a tensor shaped like `variable`) for `variable`."""
+        self.pairs.append((variable, estimate))
+
+
 def ema_assign(variable, new_value, decay):
-    """`variable <- decay * variable + (1 - decay) * new_value`."""
+    """`variable <- decay * variable + (1 - decay) * new_value`.
+
+    With an `EstimateRecorder` as `decay`, records `new_value` instead.
+    """
+    if isinstance(decay, EstimateRecorder):
+        decay.record(variable, new_value)
+        return
     variable.assign(decay * variable + (1.0 - decay) * new_value)

@@ -16,9 +16,15 @@ For each model it times, in milliseconds (median over `--repeats` calls of a
 * `decomposition_per_call` and `decomposition_amortized` (= per call /
   `inv_update_every`): all factor decompositions of the model.
 * `preconditioning`: multiplying all gradients by the damped inverse blocks.
+* `update_and_overhead`: the rest of a step without statistics,
+  decompositions or damping adaptation (norm constraint, momentum, guards).
+* `damping_adaptation_per_call` and `damping_adaptation_amortized` (= per
+  call / `damping_update_every`): the default Levenberg-Marquardt rule (loss
+  after the update and forward-mode Fisher products on the batch).
 * `kfac_step_default`: the mean K-FAC step at the default options, over a
-  whole number of `inv_update_every` periods, so the occasional statistics
-  and decompositions are included at their real frequency.
+  whole number of `inv_update_every` periods after the start-up phase, so
+  the occasional statistics, decompositions and damping adaptations are
+  included at their steady-state frequency.
 
 and prints the ratio `kfac_step_default / adam_step`. Results are printed as
 a Markdown table and written to `<out-dir>/step_cost.md` and `.csv`.
@@ -26,6 +32,7 @@ a Markdown table and written to `<out-dir>/step_cost.md` and `.csv`.
 
 import argparse
 import csv
+import dataclasses
 import os
 import time
 
@@ -187,10 +194,24 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
         return build_kfac_step(make_model, x, y, loss, **{**kfac_options, **options})
 
     never = 10**9
-    _, _, plain = kfac_step_fn(cov_update_every=never, inv_update_every=never)
-    _, _, with_stats = kfac_step_fn(cov_update_every=1, inv_update_every=never)
+    _, _, plain = kfac_step_fn(cov_update_every=never, inv_update_every=never, adaptive=None)
+    _, _, with_stats = kfac_step_fn(cov_update_every=1, inv_update_every=never, adaptive=None)
     plain_ms = _median_ms(plain, repeats)
     results["statistics"] = _median_ms(with_stats, repeats) - plain_ms
+    # The default Levenberg-Marquardt rule runs every `damping_update_every`
+    # steps (an extra forward pass and forward-mode Fisher products).
+    adaptive = kfac_keras.KFAC(**kfac_options).adaptive
+    if adaptive is not None and adaptive.adapt_damping:
+        every_step = dataclasses.replace(adaptive, damping_update_every=1)
+        _, _, adapting = kfac_step_fn(cov_update_every=never, inv_update_every=never,
+                                      adaptive=every_step)
+        results["damping_adaptation_per_call"] = max(
+            0.0, _median_ms(adapting, repeats) - plain_ms)
+        results["damping_adaptation_amortized"] = (
+            results["damping_adaptation_per_call"] / adaptive.damping_update_every)
+    else:
+        results["damping_adaptation_per_call"] = 0.0
+        results["damping_adaptation_amortized"] = 0.0
 
     kmodel, optimizer, _ = kfac_step_fn()
     decompose = tf.function(optimizer.update_inverses, autograph=False)
@@ -209,7 +230,7 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
     _, optimizer, default_step = kfac_step_fn()
     period = optimizer.inv_update_every
     cycles = max(1, repeats // period + (1 if repeats % period else 0))
-    cycle_seconds = time_kfac_cycles(default_step, optimizer, cycles)
+    cycle_seconds = time_kfac_cycles(default_step, optimizer, cycles, skip_startup=True)
     results["kfac_step_default"] = 1000.0 * float(np.sum(cycle_seconds)) / (period * cycles)
     results["ratio_kfac_to_adam"] = results["kfac_step_default"] / results["adam_step"]
     return results
@@ -217,6 +238,7 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
 
 COLUMNS = ["adam_step", "forward_backward", "statistics", "decomposition_per_call",
            "decomposition_amortized", "preconditioning", "update_and_overhead",
+           "damping_adaptation_per_call", "damping_adaptation_amortized",
            "kfac_step_default", "ratio_kfac_to_adam"]
 
 

@@ -345,3 +345,16 @@ def test_choose_jit_compile_with_fake_probe():
         return {"per_step_ms": 5.0}
 
     assert common.choose_jit_compile(xla_fails, verbose=False)[0] is False
+
+
+def test_kfac_options_flag_is_parsed_and_validated():
+    parser = common.build_common_parser("x", default_steps=10, quick_steps=2)
+    args = parser.parse_args(["--kfac-options", '{"norm_constraint": 3e-4, "adaptive": null}',
+                              "--kfac-damping", "0.05"])
+    assert common.kfac_kwargs_from_args(args) == {
+        "norm_constraint": 3e-4, "adaptive": None, "damping": 0.05}
+    with pytest.raises(SystemExit):  # not a JSON object
+        parser.parse_args(["--kfac-options", "[1]"])
+    bad = parser.parse_args(["--kfac-options", '{"damping": -1}'])
+    with pytest.raises(ValueError, match="damping"):
+        common.kfac_kwargs_from_args(bad)

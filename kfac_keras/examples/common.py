@@ -701,6 +701,30 @@ def _parse_lr_overrides(text: str):
     return out
 
 
+def _parse_kfac_options(text: str):
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--kfac-options is not valid JSON: {e}") from e
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError(
+            f"--kfac-options must be a JSON object of KFAC arguments; received {text!r}")
+    return options
+
+
+def kfac_kwargs_from_args(args):
+    """The extra ``KFAC`` arguments of ``--kfac-damping`` and ``--kfac-options``,
+    validated by building one optimizer (a bad option fails before any run)."""
+    kwargs = dict(args.kfac_options)
+    if args.kfac_damping is not None:
+        kwargs["damping"] = args.kfac_damping
+    if kwargs:
+        from kfac_keras import KFAC
+
+        KFAC(**kwargs)
+    return kwargs
+
+
 def _parse_float_list(text: str):
     return tuple(float(t) for t in text.split(",") if t.strip())
 
@@ -751,6 +775,10 @@ def build_common_parser(example: str, description: str = "", *,
                         "(default: %(default)s)")
     p.add_argument("--kfac-damping", type=float, default=None,
                    help="damping passed to KFAC (default: KFAC's own)")
+    p.add_argument("--kfac-options", type=_parse_kfac_options, default={},
+                   help="JSON object of extra kfac_keras.KFAC arguments for the K-FAC "
+                        "runs, e.g. '{\"norm_constraint\": 3e-4, \"adaptive\": null}' "
+                        "(default: none, KFAC's defaults)")
     p.add_argument("--kfac-grid", type=_parse_float_list, default=None,
                    help="comma list of K-FAC learning rates to grid-search (default: "
                         "no search, KFAC's default learning rate)")

@@ -189,7 +189,7 @@ def main(argv=None):
 
     specs = common.get_optimizer_specs(
         args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs={} if args.kfac_damping is None else {"damping": args.kfac_damping},
+        kfac_kwargs=common.kfac_kwargs_from_args(args),
         kfac_grid=args.kfac_grid)
     if not specs:
         print("no optimizer to run", file=sys.stderr)

@@ -26,7 +26,9 @@ For each model it times, in milliseconds (median over `--repeats` calls of a
   the occasional statistics, decompositions and damping adaptations are
   included at their steady-state frequency.
 
-and prints the ratio `kfac_step_default / adam_step`. Results are printed as
+and prints the ratio `kfac_step_default / adam_step_alternated`, where the
+K-FAC periods and as many Adam steps are timed alternately (so a change in
+machine load affects both alike). Results are printed as
 a Markdown table and written to `<out-dir>/step_cost.md` and `.csv`.
 """
 
@@ -227,19 +229,29 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
         0.0, plain_ms - results["forward_backward"] - results["preconditioning"])
     del variables
 
+    # The ratio: whole K-FAC periods alternated with as many Adam steps, so
+    # that a change in machine load hits both sides alike.
     _, optimizer, default_step = kfac_step_fn()
     period = optimizer.inv_update_every
-    cycles = max(1, repeats // period + (1 if repeats % period else 0))
-    cycle_seconds = time_kfac_cycles(default_step, optimizer, cycles, skip_startup=True)
-    results["kfac_step_default"] = 1000.0 * float(np.sum(cycle_seconds)) / (period * cycles)
-    results["ratio_kfac_to_adam"] = results["kfac_step_default"] / results["adam_step"]
+    cycles = max(2, repeats // period + (1 if repeats % period else 0))
+    time_kfac_cycles(default_step, optimizer, 0, skip_startup=True)  # warm-up
+    kfac_seconds, adam_seconds = 0.0, 0.0
+    for _ in range(cycles):
+        kfac_seconds += float(np.sum(time_kfac_cycles(default_step, optimizer, 1, warmup=0)))
+        start = time.perf_counter()
+        for _ in range(period):
+            _block(adam_step())
+        adam_seconds += time.perf_counter() - start
+    results["kfac_step_default"] = 1000.0 * kfac_seconds / (period * cycles)
+    results["adam_step_alternated"] = 1000.0 * adam_seconds / (period * cycles)
+    results["ratio_kfac_to_adam"] = kfac_seconds / adam_seconds
     return results
 
 
 COLUMNS = ["adam_step", "forward_backward", "statistics", "decomposition_per_call",
            "decomposition_amortized", "preconditioning", "update_and_overhead",
            "damping_adaptation_per_call", "damping_adaptation_amortized",
-           "kfac_step_default", "ratio_kfac_to_adam"]
+           "kfac_step_default", "adam_step_alternated", "ratio_kfac_to_adam"]
 
 
 def main(argv=None):

@@ -129,10 +129,6 @@ def check_supported(strategy, optimizer, distribution, loss_scaling, jit_compile
         jit_compile: the step's `jit_compile`.
     """
     unsupported = []
-    if optimizer.adaptive is not None:
-        unsupported.append(
-            "KFAC(adaptive=...): the quadratic model's extra passes over the "
-            "batch (Fisher products, loss after the step) are not all-reduced")
     if optimizer.inverse_method == "ekfac":
         unsupported.append(
             "inverse_method='ekfac': its per-example rescaling is not "
@@ -193,6 +189,54 @@ def assign_per_replica(strategy, variables, per_replica_values):
         strategy.extended.update(
             target, lambda copy, value: copy.assign(value), args=(values,), group=False)
     return tf.constant(True)
+
+
+def _num_examples(inputs):
+    """Batch size of a (possibly nested) model input, as float32."""
+    first_input = next(i for i in tf.nest.flatten(inputs) if i is not None)
+    return tf.cast(tf.shape(first_input)[0], tf.float32)
+
+
+class ReplicaBatches:
+    """The quadratic model's passes over the global batch, run per replica on
+    its slice (`kfac_keras.quadratic_model.BatchQuadraticModel`, built in each
+    replica context) and combined in cross-replica context.
+
+    Same interface as `BatchQuadraticModel` (what `KFAC.apply_step` uses):
+    `fisher_gram` is the example-count-weighted mean of the replicas' Gram
+    matrices, i.e. the mean over the global batch; `loss` is the sum of the
+    replicas' losses, each of which Keras divides by the number of replicas
+    (as the step's own loss), i.e. the global-batch mean loss when the batch
+    splits evenly. Both can run inside `tf.cond` branches (one
+    `call_for_each_replica` and one all-reduce each, no `merge_call`).
+
+    Args:
+        strategy: the multi-replica `tf.distribute.Strategy`.
+        per_replica_batches: the replicas' `BatchQuadraticModel`s (a
+            `PerReplica` value, as `merge_call` passes them on).
+    """
+
+    def __init__(self, strategy, per_replica_batches):
+        self._strategy = strategy
+        self._batches = per_replica_batches
+
+    def fisher_gram(self, directions, variables):
+        """`[u_i^T F u_j]` of the global batch (see `BatchQuadraticModel`)."""
+        size = len(directions)
+
+        def replica_gram(batch):
+            count = _num_examples(batch.x)
+            return pack([batch.fisher_gram(directions, variables) * count, count])
+
+        total = sum_over_replicas(self._strategy, self._strategy.extended.call_for_each_replica(
+            replica_gram, args=(self._batches,)))
+        return tf.reshape(total[:-1] / total[-1], [size, size])
+
+    def loss(self):
+        """The step's loss of the global batch at the current weights."""
+        per_replica = self._strategy.extended.call_for_each_replica(
+            lambda batch: tf.reshape(batch.loss(), [1]), args=(self._batches,))
+        return sum_over_replicas(self._strategy, per_replica)[0]
 
 
 def decomposition_cost(block):

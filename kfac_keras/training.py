@@ -313,8 +313,11 @@ class KFACTrainStep:
             tf.shape(first_input)[0]))
         present = [g for g in forward.grads if g is not None]
         packed = distributed.pack([forward.loss] + present)
+        batch = (quadratic_model.BatchQuadraticModel(
+            self.model, self.distribution, x, y, sample_weight, self._loss)
+            if self.optimizer.needs_batch else None)
         tf.distribute.get_replica_context().merge_call(
-            self._cross_replica_update, args=(forward, packed, frozen_values))
+            self._cross_replica_update, args=(forward, packed, frozen_values, batch))
         return forward.y_pred, forward.loss
 
     def _replica_estimates(self, forward):
@@ -326,8 +329,10 @@ class KFACTrainStep:
         return distributed.pack([estimate * num_examples for _, estimate in pairs]
                                 + [num_examples])
 
-    def _cross_replica_update(self, strategy, forwards, packed, frozen_values):
-        """The rest of the step, once, in cross-replica context."""
+    def _cross_replica_update(self, strategy, forwards, packed, frozen_values, batches):
+        """The rest of the step, once, in cross-replica context. `batches`:
+        the replicas' `BatchQuadraticModel`s with `adaptive` options, else
+        None."""
         optimizer = self.optimizer
         optimizer.begin_step()
         template = strategy.experimental_local_results(forwards)[0].grads
@@ -353,7 +358,8 @@ class KFACTrainStep:
         guards.run_if(tf.logical_not(ok), lambda: distributed.assign_per_replica(
             strategy, frozen, frozen_values))
         guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated))
-        self._guarded_update(grads, ok, batch=None, loss=loss)
+        batch = None if batches is None else distributed.ReplicaBatches(strategy, batches)
+        self._guarded_update(grads, ok, batch=batch, loss=loss)
 
     # ----------------------------------------------------------- entry points
     def run(self, x, y, sample_weight=None):

@@ -68,8 +68,16 @@ def build(options, layers=2):
     model = keras.Sequential([keras.Input((5,))] + hidden
                              + [keras.layers.Dense(3, activation="softmax", name="out")],
                              name="net")
-    kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
-                  damping=0.05)
+    # The plain update (learning rate, fixed damping), unless `options` has
+    # `"defaults": True`: then KFAC's defaults (learning rate 1, KL clipping,
+    # Levenberg-Marquardt damping) apart from the seed, the update periods and
+    # the rest of `options`.
+    options = dict(options)
+    if options.pop("defaults", False):
+        kwargs = dict(seed=3, cov_update_every=2, inv_update_every=4)
+    else:
+        kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
+                      damping=0.05, adaptive=None, norm_constraint=None)
     kwargs.update(options)
     optimizer = kfac_keras.KFAC(**kwargs)
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
@@ -81,6 +89,10 @@ def state(model, optimizer):
     replica's copy of a mirrored variable is identical."""
     values = {f"weight/{v.path}": np.array(v.numpy()) for v in model.weights}
     values.update({f"optimizer/{v.path}": np.array(v.numpy()) for v in optimizer.variables})
+    # The logged K-FAC values (damping, update norm; rho, the predicted
+    # change, alpha and mu with adaptive options), not all optimizer variables.
+    values.update({f"logged/{key}": np.array(value.numpy())
+                   for key, value in optimizer.logged_values().items()})
     for variable in list(model.weights) + list(optimizer.variables):
         copies = getattr(variable.value, "values", None)
         if copies is not None:
@@ -178,6 +190,15 @@ CONFIGURATIONS = {
     "distributed_inverses": ({"distributed_inverses": True}, 4),
     "l2_norm_constraint_weight_decay": (
         {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
+    # KFAC(seed=...) defaults: Levenberg-Marquardt damping every 5 steps (so
+    # once in 8 steps, at step 5) and KL clipping; then the rule every 2 steps.
+    "defaults": ({"defaults": True}, 2),
+    "adapt_damping_every_2": ({"defaults": True, "adaptive": {
+        "adapt_damping": True, "min_damping": 1e-3, "damping_update_every": 2}}, 2),
+    # Step size and momentum from the quadratic model (2x2 system), with LM damping.
+    "quadratic_model_step": ({"defaults": True, "norm_constraint": None, "adaptive": {
+        "quadratic_model_step": True, "adapt_damping": True, "min_damping": 1e-3,
+        "damping_update_every": 2}}, 2),
 }
 
 
@@ -191,12 +212,17 @@ def scenario_mirrored_equivalence(names):
     for name in names:
         options, layers = CONFIGURATIONS[name]
         for mode in ("loop", "fit", "eager"):
-            if mode != "loop" and name != "cholesky":
+            if mode != "loop" and name not in ("cholesky", "defaults"):
                 continue  # the modes share the step; one run of fit and eager suffices
             batches = (x, y) if mode == "fit" else loop_batches(x, y)
             expected = state(*train_single(options, mode, batches, layers))
             actual = state(*train_mirrored(strategy, options, mode, batches, layers))
             assert_same_state(expected, actual, f"{name}/{mode}")
+            if options.get("defaults"):
+                # The rule ran: rho was defined and the damping moved.
+                assert np.isfinite(expected["logged/rho"]), expected["logged/rho"]
+                assert expected["logged/damping"] != 1e-2, expected["logged/damping"]
+                print("PASS", f"{name}/{mode}/damping_adapted", flush=True)
 
 
 def scenario_mirrored_guard():
@@ -248,7 +274,8 @@ def scenario_mirrored_guard():
                                   keras.layers.BatchNormalization(),
                                   keras.layers.Activation("tanh"),
                                   keras.layers.Dense(3, activation="softmax")])
-        optimizer = kfac_keras.KFAC(seed=0, cov_update_every=2, inv_update_every=4)
+        optimizer = kfac_keras.KFAC(seed=0, cov_update_every=2, inv_update_every=4,
+                                    learning_rate=0.05, adaptive=None, norm_constraint=None)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     step = kfac_keras.make_train_step(model, optimizer)
 
@@ -279,8 +306,6 @@ def scenario_mirrored_unsupported():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x, y = data()
     cases = {
-        "adaptive": ({"adaptive": kfac_keras.AdaptiveOptions(adapt_damping=True)},
-                     "adaptive", {}),
         "ekfac": ({"inverse_method": "ekfac"}, "ekfac", {}),
         "jit_compile": ({}, "jit_compile", {"jit_compile": True}),
     }

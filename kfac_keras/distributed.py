@@ -117,26 +117,30 @@ def in_multi_replica_context():
     return tf.distribute.get_replica_context().num_replicas_in_sync > 1
 
 
-def check_supported(strategy, optimizer, distribution, loss_scaling, jit_compile):
+def check_supported(strategy, model, optimizer, distribution, jit_compile):
     """Raises NotImplementedError for an option K-FAC cannot run with under
     `strategy` (more than one replica).
 
     Args:
         strategy: the `tf.distribute.Strategy`.
+        model: the Keras model.
         optimizer: the `kfac_keras.KFAC` optimizer.
         distribution: the loss's `kfac_keras.losses.PredictiveDistribution`.
-        loss_scaling: True if a `LossScaleOptimizer` wraps the optimizer.
         jit_compile: the step's `jit_compile`.
     """
     unsupported = []
+    synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
+                    if getattr(layer, "synchronized", False) is True]
+    if synchronized:
+        unsupported.append(
+            f"BatchNormalization(synchronized=True) (layers {synchronized}): its "
+            "all-reduce runs inside the forward pass K-FAC captures, one replica "
+            "at a time; use synchronized=False (each replica normalizes its "
+            "slice with its own batch statistics)")
     if optimizer.inverse_method == "ekfac":
         unsupported.append(
             "inverse_method='ekfac': its per-example rescaling is not "
             "all-reduced; use 'cholesky', 'inverse' or 'eigh'")
-    if loss_scaling:
-        unsupported.append(
-            "mixed-precision loss scaling (LossScaleOptimizer, the "
-            "'mixed_float16' policy); 'mixed_bfloat16' needs no loss scaling")
     if distribution.reduction == "sum":
         unsupported.append(
             "losses with reduction='sum' (the per-example Fisher scale would "

@@ -164,8 +164,8 @@ class KFACTrainStep:
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)
         if strategy is not None:
-            distributed.check_supported(strategy, optimizer, self.distribution,
-                                        self.loss_scale_optimizer is not None, jit_compile)
+            distributed.check_supported(strategy, model, optimizer, self.distribution,
+                                        jit_compile)
         self.model = model
         self.optimizer = optimizer
         self._strategy = strategy
@@ -352,6 +352,8 @@ class KFACTrainStep:
             return tf.constant(True)
 
         batch_ok = guards.batch_is_finite(loss, grads)
+        if self.loss_scale_optimizer is not None:  # replicas unscaled their gradients
+            _update_loss_scale(self.loss_scale_optimizer, batch_ok)
         updated, ok = guards.guarded_statistics_update(
             optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
         frozen = self.model.non_trainable_variables

@@ -46,6 +46,14 @@ def test_default_kfac_with_levenberg_marquardt_damping_matches_one_device():
         assert f"PASS defaults/{mode}/damping_adapted" in output, output
 
 
+def test_kfac_without_arguments_trains_under_fit():
+    """Literally `KFAC()` (random seed, so no single-device oracle): finite,
+    falling loss, the Levenberg-Marquardt rule and the factors ran, the
+    replicas are identical."""
+    output = run_scenario("mirrored_no_arguments")
+    assert "PASS no_arguments/fit" in output, output
+
+
 def test_inf_in_one_replica_skips_the_step_on_both():
     output = run_scenario("mirrored_guard")
     assert "PASS guard/bad_step_changes_nothing" in output, output

@@ -32,10 +32,28 @@ replica context, is a `merge_call`, which TensorFlow does not allow inside a
    mirrored variables in cross-replica context write every copy with the
    same value, so the replicas stay identical.
 
+The `adaptive` options (the default: Levenberg-Marquardt damping; also
+`quadratic_model_step`) need two quantities of the global batch: the
+quadratic model's Fisher products (`u^T F v`, forward-mode passes) and the
+loss after the update. Each replica builds a
+`kfac_keras.quadratic_model.BatchQuadraticModel` of its slice, handed to the
+cross-replica part by the `merge_call`; `ReplicaBatches` runs its passes
+with `call_for_each_replica` (inside the update's `tf.cond`s) and combines
+them with one all-reduce each: the Gram matrix as the example-weighted mean
+of the replicas' (the mean over the global batch), the loss as the sum of
+the replicas' shares (Keras divides each by the number of replicas). The
+gradient inner products, `rho`, `alpha`, `mu` and the damping rule then run
+once on these values, as on one device. With `mixed_float16`, each replica
+scales its loss and unscales its gradients; the dynamic loss scale is
+updated once, from the summed gradients.
+
 Communication (float32, `P` = number of trainable parameters, `S` = number
 of factor entries `sum_blocks (d_in^2 + d_out^2)` plus diagonal-block
 entries): every step one all-reduce of `P + 1` floats (gradients and loss);
-every `cov_update_every` steps one more of `S + 1` floats. With the default
+every `cov_update_every` steps one more of `S + 1` floats; with `adaptive`
+options, every `damping_update_every` steps (every step with
+`quadratic_model_step`) two more of at most 5 floats (the Gram matrix and
+the loss after the update). With the default
 replicated decompositions nothing else is exchanged; with
 `KFAC(distributed_inverses=True)` each `inv_update_every` steps adds one of
 the blocks' whole state (factors and decompositions) and one flag per block
@@ -58,19 +76,26 @@ exact up to float32 summation order when the global batch splits evenly over
 the replicas and `statistics_fraction=1`. That holds for every block whose
 estimate is a mean of per-example (or per-location) terms, because the
 replicas' estimates are averaged weighted by their example counts; the tests
-cover Dense Kronecker blocks and the tridiagonal blocks. `DiagonalBlock`'s
+cover Dense, Conv2D and Embedding Kronecker blocks, the tridiagonal blocks,
+the adaptive options (`tests/test_distributed_mirrored_options.py`) and
+dynamic loss scaling (float32 exactly; `mixed_float16` up to float16
+rounding, `tests/test_distributed_mixed_precision.py`). `DiagonalBlock`'s
 estimate is the square of the summed sampled gradient; its replicas' squares
 are averaged, which has the same expectation but is not the single-device
 value. Per-replica model state such as BatchNormalization's moving
-statistics follows Keras's own rules under the strategy.
+statistics follows Keras's own rules under the strategy: each replica
+normalizes its slice with that slice's statistics and keeps its own moving
+statistics, so a model with BatchNormalization is not the single-device
+function of the weights (its trainable weights and K-FAC state stay
+identical across replicas; `tests/test_distributed_layers.py`).
 
 Not supported with more than one replica (NotImplementedError when the step
-is built, before any K-FAC state is created; see `check_supported`): the
-`adaptive` options (the quadratic model's extra passes over the batch are not
-all-reduced), `inverse_method="ekfac"`, mixed-precision loss scaling
-(`LossScaleOptimizer`), losses with `reduction="sum"`, and `jit_compile=True`
-of the custom-loop step (the sampled backward pass needs each replica's tape
-outside XLA).
+is built, before any K-FAC state is created; see `check_supported`):
+`inverse_method="ekfac"`, losses with `reduction="sum"`,
+`BatchNormalization(synchronized=True)` (its all-reduce would run inside
+K-FAC's capture of the forward pass, which the replicas enter one at a
+time), and `jit_compile=True` of the custom-loop step (the sampled backward
+pass needs each replica's tape outside XLA).
 
 TPU readiness: the step has no `py_function`, host callbacks or Python
 control flow on tensor values, and shapes are static; it was run on CPU only

@@ -38,9 +38,10 @@ Multi-replica `tf.distribute` strategies (`MirroredStrategy`,
 pass and its gradients on its slice of the global batch, then one
 `merge_call` runs the rest of the step once in cross-replica context, with
 gradients all-reduced every step and factor statistics every
-`cov_update_every` steps (`kfac_keras.distributed`, which also states the
-communication volume and what is not supported). The result equals a
-single-device step on the same global batch.
+`cov_update_every` steps; with `adaptive` options the quadratic model's
+passes run per replica and are combined there (`kfac_keras.distributed`,
+which also states the communication volume and what is not supported). The
+result equals a single-device step on the same global batch.
 """
 
 import keras

@@ -32,10 +32,28 @@ replica context, is a `merge_call`, which TensorFlow does not allow inside a
    mirrored variables in cross-replica context write every copy with the
    same value, so the replicas stay identical.
 
+The `adaptive` options (the default: Levenberg-Marquardt damping; also
+`quadratic_model_step`) need two quantities of the global batch: the
+quadratic model's Fisher products (`u^T F v`, forward-mode passes) and the
+loss after the update. Each replica builds a
+`kfac_keras.quadratic_model.BatchQuadraticModel` of its slice, handed to the
+cross-replica part by the `merge_call`; `ReplicaBatches` runs its passes
+with `call_for_each_replica` (inside the update's `tf.cond`s) and combines
+them with one all-reduce each: the Gram matrix as the example-weighted mean
+of the replicas' (the mean over the global batch), the loss as the sum of
+the replicas' shares (Keras divides each by the number of replicas). The
+gradient inner products, `rho`, `alpha`, `mu` and the damping rule then run
+once on these values, as on one device. With `mixed_float16`, each replica
+scales its loss and unscales its gradients; the dynamic loss scale is
+updated once, from the summed gradients.
+
 Communication (float32, `P` = number of trainable parameters, `S` = number
 of factor entries `sum_blocks (d_in^2 + d_out^2)` plus diagonal-block
 entries): every step one all-reduce of `P + 1` floats (gradients and loss);
-every `cov_update_every` steps one more of `S + 1` floats. With the default
+every `cov_update_every` steps one more of `S + 1` floats; with `adaptive`
+options, every `damping_update_every` steps (every step with
+`quadratic_model_step`) two more of at most 5 floats (the Gram matrix and
+the loss after the update). With the default
 replicated decompositions nothing else is exchanged; with
 `KFAC(distributed_inverses=True)` each `inv_update_every` steps adds one of
 the blocks' whole state (factors and decompositions) and one flag per block
@@ -50,7 +68,10 @@ into 2 logical devices, so this shows the overhead of the multi-replica
 step, not a speed-up), two runs on a 2-core machine shared with other jobs:
 1 replica 173 / 303 ms, 2 replicas 170 / 318 ms, 2 replicas with
 distributed inverses 162 / 315 ms (the runs differ by the load; within a
-run the three are within noise).
+run the three are within noise). Those runs used the plain update; with
+today's defaults (Levenberg-Marquardt damping, whose batch passes add a
+forward-mode and a plain forward pass every 5 steps, and KL clipping), one
+20-step period: 343, 347 and 315 ms.
 
 Equivalence with one device on the same global batches (tested in
 `tests/test_distributed_mirrored.py` and `tests/test_distributed_multiworker.py`):
@@ -58,19 +79,26 @@ exact up to float32 summation order when the global batch splits evenly over
 the replicas and `statistics_fraction=1`. That holds for every block whose
 estimate is a mean of per-example (or per-location) terms, because the
 replicas' estimates are averaged weighted by their example counts; the tests
-cover Dense Kronecker blocks and the tridiagonal blocks. `DiagonalBlock`'s
+cover Dense, Conv2D and Embedding Kronecker blocks, the tridiagonal blocks,
+the adaptive options (`tests/test_distributed_mirrored_options.py`) and
+dynamic loss scaling (float32 exactly; `mixed_float16` up to float16
+rounding, `tests/test_distributed_mixed_precision.py`). `DiagonalBlock`'s
 estimate is the square of the summed sampled gradient; its replicas' squares
 are averaged, which has the same expectation but is not the single-device
 value. Per-replica model state such as BatchNormalization's moving
-statistics follows Keras's own rules under the strategy.
+statistics follows Keras's own rules under the strategy: each replica
+normalizes its slice with that slice's statistics and keeps its own moving
+statistics, so a model with BatchNormalization is not the single-device
+function of the weights (its trainable weights and K-FAC state stay
+identical across replicas; `tests/test_distributed_layers.py`).
 
 Not supported with more than one replica (NotImplementedError when the step
-is built, before any K-FAC state is created; see `check_supported`): the
-`adaptive` options (the quadratic model's extra passes over the batch are not
-all-reduced), `inverse_method="ekfac"`, mixed-precision loss scaling
-(`LossScaleOptimizer`), losses with `reduction="sum"`, and `jit_compile=True`
-of the custom-loop step (the sampled backward pass needs each replica's tape
-outside XLA).
+is built, before any K-FAC state is created; see `check_supported`):
+`inverse_method="ekfac"`, losses with `reduction="sum"`,
+`BatchNormalization(synchronized=True)` (its all-reduce would run inside
+K-FAC's capture of the forward pass, which the replicas enter one at a
+time), and `jit_compile=True` of the custom-loop step (the sampled backward
+pass needs each replica's tape outside XLA).
 
 TPU readiness: the step has no `py_function`, host callbacks or Python
 control flow on tensor values, and shapes are static; it was run on CPU only
@@ -117,30 +145,30 @@ def in_multi_replica_context():
     return tf.distribute.get_replica_context().num_replicas_in_sync > 1
 
 
-def check_supported(strategy, optimizer, distribution, loss_scaling, jit_compile):
+def check_supported(strategy, model, optimizer, distribution, jit_compile):
     """Raises NotImplementedError for an option K-FAC cannot run with under
     `strategy` (more than one replica).
 
     Args:
         strategy: the `tf.distribute.Strategy`.
+        model: the Keras model.
         optimizer: the `kfac_keras.KFAC` optimizer.
         distribution: the loss's `kfac_keras.losses.PredictiveDistribution`.
-        loss_scaling: True if a `LossScaleOptimizer` wraps the optimizer.
         jit_compile: the step's `jit_compile`.
     """
     unsupported = []
-    if optimizer.adaptive is not None:
+    synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
+                    if getattr(layer, "synchronized", False) is True]
+    if synchronized:
         unsupported.append(
-            "KFAC(adaptive=...): the quadratic model's extra passes over the "
-            "batch (Fisher products, loss after the step) are not all-reduced")
+            f"BatchNormalization(synchronized=True) (layers {synchronized}): its "
+            "all-reduce runs inside the forward pass K-FAC captures, one replica "
+            "at a time; use synchronized=False (each replica normalizes its "
+            "slice with its own batch statistics)")
     if optimizer.inverse_method == "ekfac":
         unsupported.append(
             "inverse_method='ekfac': its per-example rescaling is not "
             "all-reduced; use 'cholesky', 'inverse' or 'eigh'")
-    if loss_scaling:
-        unsupported.append(
-            "mixed-precision loss scaling (LossScaleOptimizer, the "
-            "'mixed_float16' policy); 'mixed_bfloat16' needs no loss scaling")
     if distribution.reduction == "sum":
         unsupported.append(
             "losses with reduction='sum' (the per-example Fisher scale would "
@@ -193,6 +221,54 @@ def assign_per_replica(strategy, variables, per_replica_values):
         strategy.extended.update(
             target, lambda copy, value: copy.assign(value), args=(values,), group=False)
     return tf.constant(True)
+
+
+def _num_examples(inputs):
+    """Batch size of a (possibly nested) model input, as float32."""
+    first_input = next(i for i in tf.nest.flatten(inputs) if i is not None)
+    return tf.cast(tf.shape(first_input)[0], tf.float32)
+
+
+class ReplicaBatches:
+    """The quadratic model's passes over the global batch, run per replica on
+    its slice (`kfac_keras.quadratic_model.BatchQuadraticModel`, built in each
+    replica context) and combined in cross-replica context.
+
+    Same interface as `BatchQuadraticModel` (what `KFAC.apply_step` uses):
+    `fisher_gram` is the example-count-weighted mean of the replicas' Gram
+    matrices, i.e. the mean over the global batch; `loss` is the sum of the
+    replicas' losses, each of which Keras divides by the number of replicas
+    (as the step's own loss), i.e. the global-batch mean loss when the batch
+    splits evenly. Both can run inside `tf.cond` branches (one
+    `call_for_each_replica` and one all-reduce each, no `merge_call`).
+
+    Args:
+        strategy: the multi-replica `tf.distribute.Strategy`.
+        per_replica_batches: the replicas' `BatchQuadraticModel`s (a
+            `PerReplica` value, as `merge_call` passes them on).
+    """
+
+    def __init__(self, strategy, per_replica_batches):
+        self._strategy = strategy
+        self._batches = per_replica_batches
+
+    def fisher_gram(self, directions, variables):
+        """`[u_i^T F u_j]` of the global batch (see `BatchQuadraticModel`)."""
+        size = len(directions)
+
+        def replica_gram(batch):
+            count = _num_examples(batch.x)
+            return pack([batch.fisher_gram(directions, variables) * count, count])
+
+        total = sum_over_replicas(self._strategy, self._strategy.extended.call_for_each_replica(
+            replica_gram, args=(self._batches,)))
+        return tf.reshape(total[:-1] / total[-1], [size, size])
+
+    def loss(self):
+        """The step's loss of the global batch at the current weights."""
+        per_replica = self._strategy.extended.call_for_each_replica(
+            lambda batch: tf.reshape(batch.loss(), [1]), args=(self._batches,))
+        return sum_over_replicas(self._strategy, per_replica)[0]
 
 
 def decomposition_cost(block):

@@ -38,9 +38,10 @@ Multi-replica `tf.distribute` strategies (`MirroredStrategy`,
 pass and its gradients on its slice of the global batch, then one
 `merge_call` runs the rest of the step once in cross-replica context, with
 gradients all-reduced every step and factor statistics every
-`cov_update_every` steps (`kfac_keras.distributed`, which also states the
-communication volume and what is not supported). The result equals a
-single-device step on the same global batch.
+`cov_update_every` steps; with `adaptive` options the quadratic model's
+passes run per replica and are combined there (`kfac_keras.distributed`,
+which also states the communication volume and what is not supported). The
+result equals a single-device step on the same global batch.
 """
 
 import keras
@@ -164,8 +165,8 @@ class KFACTrainStep:
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)
         if strategy is not None:
-            distributed.check_supported(strategy, optimizer, self.distribution,
-                                        self.loss_scale_optimizer is not None, jit_compile)
+            distributed.check_supported(strategy, model, optimizer, self.distribution,
+                                        jit_compile)
         self.model = model
         self.optimizer = optimizer
         self._strategy = strategy
@@ -313,8 +314,11 @@ class KFACTrainStep:
             tf.shape(first_input)[0]))
         present = [g for g in forward.grads if g is not None]
         packed = distributed.pack([forward.loss] + present)
+        batch = (quadratic_model.BatchQuadraticModel(
+            self.model, self.distribution, x, y, sample_weight, self._loss)
+            if self.optimizer.needs_batch else None)
         tf.distribute.get_replica_context().merge_call(
-            self._cross_replica_update, args=(forward, packed, frozen_values))
+            self._cross_replica_update, args=(forward, packed, frozen_values, batch))
         return forward.y_pred, forward.loss
 
     def _replica_estimates(self, forward):
@@ -326,8 +330,10 @@ class KFACTrainStep:
         return distributed.pack([estimate * num_examples for _, estimate in pairs]
                                 + [num_examples])
 
-    def _cross_replica_update(self, strategy, forwards, packed, frozen_values):
-        """The rest of the step, once, in cross-replica context."""
+    def _cross_replica_update(self, strategy, forwards, packed, frozen_values, batches):
+        """The rest of the step, once, in cross-replica context. `batches`:
+        the replicas' `BatchQuadraticModel`s with `adaptive` options, else
+        None."""
         optimizer = self.optimizer
         optimizer.begin_step()
         template = strategy.experimental_local_results(forwards)[0].grads
@@ -347,13 +353,16 @@ class KFACTrainStep:
             return tf.constant(True)
 
         batch_ok = guards.batch_is_finite(loss, grads)
+        if self.loss_scale_optimizer is not None:  # replicas unscaled their gradients
+            _update_loss_scale(self.loss_scale_optimizer, batch_ok)
         updated, ok = guards.guarded_statistics_update(
             optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
         frozen = self.model.non_trainable_variables
         guards.run_if(tf.logical_not(ok), lambda: distributed.assign_per_replica(
             strategy, frozen, frozen_values))
         guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated))
-        self._guarded_update(grads, ok, batch=None, loss=loss)
+        batch = None if batches is None else distributed.ReplicaBatches(strategy, batches)
+        self._guarded_update(grads, ok, batch=batch, loss=loss)
 
     # ----------------------------------------------------------- entry points
     def run(self, x, y, sample_weight=None):

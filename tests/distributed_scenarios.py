@@ -18,8 +18,10 @@ through `U diag(1 / (|d| + 0.05)) U^T`: column signs, and the vectors of
 nearly equal eigenvalues, may change with float32 rounding.
 """
 
+import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -68,11 +70,23 @@ def build(options, layers=2):
     model = keras.Sequential([keras.Input((5,))] + hidden
                              + [keras.layers.Dense(3, activation="softmax", name="out")],
                              name="net")
-    kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
-                  damping=0.05)
+    # The plain update (learning rate, fixed damping), unless `options` has
+    # `"defaults": True`: then KFAC's defaults (learning rate 1, KL clipping,
+    # Levenberg-Marquardt damping) apart from the seed, the update periods and
+    # the rest of `options`.
+    options = dict(options)
+    if options.pop("defaults", False):
+        kwargs = dict(seed=3, cov_update_every=2, inv_update_every=4)
+    else:
+        kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
+                      damping=0.05, adaptive=None, norm_constraint=None)
+    loss_scaling = kwargs.pop("loss_scaling", False) or options.pop("loss_scaling", False)
     kwargs.update(options)
     optimizer = kfac_keras.KFAC(**kwargs)
-    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    # `loss_scaling`: compile with Keras's LossScaleOptimizer around KFAC
+    # (what `mixed_float16` does by itself).
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer)
+                  if loss_scaling else optimizer, loss="sparse_categorical_crossentropy")
     return model, optimizer
 
 
@@ -81,6 +95,10 @@ def state(model, optimizer):
     replica's copy of a mirrored variable is identical."""
     values = {f"weight/{v.path}": np.array(v.numpy()) for v in model.weights}
     values.update({f"optimizer/{v.path}": np.array(v.numpy()) for v in optimizer.variables})
+    # The logged K-FAC values (damping, update norm; rho, the predicted
+    # change, alpha and mu with adaptive options), not all optimizer variables.
+    values.update({f"logged/{key}": np.array(value.numpy())
+                   for key, value in optimizer.logged_values().items()})
     for variable in list(model.weights) + list(optimizer.variables):
         copies = getattr(variable.value, "values", None)
         if copies is not None:
@@ -178,6 +196,15 @@ CONFIGURATIONS = {
     "distributed_inverses": ({"distributed_inverses": True}, 4),
     "l2_norm_constraint_weight_decay": (
         {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
+    # KFAC(seed=...) defaults: Levenberg-Marquardt damping every 5 steps (so
+    # once in 8 steps, at step 5) and KL clipping; then the rule every 2 steps.
+    "defaults": ({"defaults": True}, 2),
+    "adapt_damping_every_2": ({"defaults": True, "adaptive": {
+        "adapt_damping": True, "min_damping": 1e-3, "damping_update_every": 2}}, 2),
+    # Step size and momentum from the quadratic model (2x2 system), with LM damping.
+    "quadratic_model_step": ({"defaults": True, "norm_constraint": None, "adaptive": {
+        "quadratic_model_step": True, "adapt_damping": True, "min_damping": 1e-3,
+        "damping_update_every": 2}}, 2),
 }
 
 
@@ -191,12 +218,17 @@ def scenario_mirrored_equivalence(names):
     for name in names:
         options, layers = CONFIGURATIONS[name]
         for mode in ("loop", "fit", "eager"):
-            if mode != "loop" and name != "cholesky":
+            if mode != "loop" and name not in ("cholesky", "defaults"):
                 continue  # the modes share the step; one run of fit and eager suffices
             batches = (x, y) if mode == "fit" else loop_batches(x, y)
             expected = state(*train_single(options, mode, batches, layers))
             actual = state(*train_mirrored(strategy, options, mode, batches, layers))
             assert_same_state(expected, actual, f"{name}/{mode}")
+            if options.get("defaults"):
+                # The rule ran: rho was defined and the damping moved.
+                assert np.isfinite(expected["logged/rho"]), expected["logged/rho"]
+                assert expected["logged/damping"] != 1e-2, expected["logged/damping"]
+                print("PASS", f"{name}/{mode}/damping_adapted", flush=True)
 
 
 def scenario_mirrored_guard():
@@ -248,7 +280,8 @@ def scenario_mirrored_guard():
                                   keras.layers.BatchNormalization(),
                                   keras.layers.Activation("tanh"),
                                   keras.layers.Dense(3, activation="softmax")])
-        optimizer = kfac_keras.KFAC(seed=0, cov_update_every=2, inv_update_every=4)
+        optimizer = kfac_keras.KFAC(seed=0, cov_update_every=2, inv_update_every=4,
+                                    learning_rate=0.05, adaptive=None, norm_constraint=None)
         model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
     step = kfac_keras.make_train_step(model, optimizer)
 
@@ -270,6 +303,188 @@ def scenario_mirrored_guard():
     print("PASS guard/batchnorm_statistics_restored", flush=True)
 
 
+MIXED_RTOL, MIXED_ATOL = 2e-2, 1e-4
+
+
+def scenario_mirrored_loss_scaling(policy):
+    """Dynamic loss scaling (Keras's LossScaleOptimizer around KFAC) with
+    KFAC's defaults: the custom-loop step under MirroredStrategy(2 CPUs)
+    equals the single-device step on the same global batches, the dynamic
+    loss scale included; an Inf in the second replica's half of one batch
+    skips the step on both replicas, halves the scale and leaves the weights,
+    momentum and factors as they were.
+
+    `policy`: `"float32"` (the LossScaleOptimizer passed to `compile`; same
+    tolerances as the other scenarios, so the loss-scaling logic is exact)
+    or `"mixed_float16"` (which wraps KFAC by itself; `rtol=2e-2, atol=1e-4`:
+    the forward pass runs in float16, whose rounding differs with the number
+    of rows in a matrix product, and 8 steps amplify it)."""
+    import keras
+    import kfac_keras
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    keras.mixed_precision.set_global_policy(policy)
+    x, y = data()
+    x = x.copy()
+    bad_step = 4  # a statistics step (cov_update_every=2)
+    x[bad_step * GLOBAL_BATCH + GLOBAL_BATCH - 1, 1] = np.inf  # second replica's half
+    batches = loop_batches(x, y)
+
+    def full_state(model, optimizer):
+        # KFAC's variables built with the LossScaleOptimizer carry its name.
+        values = {re.sub(r"optimizer/loss_scale_optimizer(_\d+)?/", "optimizer/", key): value
+                  for key, value in state(model, optimizer).items()}
+        scaler = model.optimizer
+        assert isinstance(scaler, keras.optimizers.LossScaleOptimizer)
+        values["loss_scale"] = np.array(scaler.dynamic_scale.numpy())
+        values["loss_scale_counter"] = np.array(scaler.step_counter.numpy())
+        return values
+
+    def train(distributed):
+        with (strategy.scope() if distributed else contextlib.nullcontext()):
+            model, optimizer = build({"defaults": True, "loss_scaling": policy == "float32"})
+        step = kfac_keras.make_train_step(model)  # model.optimizer: the LossScaleOptimizer
+        run = tf.function(lambda a, b: strategy.run(step, args=(a, b)) if distributed
+                          else step(a, b))
+        history = []
+        for index, (xb, yb) in enumerate(batches):
+            if distributed:
+                for xs, ys in strategy.experimental_distribute_dataset(
+                        tf.data.Dataset.from_tensors((xb, yb))):
+                    run(xs, ys)
+            else:
+                run(xb, yb)
+            history.append(full_state(model, optimizer))
+        return history
+
+    expected, actual = train(False), train(True)
+    for key, value in actual[-1].items():
+        if "factor" in key:
+            assert value.dtype == np.float32, (key, value.dtype)
+    before, after = actual[bad_step - 1], actual[bad_step]
+    assert after["optimizer/kfac/skipped_steps"] == 1
+    assert after["loss_scale"] == before["loss_scale"] / 2
+    for key, value in before.items():
+        if key.startswith(("weight/", "optimizer/kfac/net_")):
+            assert np.array_equal(value, after[key]), f"skipped step changed {key}"
+    print(f"PASS {policy}/skipped_step", flush=True)
+    if policy == "mixed_float16":
+        worst = max(float(np.max(np.abs(actual[-1][k] - v) / (np.abs(v) + MIXED_ATOL / MIXED_RTOL)))
+                    for k, v in expected[-1].items() if np.all(np.isfinite(v)))
+        print(f"mixed_float16: largest relative difference {worst:.2e}", flush=True)
+        global RTOL, ATOL
+        RTOL, ATOL = MIXED_RTOL, MIXED_ATOL
+    assert_same_state(expected[-1], actual[-1], f"{policy}/final_state")
+
+
+def build_layers_model(normalization=None):
+    """Embedding -> Conv2D (3x3, tanh) -> [BatchNormalization] -> Dense
+    softmax over 6-token sequences, compiled with KFAC's defaults (seed and
+    update periods of `build`); same initial weights for every call.
+    `normalization`: None, or the `synchronized` argument of the
+    BatchNormalization layer."""
+    import keras
+    import kfac_keras
+    keras.utils.set_random_seed(1)
+    layers = [keras.Input((6,), dtype="int32"), keras.layers.Embedding(10, 4, name="emb"),
+              keras.layers.Reshape((6, 4, 1)),
+              keras.layers.Conv2D(3, (3, 3), activation="tanh", name="conv")]
+    if normalization is not None:
+        layers.append(keras.layers.BatchNormalization(synchronized=normalization, name="bn"))
+    layers += [keras.layers.Flatten(), keras.layers.Dense(3, activation="softmax", name="out")]
+    model = keras.Sequential(layers, name="net")
+    optimizer = kfac_keras.KFAC(seed=3, cov_update_every=2, inv_update_every=4)
+    model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+    return model, optimizer
+
+
+def token_data():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 10, size=(GLOBAL_BATCH * STEPS, 6)).astype("int32")
+    return x, (x[:, 0] % 3).astype("int32")
+
+
+def scenario_mirrored_layers():
+    """Embedding + Conv2D under `fit` with MirroredStrategy(2 CPUs) equals one
+    device. With BatchNormalization (synchronized=False) each replica
+    normalizes its half of the batch by that half's statistics (Keras's
+    rule), so the model differs from one device normalizing the whole batch:
+    the test checks that it trains with identical trainable weights and
+    K-FAC state on both replicas. `synchronized=True` is refused."""
+    import kfac_keras
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = token_data()
+
+    def fit(model):
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+                  callbacks=[kfac_keras.KFACCallback(verbose=0)])
+
+    model, optimizer = build_layers_model()
+    fit(model)
+    expected = state(model, optimizer)
+    with strategy.scope():
+        model, optimizer = build_layers_model()
+        fit(model)
+    kinds = sorted(b.kind for b in optimizer.registration.blocks)
+    assert kinds == ["kronecker (conv, KFC)", "kronecker (dense)",
+                     "kronecker (embedding, diagonal A)"], kinds
+    assert_same_state(expected, state(model, optimizer), "layers/embedding_conv2d")
+
+    with strategy.scope():
+        model, optimizer = build_layers_model(normalization=False)
+        fit(model)
+    for variable in list(model.trainable_weights) + list(optimizer.variables):
+        copies = [c.numpy() for c in variable.value.values]
+        assert np.all(np.isfinite(copies[0])), variable.path
+        assert np.array_equal(copies[0], copies[1]), f"replica copies differ: {variable.path}"
+    assert int(optimizer.num_estimates.numpy()) > 0
+    print("PASS layers/batchnorm_trains", flush=True)
+
+    with strategy.scope():
+        model, optimizer = build_layers_model(normalization=True)
+        try:
+            fit(model)
+        except NotImplementedError as error:
+            assert "synchronized=True" in str(error) and "'bn'" in str(error), str(error)
+            assert optimizer.registration is None
+            print("PASS layers/synchronized_batchnorm_refused", flush=True)
+        else:
+            raise AssertionError("BatchNormalization(synchronized=True): no NotImplementedError")
+
+
+def scenario_mirrored_no_arguments():
+    """`KFAC()` with no arguments (learning rate 1, KL clipping,
+    Levenberg-Marquardt damping every 5 steps, statistics every 10 and
+    decompositions every 20 steps, a random seed) under `fit` with
+    MirroredStrategy(2 CPUs), 3 epochs of 8 steps: the logged loss is finite
+    and falls, the rule ran (rho finite), the factors were estimated and
+    decomposed (step 20), and both replicas hold identical weights and K-FAC
+    state."""
+    import keras
+    import kfac_keras
+    import tensorflow as tf
+    configure_logical_cpus(2)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    x, y = data()
+    with strategy.scope():
+        keras.utils.set_random_seed(1)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                                  keras.layers.Dense(3, activation="softmax")])
+        optimizer = kfac_keras.KFAC()
+        model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy")
+        history = model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=3, shuffle=False, verbose=0,
+                            callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+    assert np.isfinite(history.history["rho"][-1]), history.history
+    assert int(optimizer.num_estimates.numpy()) == 3  # steps 0, 10, 20
+    state(model, optimizer)  # asserts identical replica copies
+    print("PASS no_arguments/fit", flush=True)
+
+
 def scenario_mirrored_unsupported():
     """Options K-FAC cannot run with under 2 replicas raise
     NotImplementedError naming them, before any K-FAC state exists."""
@@ -279,8 +494,6 @@ def scenario_mirrored_unsupported():
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     x, y = data()
     cases = {
-        "adaptive": ({"adaptive": kfac_keras.AdaptiveOptions(adapt_damping=True)},
-                     "adaptive", {}),
         "ekfac": ({"inverse_method": "ekfac"}, "ekfac", {}),
         "jit_compile": ({}, "jit_compile", {"jit_compile": True}),
     }
@@ -337,6 +550,11 @@ def load_state(path):
         return {key.replace("|", "/"): archive[key] for key in archive.files}
 
 
+#: KFAC's defaults (Levenberg-Marquardt damping, KL clipping) with the seed
+#: and update periods of `build`.
+MULTIWORKER_OPTIONS = {"defaults": True}
+
+
 def scenario_multiworker_worker(output_path):
     """One worker of a 2-worker MultiWorkerMirroredStrategy (TF_CONFIG set by
     the caller): the custom-loop step on the global batches (each worker
@@ -348,7 +566,7 @@ def scenario_multiworker_worker(output_path):
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     assert strategy.num_replicas_in_sync == 2
     x, y = data()
-    model, optimizer = train_mirrored(strategy, {}, "loop", loop_batches(x, y))
+    model, optimizer = train_mirrored(strategy, MULTIWORKER_OPTIONS, "loop", loop_batches(x, y))
     save_state(output_path, state(model, optimizer))
 
 
@@ -364,7 +582,7 @@ def scenario_multiworker(directory, timeout):
         text=True) for index, path in enumerate(outputs)]
     try:
         x, y = data()
-        expected = state(*train_single({}, "loop", loop_batches(x, y)))
+        expected = state(*train_single(MULTIWORKER_OPTIONS, "loop", loop_batches(x, y)))
         for index, worker in enumerate(workers):
             log, _ = worker.communicate(timeout=timeout)
             assert worker.returncode == 0, f"worker {index}:\n{log[-5000:]}"

@@ -11,6 +11,10 @@ replicas' copies of every variable are identical. Fisher targets are
 sampled, so the factors agree only because each replica samples with its
 global example indices.
 
+With KFAC's defaults (Levenberg-Marquardt damping, KL clipping) the logged
+K-FAC values (`damping`, `rho`, `qmodel_change`, `update_norm`) are compared
+too (same tolerances).
+
 The guard test puts an Inf in the second replica's half of a statistics-step
 batch: the step is skipped on both replicas (no variable changes, including
 BatchNormalization's moving statistics; `skipped_steps` = 1), and the run
@@ -29,6 +33,27 @@ def test_two_replicas_match_one_device_fit_and_custom_loop():
         assert f"PASS cholesky/{mode}" in output, output
 
 
+def test_default_kfac_with_levenberg_marquardt_damping_matches_one_device():
+    """`KFAC(seed=...)` defaults (learning rate 1, KL clipping, the
+    Levenberg-Marquardt rule every 5 steps, which needs the quadratic model's
+    Fisher products and the loss after the update on the global batch,
+    computed per replica and combined): fit, custom loop and eager loop equal
+    one device, damping, rho and the predicted change included, and the rule
+    did run (rho finite, damping moved from its initial 1e-2)."""
+    output = run_scenario("mirrored_equivalence", ["defaults"])
+    for mode in ("loop", "fit", "eager"):
+        assert f"PASS defaults/{mode}" in output, output
+        assert f"PASS defaults/{mode}/damping_adapted" in output, output
+
+
+def test_kfac_without_arguments_trains_under_fit():
+    """Literally `KFAC()` (random seed, so no single-device oracle): finite,
+    falling loss, the Levenberg-Marquardt rule and the factors ran, the
+    replicas are identical."""
+    output = run_scenario("mirrored_no_arguments")
+    assert "PASS no_arguments/fit" in output, output
+
+
 def test_inf_in_one_replica_skips_the_step_on_both():
     output = run_scenario("mirrored_guard")
     assert "PASS guard/bad_step_changes_nothing" in output, output
@@ -38,6 +63,6 @@ def test_inf_in_one_replica_skips_the_step_on_both():
 
 def test_unsupported_options_are_refused_before_any_state():
     output = run_scenario("mirrored_unsupported")
-    for label in ("adaptive", "ekfac", "jit_compile"):
+    for label in ("ekfac", "jit_compile"):
         assert f"PASS unsupported {label}" in output, output
     assert "PASS unsupported fit" in output, output

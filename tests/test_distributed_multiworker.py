@@ -4,10 +4,13 @@ killed if they outlive the time bound.
 
 Each worker trains the tiny MLP of `tests/distributed_scenarios.py` for 8
 custom-loop steps (`strategy.run(make_train_step(...))`, `cov_update_every=2`,
-`inv_update_every=4`), feeding its replica's half of each global batch; the
-oracle is a single-process run on the same global batches. Both workers'
-weights and optimizer variables (momentum, damping, counters, factors,
-inverses) must equal the oracle's to `rtol=1e-4, atol=1e-6`.
+`inv_update_every=4`, otherwise KFAC's defaults: Levenberg-Marquardt damping
+with its batch passes split over the workers, KL clipping), feeding its
+replica's half of each global batch; the oracle is a single-process run on
+the same global batches. Both workers' weights, optimizer variables
+(momentum, damping, counters, factors, inverses) and logged K-FAC values
+(damping, rho, predicted change) must equal the oracle's to `rtol=1e-4,
+atol=1e-6`.
 
 Keras 3 `model.fit` fails under MultiWorkerMirroredStrategy for any
 optimizer (tensorflow/tensorflow#72388, keras-team/keras#20585: it reduces

@@ -418,7 +418,8 @@ def test_float32_overflowing_numbers_are_rejected():
 def test_auto_defaults_resolve_to_kl_clipping_and_lm_damping():
     optimizer = kfac_keras.KFAC()
     assert optimizer.norm_constraint == 1e-4
-    assert optimizer.adaptive == kfac_keras.AdaptiveOptions(adapt_damping=True, min_damping=1e-3)
+    assert optimizer.adaptive == kfac_keras.AdaptiveOptions(
+        adapt_damping=True, min_damping=1e-3, damping_update_every=10)
     assert float(optimizer.learning_rate.numpy()) == 1.0
     assert optimizer.momentum == 0.9 and optimizer.initial_damping == 1e-2
     # get_config holds the resolved values, and rebuilding gives the same optimizer.

@@ -36,10 +36,13 @@ machines that only have the 10,000-image MNIST test set, that set is the
 training set here. The paper used the 60,000 training images, so absolute
 loss values are not comparable with the paper's.
 
-Cost. At batch 1000 on 2 CPU cores, an Adam step takes about 170 ms, with or
-without XLA. A default run (five optimizers, 1200 steps each, grid searches
-of 300-step runs) is about 5,000 optimizer steps per baseline, so it takes
-about an hour or more. ``--quick`` is a smoke test of about a minute.
+Cost. At batch 1000 on 2 quiet CPU cores an Adam step takes about 90 ms,
+a default K-FAC step about 1.8x that and a Muon step about 2.5x. A default
+run (five optimizers, 1200 steps each, grid searches of 300-step runs) takes
+about an hour; ``--steps 800 --grid-steps 150`` took 28 minutes on a loaded
+machine, and the same without the searches (``--lrs``) 10.5 minutes on a
+quiet one (docs/benchmarks.md). ``--quick`` is a smoke test of about a
+minute.
 
 Batch-size schedule (``--batch-schedule``). This uses the paper's rule
 ``m_k = min(m_1 * exp((k - 1) / b), |S|)`` for step ``k = 1, 2, ...``. Here

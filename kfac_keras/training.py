@@ -418,6 +418,11 @@ class KFACTrainStep:
             tf.where(loss_is_finite, keras_loss_module.unscale_loss_for_distribution(loss), 0.0),
             sample_weight=tf.where(loss_is_finite, tf.shape(first_input)[0], 0))
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
+        if "loss" in logs:
+            # Every batch so far skipped: the mean loss is undefined, not 0.
+            seen = tf.convert_to_tensor(model._loss_tracker.count) > 0
+            undefined = tf.constant(float("nan"), logs["loss"].dtype)
+            logs["loss"] = tf.where(seen, logs["loss"], undefined)
         logs["kfac_skipped_steps"] = tf.convert_to_tensor(self.optimizer.skipped_steps)
         for key, value in self.optimizer.logged_values().items():
             logs[key if key not in logs else "kfac_" + key] = value

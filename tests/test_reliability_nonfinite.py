@@ -323,3 +323,18 @@ def test_batch_check_sees_loss_and_every_gradient():
     assert not bool(guards.batch_is_finite(tf.constant(1.0), finite + [tf.constant([np.inf])]))
     # Integer tensors (step counters) are ignored, not rejected.
     assert bool(guards.all_finite([tf.constant(3, tf.int64), tf.constant(1.0)]))
+
+
+def test_epoch_with_every_batch_skipped_logs_nan_loss():
+    """An epoch whose batches were all skipped has no loss: History shows NaN
+    (not the 0.0 of an empty mean), and the counter says why."""
+    good = _batches(2, seed=5)
+    bad = [(_corrupt(x, "nan_input"), y) for x, y in good]
+    model = _model()
+    model.compile(optimizer=kfac_keras.KFAC(**_options()), loss=LOSS)
+    x = np.concatenate([b[0] for b in bad])
+    y = np.concatenate([b[1] for b in bad])
+    history = model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+                        callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    assert history.history["kfac_skipped_steps"] == [2]
+    assert np.isnan(history.history["loss"][0])

@@ -205,3 +205,31 @@ def test_execute_notebook_fails_on_a_cell_error(tmp_path):
     nbformat.write(notebook, path)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="boom"):
         nbu.execute_notebook(path, small=False, timeout=120)
+
+
+def test_keep_outputs_copies_outputs_only_for_unchanged_code():
+    builder = _load_builder()
+    saved = builder.build("quickstart")
+    for count, cell in enumerate((c for c in saved.cells if c.cell_type == "code"), start=1):
+        cell.execution_count = count
+        cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=f"out {count}\n")]
+    saved.metadata["language_info"] = {"name": "python", "version": "3.x"}
+    # Markdown edits keep the outputs, cell by cell, and the kernel's metadata.
+    built = builder.build("quickstart")
+    built.cells[0].source += "\n\nan edited sentence"
+    kept = builder.carry_outputs(built, saved)
+    kept_code = [c for c in kept.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in kept_code] == list(range(1, len(kept_code) + 1))
+    assert [c.outputs[0].text for c in kept_code] == [
+        f"out {i}\n" for i in range(1, len(kept_code) + 1)]
+    assert kept.metadata["language_info"]["version"] == "3.x"
+    assert kept.cells[0].source.endswith("an edited sentence")
+    # A changed code cell: its saved outputs would not be those of the code shown.
+    changed = builder.build("quickstart")
+    next(c for c in changed.cells if c.cell_type == "code").source += "\nx = 1"
+    with pytest.raises(ValueError, match="code cell 1 changed"):
+        builder.carry_outputs(changed, saved)
+    fewer = builder.build("quickstart")
+    fewer.cells = [c for c in fewer.cells if c.source != kept_code[-1].source]
+    with pytest.raises(ValueError, match="code cells"):
+        builder.carry_outputs(fewer, saved)

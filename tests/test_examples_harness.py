@@ -358,3 +358,15 @@ def test_kfac_options_flag_is_parsed_and_validated():
     bad = parser.parse_args(["--kfac-options", '{"damping": -1}'])
     with pytest.raises(ValueError, match="damping"):
         common.kfac_kwargs_from_args(bad)
+
+
+def test_protocol_notes_name_the_learning_rate_source():
+    parser = common.build_common_parser("x", default_steps=10, quick_steps=2)
+    searched = common.protocol_notes(parser.parse_args([]), 20, "auto")
+    assert "grid search of 20-step runs" in searched[1]
+    assert "K-FAC runs with its default learning rate" in searched[1]
+    assert "per-batch training loss" in searched[0] and searched[2].startswith("jit_compile: auto")
+    fixed = common.protocol_notes(parser.parse_args(["--no-grid", "--lrs", "adam=0.01"]), 20,
+                                  "off", loss_name="training cross-entropy")
+    assert "--no-grid" in fixed[1] and "fixed by --lrs" in fixed[1]
+    assert "per-batch training cross-entropy" in fixed[0]

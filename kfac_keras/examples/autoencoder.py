@@ -189,19 +189,7 @@ def main(argv=None):
         "weights and batch order for every optimizer",
         "loss: summed CE = cross-entropy summed over the 784 pixels per image "
         "= 784 x Keras BinaryCrossentropy(from_logits=True) (mean BCE)",
-        f"a target counts as reached when the {args.smooth}-step moving average of "
-        "the per-batch training loss is at or below it; seconds exclude the "
-        f"first {args.warmup} (compile/warm-up) steps, which are charged the median "
-        "step time instead",
-        "learning rates: " + (
-            "each optimizer's default (--no-grid)" if args.no_grid else
-            f"picked by a grid search of {grid_steps}-step runs for each optimizer "
-            "with a grid (see below)"
-            + ("" if args.kfac_grid or "kfac" in args.lrs
-               else "; K-FAC runs with its default learning rate"))
-        + (f"; fixed by --lrs: {args.lrs}" if args.lrs else ""),
-        f"jit_compile: {jit}" + (" (timed per optimizer; the jit column shows the "
-                                 "choice)" if jit == "auto" else ""),
+        *common.protocol_notes(args, grid_steps, jit),
     ]
     if batch_sizes:
         notes.append("with a batch-size schedule, ms/step is the median over steps of "

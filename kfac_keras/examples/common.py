@@ -788,6 +788,26 @@ def build_common_parser(example: str, description: str = "", *,
     return p
 
 
+def protocol_notes(args, grid_steps, jit, loss_name="training loss"):
+    """The result notes every benchmark example shares: when a target counts
+    as reached, where the learning rates came from, and the XLA choice."""
+    return [
+        f"a target counts as reached when the {args.smooth}-step moving average of "
+        f"the per-batch {loss_name} is at or below it; seconds exclude the first "
+        f"{args.warmup} (compile/warm-up) steps, which are charged the median step "
+        "time instead",
+        "learning rates: " + (
+            "each optimizer's default (--no-grid)" if args.no_grid else
+            f"picked by a grid search of {grid_steps}-step runs for each optimizer "
+            "with a grid (see below)"
+            + ("" if args.kfac_grid or "kfac" in args.lrs
+               else "; K-FAC runs with its default learning rate"))
+        + (f"; fixed by --lrs: {args.lrs}" if args.lrs else ""),
+        f"jit_compile: {jit}" + (" (timed per optimizer; the jit column shows the "
+                                 "choice)" if jit == "auto" else ""),
+    ]
+
+
 def resolve_common_args(args, *, default_steps: int, quick_steps: int):
     """Fills in the defaults that depend on ``--quick``: returns
     ``(steps, grid_steps, jit)``."""

@@ -221,20 +221,9 @@ def main(argv=None):
         f"batch size {args.batch_size}, {steps} steps ({epochs:.1f} passes over the "
         f"training images), seed {args.seed}; same initial weights and batch order for "
         "every optimizer",
-        f"a target counts as reached when the {args.smooth}-step moving average of the "
-        "per-batch training cross-entropy is at or below it; seconds exclude the first "
-        f"{args.warmup} (compile/warm-up) steps, which are charged the median step time",
         "test accuracy: arg-max of the logits vs the label on the held-out images, "
         "after the final training run",
-        "learning rates: " + (
-            "each optimizer's default (--no-grid)" if args.no_grid else
-            f"picked by a grid search of {grid_steps}-step runs for each optimizer "
-            "with a grid (see below)"
-            + ("" if args.kfac_grid or "kfac" in args.lrs
-               else "; K-FAC runs with its default learning rate"))
-        + (f"; fixed by --lrs: {args.lrs}" if args.lrs else ""),
-        f"jit_compile: {jit}" + (" (timed per optimizer; the jit column shows the "
-                                 "choice)" if jit == "auto" else ""),
+        *common.protocol_notes(args, grid_steps, jit, loss_name="training cross-entropy"),
     ]
 
     def test_accuracy(run):

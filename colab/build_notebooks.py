@@ -10,7 +10,7 @@ library's API is one edit here. Usage, from the repository root::
     python colab/build_notebooks.py --keep-outputs  # after editing markdown only
 
 ``--execute`` runs each notebook top to bottom in a kernel on this Python
-interpreter (``kfac_keras.examples.notebook_utils.execute_notebook``) and
+interpreter (``benchmarks.notebook_helpers.execute_notebook``) and
 saves the real outputs into the notebook. Writing a notebook without
 ``--execute`` drops its saved outputs, unless ``--keep-outputs`` is given:
 then the code cells keep the outputs of the notebook on disk, which is only
@@ -28,6 +28,7 @@ import time
 import nbformat
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
 
 #: Where the "Open in Colab" badges and the install cell point. They assume
 #: the project is published on GitHub as kfac-keras/kfac_keras.
@@ -50,17 +51,25 @@ def header(name, title, intro):
 
 
 INSTALL = f'''
-# In Colab, install kfac_keras from its repository (set KFAC_KERAS_REPO to your
-# fork's URL if you publish it elsewhere). Anywhere else this cell installs
-# nothing: there the package is expected to be installed already
-# (`pip install -e .` in a clone of the repository).
+# In Colab, clone the repository (set KFAC_KERAS_REPO to your fork's URL if you
+# publish it elsewhere) and install kfac_keras from the clone. Anywhere else this
+# cell installs nothing: open the notebook in the colab/ folder of a clone with
+# the package installed (`pip install -e .`). The notebook's helpers (data
+# loading, timing, plots) are in the clone's benchmarks/ folder, which is not
+# part of the installed package, so the clone's root goes on sys.path.
 import os
 import sys
 import time
 
 KFAC_KERAS_REPO = os.environ.get("KFAC_KERAS_REPO", "https://github.com/{GITHUB_REPO}")
 if "google.colab" in sys.modules:
-    %pip install -q "kfac_keras @ git+{{KFAC_KERAS_REPO}}"
+    repo_root = "/content/kfac_keras"
+    if not os.path.isdir(repo_root):
+        !git clone -q --depth 1 {{KFAC_KERAS_REPO}} {{repo_root}}
+    %pip install -q {{repo_root}}
+else:
+    repo_root = os.path.dirname(os.path.abspath(""))  # the notebook runs in colab/
+sys.path.insert(0, repo_root)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # quiet TensorFlow's C++ logging
 notebook_start = time.perf_counter()
 '''
@@ -104,8 +113,8 @@ import keras
 import matplotlib.pyplot as plt
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import notebook_utils as nbu
+from benchmarks.mnist_data import load_mnist
+from benchmarks import notebook_helpers as nbu
 
 print(nbu.size_banner())
 '''), md('''
@@ -238,9 +247,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import notebook_utils as nbu
-from kfac_keras.examples.autoencoder import PIXELS, make_autoencoder
+from benchmarks.mnist_data import load_mnist
+from benchmarks import notebook_helpers as nbu
+from benchmarks.autoencoder import PIXELS, make_autoencoder
 
 print(nbu.size_banner())
 x, _, source = load_mnist()
@@ -275,7 +284,7 @@ Levenberg-Marquardt rule (section 6.5): `λ` shrinks when the quadratic model pr
 loss change well (reduction ratio `ρ > 3/4`) and grows when it did not (`ρ < 1/4`).
 
 Every optimizer starts from the same initial weights and sees the same batches in the same
-order (`nbu.train`, a wrapper of the benchmark harness `kfac_keras.examples.common`).
+order (`nbu.train`, a wrapper of the benchmark harness `benchmarks.harness`).
 '''), code('''
 def make_kfac():
     return kfac_keras.KFAC(
@@ -305,7 +314,7 @@ print(f"K-FAC (defaults): {defaults_run['per_step_ms']:.0f} ms/step, final loss 
 
 SGD with momentum 0.9 and Adam, each at the learning rate that did best in 60-step trial runs
 at batch size 500 (SGD: 0.1, 0.3, 1; Adam: 1e-3, 3e-3). For a full learning-rate grid search
-run `python -m kfac_keras.examples.autoencoder`.
+run `python -m benchmarks.autoencoder` from the repository root.
 '''), code('''
 baselines = {
     "SGD+momentum (lr 1)": lambda: keras.optimizers.SGD(1.0, momentum=0.9),
@@ -383,9 +392,9 @@ import keras
 import matplotlib.pyplot as plt
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import notebook_utils as nbu
-from kfac_keras.examples.small_models import random_token_data, small_cnn, small_transformer
+from benchmarks.mnist_data import load_mnist
+from benchmarks import notebook_helpers as nbu
+from benchmarks.small_models import random_token_data, small_cnn, small_transformer
 
 print(nbu.size_banner())
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -549,8 +558,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import notebook_utils as nbu
+from benchmarks.mnist_data import load_mnist
+from benchmarks import notebook_helpers as nbu
 
 print(nbu.size_banner())
 x, y, source = load_mnist()
@@ -707,8 +716,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import notebook_utils as nbu
+from benchmarks.mnist_data import load_mnist
+from benchmarks import notebook_helpers as nbu
 
 print(nbu.size_banner())
 x, y, source = load_mnist()
@@ -1017,10 +1026,12 @@ def main(argv=None):
         if not args.execute:
             print(f"wrote {path}" + (" (saved outputs kept)" if args.keep_outputs else ""))
             continue
-        from kfac_keras.examples import notebook_utils  # noqa: PLC0415
+        if REPO_ROOT not in sys.path:  # benchmarks/ is not installed
+            sys.path.insert(0, REPO_ROOT)
+        from benchmarks import notebook_helpers  # noqa: PLC0415 (TensorFlow only to execute)
 
         start = time.perf_counter()
-        notebook_utils.execute_notebook(path, small=args.small, timeout=args.timeout,
+        notebook_helpers.execute_notebook(path, small=args.small, timeout=args.timeout,
                                         save_to=path)
         print(f"wrote and executed {path} ({'small' if args.small else 'tutorial'} size) "
               f"in {time.perf_counter() - start:.0f} s", flush=True)

@@ -57,7 +57,7 @@ the loss after the update). With the default
 replicated decompositions nothing else is exchanged; with
 `KFAC(distributed_inverses=True)` each `inv_update_every` steps adds one of
 the blocks' whole state (factors and decompositions) and one flag per block
-(see `KFAC`). Measured with `python -m kfac_keras.examples.distributed_cost`
+(see `KFAC`). Measured with `python -m benchmarks.distributed_cost`
 for the MNIST autoencoder (784-1000-500-250-30-250-500-1000-784, 2.84M
 parameters, Cholesky): 10.8 MiB per step, 24.8 MiB more per `T_cov` step,
 49.5 MiB more per `T_inv` step with distributed inverses. (A ring

@@ -1,4 +1,4 @@
-"""Tests for kfac_keras.datasets (IDX parsing and the MNIST source chain)."""
+"""Tests for benchmarks/mnist_data.py (IDX parsing and the MNIST source chain)."""
 
 import gzip
 import os
@@ -9,8 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from kfac_keras import datasets
-from kfac_keras.datasets import load_mnist, read_idx, upsample_digits
+from benchmarks import mnist_data as datasets
+from benchmarks.mnist_data import load_mnist, read_idx, upsample_digits
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DIR = os.environ.get(

@@ -1,4 +1,4 @@
-"""Tests for the benchmark harness (kfac_keras/examples/common.py) and the
+"""Tests for the benchmark harness (benchmarks/harness.py and the modules it uses) and the
 autoencoder example's command line."""
 
 import csv
@@ -13,8 +13,8 @@ import pytest
 
 import keras
 
-from kfac_keras.examples import common
-from kfac_keras.examples.autoencoder import (batch_size_schedule,
+from benchmarks import batches, cli, harness, optimizers, plotting, reports, targets, timing
+from benchmarks.autoencoder import (batch_size_schedule,
                                              make_autoencoder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,29 +28,29 @@ HAVE_REAL = os.path.isfile(os.path.join(REAL_DIR, "t10k-images-idx3-ubyte.gz"))
 
 def test_moving_average_trailing():
     v = [4.0, 2.0, 6.0, 0.0, 8.0]
-    np.testing.assert_allclose(common.moving_average(v, 2), [4, 3, 4, 3, 4])
-    np.testing.assert_allclose(common.moving_average(v, 1), v)
-    out = common.moving_average([1.0, float("nan"), 1.0, 1.0], 2)
+    np.testing.assert_allclose(targets.moving_average(v, 2), [4, 3, 4, 3, 4])
+    np.testing.assert_allclose(targets.moving_average(v, 1), v)
+    out = targets.moving_average([1.0, float("nan"), 1.0, 1.0], 2)
     assert math.isnan(out[1]) and math.isnan(out[2]) and out[3] == 1.0
 
 
 def test_steps_and_seconds_to_target_synthetic():
     loss = np.array([10, 9, 8, 7, 6, 5, 4, 3, 2, 1], dtype=float)
     hist = {"loss": loss, "elapsed": 0.5 * np.arange(1, 11), "window": 1}
-    out = common.steps_and_seconds_to_target(hist, [8, 5.5, 0.5])
+    out = targets.steps_and_seconds_to_target(hist, [8, 5.5, 0.5])
     assert out[8] == (3, 1.5)
     assert out[5.5] == (6, 3.0)
     assert out[0.5] == (None, None)
     # with a 3-step moving average the loss 8.0 is first reached at step 4 (mean 8)
-    out3 = common.steps_and_seconds_to_target(hist, [8.0], window=3)
+    out3 = targets.steps_and_seconds_to_target(hist, [8.0], window=3)
     assert out3[8.0] == (4, 2.0)
     # loss_scale multiplies the history before comparing
-    scaled = common.steps_and_seconds_to_target(hist, [80], loss_scale=10.0)
+    scaled = targets.steps_and_seconds_to_target(hist, [80], loss_scale=10.0)
     assert scaled[80] == (3, 1.5)
     # a run_optimizer-style dict with an explicit smoothed curve
     run = {"history": {"loss": loss, "smoothed": loss[::-1].copy(),
                        "elapsed": np.arange(1, 11.0)}}
-    assert common.steps_and_seconds_to_target(run, [10])[10] == (1, 1.0)
+    assert targets.steps_and_seconds_to_target(run, [10])[10] == (1, 1.0)
 
 
 # -- TimedLossHistory --------------------------------------------------------
@@ -70,7 +70,7 @@ def _feed(cb, losses, sizes):
 def test_timed_history_recovers_per_batch_loss():
     rng = np.random.default_rng(0)
     losses = rng.uniform(0.05, 0.3, size=300)
-    cb = common.TimedLossHistory(warmup_steps=2)
+    cb = timing.TimedLossHistory(warmup_steps=2)
     _feed(cb, losses, [1000] * 300)
     h = cb.result()
     np.testing.assert_allclose(h["loss"], losses, rtol=2e-4)
@@ -82,7 +82,7 @@ def test_timed_history_recovers_per_batch_loss():
     assert h["compile_seconds"] == pytest.approx(h["step_seconds"][:2].sum())
 
     sizes = [int(s) for s in rng.integers(100, 5000, size=50)]
-    cb2 = common.TimedLossHistory(batch_sizes=sizes)
+    cb2 = timing.TimedLossHistory(batch_sizes=sizes)
     _feed(cb2, losses[:50], sizes)
     np.testing.assert_allclose(cb2.result()["loss"], losses[:50], rtol=1e-4)
 
@@ -97,12 +97,12 @@ def test_timed_history_matches_real_per_batch_loss():
     def make_model():
         return keras.Sequential([keras.Input((5,)), keras.layers.Dense(1)])
 
-    res = common.run_optimizer(make_model, lambda: keras.optimizers.SGD(0.0), x, y,
+    res = harness.run_optimizer(make_model, lambda: keras.optimizers.SGD(0.0), x, y,
                                "mse", 16, 12, 3, False)
     assert res["steps_run"] == 12
     keras.utils.set_random_seed(3)
     model = make_model()  # same seed -> same weights as the run
-    ds = common.make_dataset(x, y, 16, 12, 3)
+    ds = batches.make_dataset(x, y, 16, 12, 3)
     expected = [float(np.mean((model(xb).numpy() - yb.numpy()) ** 2)) for xb, yb in ds]
     np.testing.assert_allclose(res["history"]["loss"], expected, rtol=1e-4)
     assert res["per_step_ms"] > 0 and res["compile_seconds"] > 0
@@ -110,9 +110,9 @@ def test_timed_history_matches_real_per_batch_loss():
 
 def test_dataset_order_is_fixed():
     x = np.arange(40, dtype="float32").reshape(20, 2)
-    a = [b[0].numpy() for b in common.make_dataset(x, None, 8, 6, seed=5)]
-    b = [b[0].numpy() for b in common.make_dataset(x, None, 8, 6, seed=5)]
-    c = [b[0].numpy() for b in common.make_dataset(x, None, 8, 6, seed=6)]
+    a = [b[0].numpy() for b in batches.make_dataset(x, None, 8, 6, seed=5)]
+    b = [b[0].numpy() for b in batches.make_dataset(x, None, 8, 6, seed=5)]
+    c = [b[0].numpy() for b in batches.make_dataset(x, None, 8, 6, seed=6)]
     assert len(a) == 6 and all(np.array_equal(p, q) for p, q in zip(a, b))
     assert not all(np.array_equal(p, q) for p, q in zip(a, c))
     # first 20 examples drawn = one full epoch, without repetition
@@ -120,7 +120,7 @@ def test_dataset_order_is_fixed():
     assert sorted(first.tolist()) == list(range(0, 40, 2))
     # variable batch sizes (schedule)
     sizes = [3, 5, 20, 20]
-    sched = [b[0].numpy() for b in common.make_dataset(x, None, 0, 4, 5, sizes)]
+    sched = [b[0].numpy() for b in batches.make_dataset(x, None, 0, 4, 5, sizes)]
     assert [len(s) for s in sched] == sizes
     assert sorted(sched[2][:, 0].tolist()) == list(range(0, 40, 2))
 
@@ -150,26 +150,26 @@ def _fake(best):
 
 def test_grid_search_interior_winner_does_not_extend():
     run, calls = _fake(1e-3)
-    g = common.lr_grid_search(run, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], verbose=False)
+    g = harness.lr_grid_search(run, [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], verbose=False)
     assert g["winner"] == 1e-3 and g["extensions"] == [] and not g["at_edge"]
     assert len(calls) == 5
 
 
 def test_grid_search_extends_at_high_edge():
     run, calls = _fake(0.013)  # edge value 0.01 wins; 0.03 is tried and loses
-    g = common.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
+    g = harness.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
     assert g["extensions"] == [0.03]
     assert g["winner"] == 0.01 and not g["at_edge"]
     assert g["grid"] == [1e-3, 3e-3, 1e-2, 0.03]
     run, calls = _fake(0.05)  # 0.03 wins and is the new edge -> 0.09 is tried too
-    g = common.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
+    g = harness.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
     assert g["extensions"] == [0.03, 0.09]
     assert g["winner"] == 0.03 and not g["at_edge"]
 
 
 def test_grid_search_extends_at_most_twice_and_flags_edge():
     run, calls = _fake(1e-7)  # far below the grid
-    g = common.lr_grid_search(run, [1e-3, 1e-2, 1e-1], verbose=False)
+    g = harness.lr_grid_search(run, [1e-3, 1e-2, 1e-1], verbose=False)
     assert g["extensions"] == [3.33e-4, 1.11e-4]
     assert g["winner"] == 1.11e-4 and g["at_edge"]
     assert len(calls) == 5
@@ -179,7 +179,7 @@ def test_grid_search_treats_divergence_as_worst():
     def run(lr):
         return {"final_loss": float("nan") if lr > 5e-3 else lr * -1.0}
 
-    g = common.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
+    g = harness.lr_grid_search(run, [1e-3, 3e-3, 1e-2], verbose=False)
     assert g["winner"] == 3e-3 and math.isinf(g["scores"][1e-2])
 
 
@@ -202,7 +202,7 @@ def test_writers_produce_files(tmp_path):
         "adam": _fake_run("adam", 1e-3, [0.5, 0.4, 0.3, 0.2, 0.15, 0.1], 0.1),
         "sgd": _fake_run("sgd", 1e-2, [0.5, 0.45, 0.4], 0.1),
     }
-    text = common.write_results(runs, [3.0, 1.0], str(tmp_path), title="T",
+    text = reports.write_results(runs, [3.0, 1.0], str(tmp_path), title="T",
                                 loss_scale=10.0, loss_name="summed", raw_loss_name="mean",
                                 notes=["a note"])
     for f in ("results.md", "results.csv", "ratios.csv"):
@@ -217,12 +217,12 @@ def test_writers_produce_files(tmp_path):
 
     # Unscaled targets. K-FAC: 0.3 at step 2 (0.4 s), 0.1 at step 4 (0.8 s);
     # Adam: 0.3 at step 3 (0.3 s), 0.1 at step 6 (0.6 s); SGD never (3 steps, 0.3 s).
-    common.write_results(runs, [0.3, 0.1], str(tmp_path), basename="unscaled")
+    reports.write_results(runs, [0.3, 0.1], str(tmp_path), basename="unscaled")
     with open(tmp_path / "unscaled.csv") as f:
         rows = {r["optimizer"]: r for r in csv.DictReader(f)}
     assert rows["kfac"]["steps_to_0.3"] == "2" and rows["kfac"]["seconds_to_0.3"] == "0.4"
     assert rows["adam"]["steps_to_0.1"] == "6" and rows["sgd"]["steps_to_0.1"] == ""
-    ratio_rows = common.compute_ratios(runs, [0.3, 0.1])
+    ratio_rows = targets.compute_ratios(runs, [0.3, 0.1])
     assert ("adam", 0.3, "1.50x", "0.75x") in ratio_rows
     assert ("sgd", 0.3, ">1.50x", ">0.75x") in ratio_rows
     assert ("sgd", 0.1, ">0.75x", ">0.38x") in ratio_rows or \
@@ -232,30 +232,30 @@ def test_writers_produce_files(tmp_path):
         scaled = {r["optimizer"]: r for r in csv.DictReader(f)}
     assert scaled["kfac"]["steps_to_3"] == "2" and scaled["adam"]["steps_to_1"] == "6"
 
-    paths = common.write_plots(runs, str(tmp_path), targets=[0.3])
+    paths = plotting.write_loss_plots(runs, str(tmp_path), targets=[0.3])
     assert all(os.path.getsize(p) > 1000 for p in paths)
-    md = common.write_grid_table({"adam": common.lr_grid_search(
+    md = reports.write_grid_table({"adam": harness.lr_grid_search(
         lambda lr: abs(lr - 1e-3), [1e-4, 1e-3, 1e-2], verbose=False)})
     assert "(best)" in md
-    assert os.path.getsize(common.save_histories(runs, str(tmp_path))) > 0
+    assert os.path.getsize(reports.save_histories(runs, str(tmp_path))) > 0
 
 
 def test_optimizer_specs_and_parser():
-    specs = common.get_optimizer_specs(["adam", "sgd", "nesterov", "muon"],
+    specs = optimizers.get_optimizer_specs(["adam", "sgd", "nesterov", "muon"],
                                        output_layer_name="output_logits", verbose=False)
     assert [s.name for s in specs] == ["adam", "sgd", "nesterov", "muon"]
     opts = [s.build(None) for s in specs]
     assert opts[2].nesterov and opts[1].momentum == 0.9
     assert opts[3].exclude_layers == ["output_logits"]
     assert opts[3].weight_decay == 0.0 and opts[3].adam_weight_decay == 0.0
-    sgd = common.get_optimizer_specs(["sgd"], grids={"sgd": ((0.1, 1.0), (1.0,))})[0]
+    sgd = optimizers.get_optimizer_specs(["sgd"], grids={"sgd": ((0.1, 1.0), (1.0,))})[0]
     assert sgd.grid == (0.1, 1.0) and sgd.quick_grid == (1.0,)
-    args = common.build_common_parser("x", default_steps=10, quick_steps=2).parse_args(
+    args = cli.build_common_parser("x", default_steps=10, quick_steps=2).parse_args(
         ["--optimizers", "adam,muon", "--lrs", "adam=0.01"])
     assert args.optimizers == ["adam", "muon"] and args.lrs == {"adam": 0.01}
     assert args.batch_size == 1000 and args.out_dir.endswith(os.path.join("benchmark_results", "x"))
     with pytest.raises(SystemExit):
-        common.build_common_parser("x", default_steps=10, quick_steps=2).parse_args(
+        cli.build_common_parser("x", default_steps=10, quick_steps=2).parse_args(
             ["--optimizers", "adam,rmsprop"])
 
 
@@ -275,7 +275,7 @@ def test_autoencoder_architecture():
 @pytest.mark.skipif(not HAVE_REAL, reason=f"real MNIST not found in {REAL_DIR}")
 def test_autoencoder_cli_end_to_end(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "kfac_keras.examples.autoencoder", "--quick",
+    cmd = [sys.executable, "-m", "benchmarks.autoencoder", "--quick",
            "--optimizers", "adam,sgd", "--steps", "5", "--no-grid",
            "--data-dir", REAL_DIR, "--out-dir", str(out)]
     env = dict(os.environ)
@@ -312,12 +312,12 @@ def test_benchmark_optimizers_tiny_model(capsys):
         raise RuntimeError("broken optimizer (test)")
 
     specs = [
-        common.OptimizerSpec("sgd", "SGD", lambda lr: keras.optimizers.SGD(lr), 0.01,
+        optimizers.OptimizerSpec("sgd", "SGD", lambda lr: keras.optimizers.SGD(lr), 0.01,
                              (0.01, 0.03), (0.01, 0.03)),
-        common.OptimizerSpec("adam", "Adam", lambda lr: keras.optimizers.Adam(lr), 0.01),
-        common.OptimizerSpec("bad", "Broken", broken, 0.1),
+        optimizers.OptimizerSpec("adam", "Adam", lambda lr: keras.optimizers.Adam(lr), 0.01),
+        optimizers.OptimizerSpec("bad", "Broken", broken, 0.1),
     ]
-    out = common.benchmark_optimizers(
+    out = harness.benchmark_optimizers(
         specs, make_model, x, y, "mse", steps=12, batch_size=32, seed=0,
         grid=True, quick=True, grid_steps=6, jit="off", warmup_steps=2)
     runs, grids = out["runs"], out["grids"]
@@ -336,7 +336,7 @@ def test_choose_jit_compile_with_fake_probe():
             return {"per_step_ms": 3.0}
         return {"per_step_ms": 5.0}
 
-    choice, t = common.choose_jit_compile(probe, verbose=False)
+    choice, t = harness.choose_jit_compile(probe, verbose=False)
     assert choice is True and t == {False: 5.0, True: 3.0}
 
     def xla_fails(jit, steps):
@@ -344,29 +344,29 @@ def test_choose_jit_compile_with_fake_probe():
             raise RuntimeError("no XLA kernel")
         return {"per_step_ms": 5.0}
 
-    assert common.choose_jit_compile(xla_fails, verbose=False)[0] is False
+    assert harness.choose_jit_compile(xla_fails, verbose=False)[0] is False
 
 
 def test_kfac_options_flag_is_parsed_and_validated():
-    parser = common.build_common_parser("x", default_steps=10, quick_steps=2)
+    parser = cli.build_common_parser("x", default_steps=10, quick_steps=2)
     args = parser.parse_args(["--kfac-options", '{"norm_constraint": 3e-4, "adaptive": null}',
                               "--kfac-damping", "0.05"])
-    assert common.kfac_kwargs_from_args(args) == {
+    assert cli.kfac_kwargs_from_args(args) == {
         "norm_constraint": 3e-4, "adaptive": None, "damping": 0.05}
     with pytest.raises(SystemExit):  # not a JSON object
         parser.parse_args(["--kfac-options", "[1]"])
     bad = parser.parse_args(["--kfac-options", '{"damping": -1}'])
     with pytest.raises(ValueError, match="damping"):
-        common.kfac_kwargs_from_args(bad)
+        cli.kfac_kwargs_from_args(bad)
 
 
 def test_protocol_notes_name_the_learning_rate_source():
-    parser = common.build_common_parser("x", default_steps=10, quick_steps=2)
-    searched = common.protocol_notes(parser.parse_args([]), 20, "auto")
+    parser = cli.build_common_parser("x", default_steps=10, quick_steps=2)
+    searched = cli.protocol_notes(parser.parse_args([]), 20, "auto")
     assert "grid search of 20-step runs" in searched[1]
     assert "K-FAC runs with its default learning rate" in searched[1]
     assert "per-batch training loss" in searched[0] and searched[2].startswith("jit_compile: auto")
-    fixed = common.protocol_notes(parser.parse_args(["--no-grid", "--lrs", "adam=0.01"]), 20,
+    fixed = cli.protocol_notes(parser.parse_args(["--no-grid", "--lrs", "adam=0.01"]), 20,
                                   "off", loss_name="training cross-entropy")
     assert "--no-grid" in fixed[1] and "fixed by --lrs" in fixed[1]
     assert "per-batch training cross-entropy" in fixed[0]

@@ -1,5 +1,5 @@
-"""Tests for the scaling benchmark (kfac_keras/examples/scaling.py), the MNIST
-CNN benchmark (kfac_keras/examples/mnist_cnn.py) and the harness hooks they
+"""Tests for the scaling benchmark (benchmarks/scaling.py), the MNIST
+CNN benchmark (benchmarks/mnist_cnn.py) and the harness hooks they
 use (run_optimizer's `evaluate`, write_results' `extra_columns`)."""
 
 import csv
@@ -15,11 +15,10 @@ import pytest
 import keras
 
 import kfac_keras
-from kfac_keras.examples import common
-from kfac_keras.examples.mnist_cnn import (classification_accuracy, make_cnn,
-                                           train_test_split)
-from kfac_keras.examples.scaling import (fit_power_law, make_mlp,
-                                         optimizer_state_bytes)
+from benchmarks import harness, optimizers, reports
+from benchmarks.mnist_cnn import classification_accuracy, make_cnn, train_test_split
+from benchmarks.scaling import make_mlp, optimizer_state_bytes
+from benchmarks.scaling_report import fit_power_law
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REAL_DIR = os.environ.get(
@@ -189,8 +188,8 @@ def test_evaluate_hook_and_extra_columns(tmp_path):
     def make_model():
         return keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, name="out")])
 
-    specs = common.get_optimizer_specs(["adam"], output_layer_name="out")
-    bench = common.benchmark_optimizers(
+    specs = optimizers.get_optimizer_specs(["adam"], output_layer_name="out")
+    bench = harness.benchmark_optimizers(
         specs, make_model, x, y,
         keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps=6, batch_size=16, seed=0, grid=True, quick=True, grid_steps=3,
@@ -200,7 +199,7 @@ def test_evaluate_hook_and_extra_columns(tmp_path):
     assert len(bench["grids"]["adam"]["grid"]) == 2
     accuracy = run["evaluation"]["test_accuracy"]
     assert accuracy == classification_accuracy(calls[0], x, y)
-    text = common.write_results(
+    text = reports.write_results(
         bench["runs"], [0.5], str(tmp_path), extra_columns=[
             ("test accuracy", lambda r: round(r["evaluation"]["test_accuracy"], 4)),
             ("missing", lambda r: None)])
@@ -217,7 +216,7 @@ def test_evaluate_hook_and_extra_columns(tmp_path):
 
 def test_scaling_quick_cli(tmp_path):
     out = tmp_path / "scaling"
-    stdout = _run_cli("kfac_keras.examples.scaling",
+    stdout = _run_cli("benchmarks.scaling",
                       ["--quick", "--widths", "16,32", "--batches", "50,100",
                        "--fixed-batch", "100", "--fixed-width", "16", "--repeats", "2",
                        "--out-dir", str(out)], tmp_path)
@@ -264,7 +263,7 @@ def test_scaling_quick_cli(tmp_path):
 @pytest.mark.skipif(not HAVE_REAL, reason=f"real MNIST not found in {REAL_DIR}")
 def test_mnist_cnn_quick_cli(tmp_path):
     out = tmp_path / "cnn"
-    stdout = _run_cli("kfac_keras.examples.mnist_cnn",
+    stdout = _run_cli("benchmarks.mnist_cnn",
                       ["--quick", "--optimizers", "kfac,adam", "--steps", "12",
                        "--data-dir", REAL_DIR, "--out-dir", str(out)], tmp_path)
     assert "8000 training and 2000 held-out test images" in stdout
@@ -290,14 +289,14 @@ def test_mnist_cnn_quick_cli(tmp_path):
 
 
 @pytest.mark.parametrize("skip_startup,expected_decompositions", [(False, 2), (True, 1)])
-def test_time_kfac_cycles_period_contents(skip_startup, expected_decompositions):
+def test_kfac_period_seconds_period_contents(skip_startup, expected_decompositions):
     """One timed inv_update_every period (steps 2..21 after 2 warm-up steps)
     holds two statistics updates (steps 10, 20) and, once the start-up phase
     is skipped, one decomposition (step 20); without skipping, the start-up
     rule (decompose after each of the first three estimates) adds step 10."""
     import tensorflow as tf
 
-    from kfac_keras.examples import step_cost
+    from benchmarks import step_cost, timing
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(40, 784)).astype("float32"))
@@ -321,7 +320,7 @@ def test_time_kfac_cycles_period_contents(skip_startup, expected_decompositions)
         state.update(step=state["step"] + 1, inverse=inverse, factor=factor)
         return result
 
-    durations = step_cost.time_kfac_cycles(observed_step, optimizer, 1,
+    durations = timing.kfac_period_seconds(observed_step, optimizer, 1,
                                            skip_startup=skip_startup)
     assert durations.shape == (1,) and durations[0] > 0
     assert state["step"] == 22

@@ -9,7 +9,7 @@ from kfac_keras.blocks.conv import ConvBlock
 from kfac_keras.blocks.dense import DenseBlock
 from kfac_keras.blocks.einsum_dense import EinsumDenseBlock
 from kfac_keras.blocks.embedding import EmbeddingBlock
-from kfac_keras.examples import small_models
+from benchmarks import small_models
 
 SCALE_SHIFT = "scale-shift (2x2 per entry)"
 

@@ -6,7 +6,7 @@ temporary copy, so the committed notebook and its saved outputs are never
 touched; any cell error fails the test. The other tests check what the issue
 asks of the committed files (badge, Colab-only install cell, saved outputs of
 a real run, notebooks in sync with colab/build_notebooks.py) and the small
-helpers of kfac_keras.examples.notebook_utils against hand-computed values.
+helpers of benchmarks/notebook_helpers.py against hand-computed values.
 """
 
 import hashlib
@@ -18,7 +18,7 @@ import nbformat
 import numpy as np
 import pytest
 
-from kfac_keras.examples import notebook_utils as nbu
+from benchmarks import notebook_helpers as nbu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COLAB = os.path.join(REPO, "colab")
@@ -77,7 +77,11 @@ def test_committed_notebook_has_badge_install_cell_and_real_outputs(name):
     code_cells = [c for c in notebook.cells if c.cell_type == "code"]
     install = code_cells[0].source
     assert 'if "google.colab" in sys.modules:' in install
-    assert '%pip install -q "kfac_keras @ git+{KFAC_KERAS_REPO}"' in install
+    # Colab: clone, install the package from the clone, and put the clone's root
+    # (benchmarks/, the helpers) on sys.path; elsewhere only the path.
+    assert "!git clone -q --depth 1 {KFAC_KERAS_REPO} {repo_root}" in install
+    assert "%pip install -q {repo_root}" in install
+    assert "sys.path.insert(0, repo_root)" in install
     assert 'KFAC_KERAS_REPO = os.environ.get("KFAC_KERAS_REPO"' in install
     # Saved outputs come from one top-to-bottom run: every code cell ran, in order.
     assert [c.execution_count for c in code_cells] == list(range(1, len(code_cells) + 1))

@@ -1,6 +1,6 @@
 """The long-run stability script (issue 7, item 6), at CI size.
 
-`kfac_keras.examples.stability` trains the MNIST autoencoder with default
+`benchmarks.stability` trains the MNIST autoencoder with default
 K-FAC and judges the run; the full-size run (3,000 steps of 1,000 images) is
 too slow for CI, so this runs the same script on the same network for a few
 steps on small batches, checks its verdict, and checks that the verdict can
@@ -15,7 +15,7 @@ import pytest
 import kfac_keras
 
 from conftest import mnist_dir
-from kfac_keras.examples import stability
+from benchmarks import stability
 
 
 def test_largest_increase_against_hand_computed_values():
@@ -45,9 +45,9 @@ def test_reduced_size_run_is_stable(tmp_path):
 
 
 def test_run_with_nan_pixels_is_reported_unstable(monkeypatch, capsys):
-    from kfac_keras import datasets
+    from benchmarks import mnist_data
 
-    original = datasets.load_mnist
+    original = mnist_data.load_mnist
 
     def poisoned(data_dir=None, **kwargs):
         x, y, source = original(data_dir, **kwargs)
@@ -55,7 +55,7 @@ def test_run_with_nan_pixels_is_reported_unstable(monkeypatch, capsys):
         x[150, 10] = np.nan  # one image in the second batch
         return x, y[:200], source + " (one NaN pixel)"
 
-    monkeypatch.setattr(datasets, "load_mnist", poisoned)
+    monkeypatch.setattr(mnist_data, "load_mnist", poisoned)
     status = stability.main(["--steps", "3", "--batch-size", "100", "--examples", "200",
                              "--data-dir", mnist_dir(), "--check-every", "1",
                              "--seed", "1"])

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Runs the fast Bazel test suite (everything not tagged "slow"), offline.
+# Bazel check of the project, offline: builds every target (the package, the
+# benchmarks library and binaries, every test target) and runs the smoke
+# tests (the test files tagged "smoke", see SMOKE_TESTS in
+# tools/bazel/defs.bzl). The full suite runs under pytest (.ci/run).
 #
 #   bash tools/bazel/run_bazel_tests.sh [extra bazel test flags...]
 #
-# e.g. `--test_tag_filters=` to include the slow tests too, or a target
-# pattern such as `//:test_optimizer` to narrow it down. Installs Debian's
-# bazel-bootstrap (and bazel-rules-java) with apt when missing, creates
-# .venv when missing, and exits with bazel's exit code. Works from any clone
-# location and may be run any number of times.
+# e.g. `--test_tag_filters=-slow` to run all the fast tests under Bazel, or
+# `--test_tag_filters=` to run everything. Installs Debian's bazel-bootstrap
+# (and bazel-rules-java) with apt when missing, creates .venv when missing,
+# and exits with bazel's exit code. Works from any clone location and may be
+# run any number of times.
 set -euo pipefail
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -33,7 +36,9 @@ if ! .venv/bin/python -c "import pytest" >/dev/null 2>&1; then
 fi
 
 rc=0
-bazel test //... --test_tag_filters=-slow --test_output=errors "$@" || rc=$?
+# `bazel test` builds every target the pattern matches, runs the filtered tests.
+bazel test //... --build_tests_only=false --test_tag_filters=smoke --test_output=errors \
+  "$@" || rc=$?
 
 # Under CI leave no bazel server behind.
 if [ "${CI:-}" = "true" ]; then

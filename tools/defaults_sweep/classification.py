@@ -6,10 +6,12 @@ CONFIGS_JSON maps a name to KFAC arguments (names starting with 'adam': Adam arg
 of batch 128 from seed 0; prints one JSON line per model and configuration.
 """
 import json, os, sys, time
+# benchmarks/ is not installed: import it from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np, keras, kfac_keras
-from kfac_keras.datasets import load_mnist
-x, y, _ = load_mnist(None)  # $KFAC_KERAS_DATA_DIR, see kfac_keras.datasets
+from benchmarks.mnist_data import load_mnist
+x, y, _ = load_mnist(None)  # $KFAC_KERAS_DATA_DIR, see benchmarks/mnist_data.py
 x = x.reshape(-1, 28, 28, 1).astype("float32"); y = y.astype("int32")
 xtr, ytr, xte, yte = x[:8000], y[:8000], x[8000:], y[8000:]
 def mlp():

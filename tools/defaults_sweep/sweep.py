@@ -5,16 +5,19 @@ object of KFAC arguments (names starting with 'adam' are Adam arguments), for ex
 
     python tools/defaults_sweep/sweep.py --configs '{"lr1_nc1e-4": {"learning_rate": 1.0, "norm_constraint": 1e-4}}'
 
-Same model, data order, seed and smoothing as `python -m kfac_keras.examples.autoencoder`; one JSON
+Same model, data order, seed and smoothing as `python -m benchmarks.autoencoder`; one JSON
 line per configuration is printed and appended to `--out`.
 """
 import argparse, json, os, sys, time
+# benchmarks/ is not installed: import it from the repository root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import kfac_keras
-from kfac_keras.datasets import load_mnist
-from kfac_keras.examples import common
-from kfac_keras.examples.autoencoder import PIXELS, make_autoencoder
+from benchmarks.autoencoder import PIXELS, make_autoencoder
+from benchmarks.harness import run_optimizer
+from benchmarks.mnist_data import load_mnist
+from benchmarks.targets import steps_and_seconds_to_target
 
 class Logs(keras.callbacks.Callback):
     def __init__(self):
@@ -28,7 +31,7 @@ p.add_argument("--configs", required=True, help="json dict name -> kwargs")
 p.add_argument("--targets", default="200,150,120,100,90,80,70")
 p.add_argument("--out", default="defaults_sweep.jsonl")
 args = p.parse_args()
-x, _, source = load_mnist(None)  # $KFAC_KERAS_DATA_DIR, see kfac_keras.datasets
+x, _, source = load_mnist(None)  # $KFAC_KERAS_DATA_DIR, see benchmarks/mnist_data.py
 targets = [float(t) for t in args.targets.split(",")]
 loss = keras.losses.BinaryCrossentropy(from_logits=True)
 for name, kwargs in json.loads(args.configs).items():
@@ -39,9 +42,9 @@ for name, kwargs in json.loads(args.configs).items():
         make_opt = lambda: keras.optimizers.Adam(**kwargs); cbs = lambda: [logger]
     else:
         make_opt = lambda: kfac_keras.KFAC(**kwargs); cbs = lambda: [kfac_keras.KFACCallback(verbose=0), logger]
-    r = common.run_optimizer(make_autoencoder, make_opt, x, None, loss, 1000, args.steps, 0, False,
+    r = run_optimizer(make_autoencoder, make_opt, x, None, loss, 1000, args.steps, 0, False,
                              callbacks=cbs, progress_every=0, label=name, loss_scale=PIXELS, loss_unit=" nats")
-    reached = common.steps_and_seconds_to_target(r, targets, loss_scale=PIXELS)
+    reached = steps_and_seconds_to_target(r, targets, loss_scale=PIXELS)
     sm = r["history"]["smoothed"] * PIXELS
     row = {"config": name, "kwargs": {k: str(v) for k, v in kwargs.items()},
            "reach": {str(int(t)): reached[t][0] for t in targets},

@@ -1,4 +1,4 @@
-"""Small CNN and Transformer-encoder builders for tests and examples.
+"""Small CNN and Transformer-encoder builders for the tests, benchmarks and notebooks.
 
 Both are deliberately tiny (they train in seconds on a CPU) but contain every
 kind of layer K-FAC registers a structured block for in image and sequence

@@ -2,7 +2,7 @@
 
 Run with::
 
-    python -m kfac_keras.examples.autoencoder [--quick] [--optimizers kfac,adam]
+    python -m benchmarks.autoencoder [--quick] [--optimizers kfac,adam]
         [--steps N] [--batch-size 1000] [--data-dir DIR] [--out-dir DIR]
         [--no-grid] [--batch-schedule] [--jit auto|on|off] ...
 
@@ -31,18 +31,14 @@ Both are reported. Targets and plots use the summed form. Because the
 targets are pixel intensities in (0, 1), not binary values, this
 cross-entropy includes the targets' own entropy, and it never reaches 0.
 
-Data. ``kfac_keras.datasets.load_mnist`` (which prints its source). On
+Data. ``benchmarks.mnist_data.load_mnist`` (which prints its source). On
 machines that only have the 10,000-image MNIST test set, that set is the
 training set here. The paper used the 60,000 training images, so absolute
 loss values are not comparable with the paper's.
 
-Cost. At batch 1000 on 2 quiet CPU cores an Adam step takes about 90 ms,
-a default K-FAC step about 1.8x that and a Muon step about 2.5x. A default
-run (five optimizers, 1200 steps each, grid searches of 300-step runs) takes
-about an hour; ``--steps 800 --grid-steps 150`` took 28 minutes on a loaded
-machine, and the same without the searches (``--lrs``) 10.5 minutes on a
-quiet one (docs/benchmarks.md). ``--quick`` is a smoke test of about a
-minute.
+Cost. The command prints each optimizer's median and mean step time and
+the total wall time; docs/benchmarks.md lists measured runs and the commands
+that produced them. ``--quick`` is a smoke test.
 
 Batch-size schedule (``--batch-schedule``). This uses the paper's rule
 ``m_k = min(m_1 * exp((k - 1) / b), |S|)`` for step ``k = 1, 2, ...``. Here
@@ -63,6 +59,10 @@ import os
 import sys
 import time
 
+import keras
+
+from benchmarks import cli, harness, optimizers, plotting, reports
+from benchmarks.mnist_data import load_mnist
 
 PIXELS = 784
 LAYER_SIZES = (1000, 500, 250, 30, 250, 500, 1000)
@@ -86,8 +86,6 @@ LR_GRIDS = {
 
 def make_autoencoder(activation="tanh"):
     """The 784-1000-500-250-30-250-500-1000-784 autoencoder (logit output)."""
-    import keras
-
     inputs = keras.Input(shape=(PIXELS,), name="pixels")
     h = inputs
     for i, units in enumerate(LAYER_SIZES):
@@ -113,9 +111,7 @@ def batch_size_schedule(steps, m1, full, full_step=500):
 
 
 def build_parser():
-    from kfac_keras.examples.common import build_common_parser
-
-    p = build_common_parser(
+    p = cli.build_common_parser(
         "autoencoder", __doc__.split("\n\n")[0], default_steps=DEFAULT_STEPS,
         quick_steps=QUICK_STEPS)
     p.add_argument("--targets", default=None,
@@ -136,14 +132,8 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
-
-    import keras
-
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples import common
-
-    common.print_environment()
-    steps, grid_steps, jit = common.resolve_common_args(
+    cli.print_environment()
+    steps, grid_steps, jit = cli.resolve_common_args(
         args, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
     if args.targets:
         targets = tuple(float(t) for t in args.targets.split(",") if t.strip())
@@ -161,16 +151,16 @@ def main(argv=None):
               f"{x.shape[0]}), full batch at step {args.schedule_full_step}; "
               f"m_1={batch_sizes[0]}, m_{steps}={batch_sizes[-1]} (jit off)", flush=True)
 
-    specs = common.get_optimizer_specs(
+    specs = optimizers.get_optimizer_specs(
         args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs=common.kfac_kwargs_from_args(args),
+        kfac_kwargs=cli.kfac_kwargs_from_args(args),
         kfac_grid=args.kfac_grid, grids=LR_GRIDS)
     if not specs:
         print("no optimizer to run", file=sys.stderr)
         return 2
 
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
-    bench = common.benchmark_optimizers(
+    bench = harness.benchmark_optimizers(
         specs, lambda: make_autoencoder(args.activation), x, None, loss,
         steps=steps, batch_size=args.batch_size, seed=args.seed,
         grid=not args.no_grid, quick=args.quick, grid_steps=grid_steps,
@@ -189,20 +179,20 @@ def main(argv=None):
         "weights and batch order for every optimizer",
         "loss: summed CE = cross-entropy summed over the 784 pixels per image "
         "= 784 x Keras BinaryCrossentropy(from_logits=True) (mean BCE)",
-        *common.protocol_notes(args, grid_steps, jit),
+        *cli.protocol_notes(args, grid_steps, jit),
     ]
     if batch_sizes:
         notes.append("with a batch-size schedule, ms/step is the median over steps of "
                      "different sizes")
     os.makedirs(args.out_dir, exist_ok=True)
-    text = common.write_results(
+    text = reports.write_results(
         runs, targets, args.out_dir, title="Deep autoencoder (MNIST)",
         loss_scale=PIXELS, loss_name="summed CE", raw_loss_name="mean BCE",
         notes=notes, grids=grids)
-    plots = common.write_plots(runs, args.out_dir, loss_scale=PIXELS,
+    plots = plotting.write_loss_plots(runs, args.out_dir, loss_scale=PIXELS,
                                loss_label="summed CE per image (nats)",
                                targets=targets, title="Deep autoencoder, MNIST")
-    common.save_histories(runs, args.out_dir, loss_scale=PIXELS)
+    reports.save_histories(runs, args.out_dir, loss_scale=PIXELS)
     print()
     print(text)
     print(f"wrote {os.path.join(args.out_dir, 'results.md')}, results.csv, "

@@ -2,7 +2,7 @@
 
 Run with::
 
-    python -m kfac_keras.examples.step_cost [--models autoencoder,cnn]
+    python -m benchmarks.step_cost [--models autoencoder,cnn]
         [--batch-size 1000] [--repeats 10] [--data-dir DIR] [--out-dir DIR]
 
 For each model it times, in milliseconds (median over `--repeats` calls of a
@@ -36,7 +36,6 @@ import argparse
 import csv
 import dataclasses
 import os
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -45,24 +44,10 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kfac_keras  # noqa: E402
-
-
-def _median_ms(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        _block(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        _block(fn())
-        times.append(time.perf_counter() - start)
-    return 1000.0 * float(np.median(times))
-
-
-def _block(result):
-    """Forces evaluation (values are fetched, so async work is finished)."""
-    for value in tf.nest.flatten(result):
-        if hasattr(value, "numpy"):
-            value.numpy()
+from benchmarks.autoencoder import make_autoencoder  # noqa: E402
+from benchmarks.mnist_data import load_mnist  # noqa: E402
+from benchmarks.small_models import small_cnn  # noqa: E402
+from benchmarks.timing import call_seconds, kfac_period_seconds, median_ms  # noqa: E402
 
 
 def build_adam_step(model, x, y, loss, learning_rate=1e-3):
@@ -114,43 +99,7 @@ def build_kfac_step(make_model, x, y, loss, **options):
     return model, optimizer, tf.function(lambda: step(x, y)["loss"])
 
 
-def time_kfac_cycles(step, optimizer, cycles, warmup=2, skip_startup=False):
-    """Wall time of whole `inv_update_every` periods of a K-FAC step.
-
-    Args:
-        step: zero-argument callable running one K-FAC step.
-        optimizer: the step's `kfac_keras.KFAC` (for `inv_update_every` and
-            the estimate counter).
-        cycles: int, number of periods to time.
-        warmup: int, untimed steps first (tracing). Defaults to 2.
-        skip_startup: if True, the estimate counter is set to at least 3
-            after the warm-up, so the timed periods contain no extra
-            start-up decompositions (the optimizer decomposes after each of
-            the first three statistics updates); the timed steps then do
-            exactly the work of the steady state. Defaults to False.
-
-    Returns:
-        numpy array of `cycles` durations in seconds, one per period.
-    """
-    for _ in range(warmup):
-        _block(step())
-    if skip_startup:
-        optimizer.num_estimates.assign(
-            max(3.0, float(optimizer.num_estimates.numpy())))
-    period = optimizer.inv_update_every
-    durations = []
-    for _ in range(cycles):
-        start = time.perf_counter()
-        for _ in range(period):
-            _block(step())
-        durations.append(time.perf_counter() - start)
-    return np.asarray(durations)
-
-
 def autoencoder_problem(batch_size, data_dir):
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples.autoencoder import make_autoencoder
-
     x, _, source = load_mnist(data_dir)
     x = x[:batch_size]
     return (make_autoencoder, x, x,
@@ -159,9 +108,6 @@ def autoencoder_problem(batch_size, data_dir):
 
 
 def cnn_problem(batch_size, data_dir):
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples.small_models import small_cnn
-
     x, y, source = load_mnist(data_dir, flatten=False)
     return (lambda: small_cnn(input_shape=(28, 28, 1), num_classes=10),
             x[:batch_size], y[:batch_size],
@@ -189,8 +135,8 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
             value = loss(y, model(x, training=True))
         return tape.gradient(value, model.trainable_variables)
 
-    results["adam_step"] = _median_ms(adam_step, repeats)
-    results["forward_backward"] = _median_ms(forward_backward, repeats)
+    results["adam_step"] = median_ms(adam_step, repeats)
+    results["forward_backward"] = median_ms(forward_backward, repeats)
 
     def kfac_step_fn(**options):
         return build_kfac_step(make_model, x, y, loss, **{**kfac_options, **options})
@@ -198,8 +144,8 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
     never = 10**9
     _, _, plain = kfac_step_fn(cov_update_every=never, inv_update_every=never, adaptive=None)
     _, _, with_stats = kfac_step_fn(cov_update_every=1, inv_update_every=never, adaptive=None)
-    plain_ms = _median_ms(plain, repeats)
-    results["statistics"] = _median_ms(with_stats, repeats) - plain_ms
+    plain_ms = median_ms(plain, repeats)
+    results["statistics"] = median_ms(with_stats, repeats) - plain_ms
     # The default Levenberg-Marquardt rule runs every `damping_update_every`
     # steps (an extra forward pass and forward-mode Fisher products).
     adaptive = kfac_keras.KFAC(**kfac_options).adaptive
@@ -208,7 +154,7 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
         _, _, adapting = kfac_step_fn(cov_update_every=never, inv_update_every=never,
                                       adaptive=every_step)
         results["damping_adaptation_per_call"] = max(
-            0.0, _median_ms(adapting, repeats) - plain_ms)
+            0.0, median_ms(adapting, repeats) - plain_ms)
         results["damping_adaptation_amortized"] = (
             results["damping_adaptation_per_call"] / adaptive.damping_update_every)
     else:
@@ -217,14 +163,14 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
 
     kmodel, optimizer, _ = kfac_step_fn()
     decompose = tf.function(optimizer.update_inverses, autograph=False)
-    results["decomposition_per_call"] = _median_ms(decompose, max(3, repeats // 3))
+    results["decomposition_per_call"] = median_ms(decompose, max(3, repeats // 3))
     results["decomposition_amortized"] = (
         results["decomposition_per_call"] / optimizer.inv_update_every)
     grads = forward_backward()
     variables = model.trainable_variables
     kvars = kmodel.trainable_variables
     precondition = tf.function(lambda: optimizer.precondition(grads, kvars))
-    results["preconditioning"] = _median_ms(precondition, repeats)
+    results["preconditioning"] = median_ms(precondition, repeats)
     results["update_and_overhead"] = max(
         0.0, plain_ms - results["forward_backward"] - results["preconditioning"])
     del variables
@@ -234,14 +180,11 @@ def measure(make_model, x, y, loss, repeats, kfac_options=None):
     _, optimizer, default_step = kfac_step_fn()
     period = optimizer.inv_update_every
     cycles = max(2, repeats // period + (1 if repeats % period else 0))
-    time_kfac_cycles(default_step, optimizer, 0, skip_startup=True)  # warm-up
+    kfac_period_seconds(default_step, optimizer, 0, skip_startup=True)  # warm-up
     kfac_seconds, adam_seconds = 0.0, 0.0
     for _ in range(cycles):
-        kfac_seconds += float(np.sum(time_kfac_cycles(default_step, optimizer, 1, warmup=0)))
-        start = time.perf_counter()
-        for _ in range(period):
-            _block(adam_step())
-        adam_seconds += time.perf_counter() - start
+        kfac_seconds += float(np.sum(kfac_period_seconds(default_step, optimizer, 1, warmup=0)))
+        adam_seconds += float(np.sum(call_seconds(adam_step, period, warmup=0)))
     results["kfac_step_default"] = 1000.0 * kfac_seconds / (period * cycles)
     results["adam_step_alternated"] = 1000.0 * adam_seconds / (period * cycles)
     results["ratio_kfac_to_adam"] = kfac_seconds / adam_seconds

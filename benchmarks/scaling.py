@@ -2,7 +2,7 @@
 
 Run with::
 
-    python -m kfac_keras.examples.scaling [--quick] [--out-dir DIR]
+    python -m benchmarks.scaling [--quick] [--out-dir DIR]
         [--widths 256,512,1024,2048,4096] [--batches 250,500,1000,2000,4000]
         [--fixed-width 1024] [--fixed-batch 1000] [--repeats N] [--cycles N]
 
@@ -15,8 +15,8 @@ bias) and ``out`` (output gradient), so the largest factors are about
 a step does not depend on the values), fixed by seed 0.
 
 What is timed (milliseconds; jit off, the Keras default on CPU; each entry
-is the median over ``repeats`` calls after two warm-up calls, using the
-helpers of ``kfac_keras.examples.step_cost``):
+is the median over ``repeats`` calls after two warm-up calls, timed with
+``benchmarks.timing`` and the step builders of ``benchmarks.step_cost``):
 
 * ``adam_step``: one Adam step (forward, backward, update).
 * ``kfac_plain_step``: a K-FAC step that neither updates statistics nor
@@ -30,7 +30,7 @@ helpers of ``kfac_keras.examples.step_cost``):
 * ``kfac_step_amortised``: the default K-FAC step (statistics every
   ``cov_update_every`` steps, decompositions every ``inv_update_every``),
   timed over whole ``inv_update_every`` periods after the start-up phase
-  (see ``step_cost.time_kfac_cycles(skip_startup=True)``), so occasional
+  (see ``timing.kfac_period_seconds(skip_startup=True)``), so occasional
   work counts at its steady-state frequency. With several periods the
   median of the per-period means is reported.
 * ``cholesky_inverse`` and ``eigh`` (width sweep only): one decomposition of
@@ -50,18 +50,16 @@ The time exponents are least-squares slopes of ``log(time)`` against
 largest. Small sizes are dominated by fixed per-step overhead, so the slope
 over the largest points is the better guide to the cost of bigger models.
 
-Cost. The full run (widths 256..4096 at batch 1000, batches 250..4000 at
-width 1024) takes several minutes on 2 CPU cores; fewer repeats are used at
-the largest sizes (the table lists them). ``--quick`` uses widths 64, 128,
-256 and batches 250, 1000, 4000 at width 128, and finishes in about a
-minute.
+Cost. Fewer repeats are used at the largest sizes (the table lists them);
+the command prints the time of every point and the total wall time.
+``--quick`` uses widths 64, 128, 256 and batches 250, 1000, 4000 at width
+128.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import resource
 import sys
@@ -69,7 +67,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from benchmarks import cli, step_cost  # noqa: E402
+from benchmarks.scaling_report import (  # noqa: E402
+    exponent_rows, mib, decomposition_table, exponent_table, memory_table, step_table,
+    write_csv, write_plots)
+from benchmarks.timing import call_seconds, fetch, kfac_period_seconds, median_ms  # noqa: E402
+from kfac_keras import linalg  # noqa: E402
 
 DEFAULT_WIDTHS = (256, 512, 1024, 2048, 4096)
 DEFAULT_BATCHES = (250, 500, 1000, 2000, 4000)
@@ -82,9 +89,6 @@ INPUT_DIM = 784
 NUM_CLASSES = 10
 HIDDEN_LAYERS = 2
 
-STEP_COLUMNS = ("adam_step_ms", "kfac_plain_step_ms", "kfac_statistics_step_ms",
-                "kfac_decomposition_call_ms", "kfac_step_amortised_ms")
-DECOMPOSITION_COLUMNS = ("cholesky_inverse_ms", "eigh_ms")
 
 
 # --------------------------------------------------------------------------
@@ -105,8 +109,6 @@ def make_mlp(width, hidden_layers=HIDDEN_LAYERS, input_dim=INPUT_DIM,
     Returns:
         A built functional `keras.Model` that outputs logits.
     """
-    import keras
-
     inputs = keras.Input(shape=(input_dim,), name="features")
     h = inputs
     for index in range(hidden_layers):
@@ -163,38 +165,7 @@ def optimizer_state_bytes(optimizer):
     return {"total": total, **parts}
 
 
-def fit_power_law(sizes, times):
-    """Least-squares fit of ``time = c * size**p`` on a log-log scale.
-
-    Args:
-        sizes: sequence of positive numbers.
-        times: sequence of positive numbers, same length (at least 2).
-
-    Returns:
-        ``(p, c)``, the exponent and the prefactor.
-
-    Raises:
-        ValueError: fewer than two points, different lengths, or a value
-            that is not positive and finite.
-    """
-    x = np.asarray(sizes, dtype=np.float64)
-    y = np.asarray(times, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"`sizes` and `times` must be 1-D of equal length; "
-                         f"received shapes {x.shape} and {y.shape}.")
-    if x.size < 2:
-        raise ValueError(f"need at least 2 points to fit an exponent; received {x.size}.")
-    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))
-            and np.all(x > 0) and np.all(y > 0)):
-        raise ValueError(f"sizes and times must be positive and finite; received "
-                         f"sizes={x.tolist()}, times={y.tolist()}.")
-    if np.unique(x).size < 2:
-        raise ValueError(f"need at least 2 distinct sizes; received {x.tolist()}.")
-    slope, intercept = np.polyfit(np.log(x), np.log(y), 1)
-    return float(slope), float(np.exp(intercept))
-
-
-def peak_rss_mib():
+def peak_rssmib():
     """The process's peak resident set size in MiB (Linux: ru_maxrss is KiB)."""
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return usage / (1024.0 * 1024.0) if sys.platform == "darwin" else usage / 1024.0
@@ -233,11 +204,6 @@ def measure_steps(width, batch, repeats, cycles):
         A dict of the `STEP_COLUMNS` milliseconds, the K-FAC / Adam ratio,
         the parameter count and the optimizer-state bytes.
     """
-    import keras
-    import tensorflow as tf
-
-    from kfac_keras.examples import step_cost
-
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(batch, INPUT_DIM)).astype("float32"))
     y = tf.constant(rng.integers(0, NUM_CLASSES, size=(batch,)).astype("int32"))
@@ -250,14 +216,14 @@ def measure_steps(width, batch, repeats, cycles):
     model = make_model()
     out["params"] = int(sum(int(np.prod(v.shape)) for v in model.trainable_variables))
     adam, adam_step = step_cost.build_adam_step(model, x, y, loss)
-    out["adam_step_ms"] = step_cost._median_ms(adam_step, repeats)
+    out["adam_step_ms"] = median_ms(adam_step, repeats)
     adam_bytes = optimizer_state_bytes(adam)
     del model, adam, adam_step
 
     never = 10**9
     _, _, plain = step_cost.build_kfac_step(
         make_model, x, y, loss, cov_update_every=never, inv_update_every=never)
-    out["kfac_plain_step_ms"] = step_cost._median_ms(plain, repeats)
+    out["kfac_plain_step_ms"] = median_ms(plain, repeats)
     del plain
     _, statistics_optimizer, with_statistics = step_cost.build_kfac_step(
         make_model, x, y, loss, cov_update_every=1, inv_update_every=never)
@@ -266,16 +232,15 @@ def measure_steps(width, batch, repeats, cycles):
     # estimate counter at 3 leaves only the decomposition of the (warm-up)
     # step 0, so every timed step is a pure statistics step.
     statistics_optimizer.num_estimates.assign(3.0)
-    out["kfac_statistics_step_ms"] = step_cost._median_ms(with_statistics, repeats)
+    out["kfac_statistics_step_ms"] = median_ms(with_statistics, repeats)
     del with_statistics, statistics_optimizer
 
     _, optimizer, default_step = step_cost.build_kfac_step(make_model, x, y, loss)
-    cycle_seconds = step_cost.time_kfac_cycles(default_step, optimizer, cycles,
-                                               skip_startup=True)
+    cycle_seconds = kfac_period_seconds(default_step, optimizer, cycles, skip_startup=True)
     out["kfac_step_amortised_ms"] = (
         1000.0 * float(np.median(cycle_seconds)) / optimizer.inv_update_every)
-    decompose = tf.function(lambda: optimizer.update_inverses(), autograph=False)
-    out["kfac_decomposition_call_ms"] = step_cost._median_ms(
+    decompose = tf.function(optimizer.update_inverses, autograph=False)
+    out["kfac_decomposition_call_ms"] = median_ms(
         decompose, max(1, repeats - 1), warmup=1)
     kfac_bytes = optimizer_state_bytes(optimizer)
     out["inv_update_every"] = optimizer.inv_update_every
@@ -289,7 +254,7 @@ def measure_steps(width, batch, repeats, cycles):
     out["cycles"] = cycles
     del optimizer, default_step, decompose
     keras.backend.clear_session()
-    out["peak_rss_mib"] = peak_rss_mib()
+    out["peak_rss_mib"] = peak_rssmib()
     return out
 
 
@@ -309,10 +274,6 @@ def measure_decompositions(n, cholesky_repeats, eigh_repeats, damping=1e-3):
     Returns:
         ``{"cholesky_inverse_ms": median, "eigh_ms": median, "jit": bool}``.
     """
-    import tensorflow as tf
-
-    from kfac_keras import linalg
-
     use_jit = linalg.decomposition_jit("auto")
     spec = [tf.TensorSpec([None, None], tf.float32)]
     inverse = tf.function(lambda m: linalg.damped_inverse(m, damping),
@@ -325,197 +286,21 @@ def measure_decompositions(n, cholesky_repeats, eigh_repeats, damping=1e-3):
     out = {"jit": use_jit}
     for key, fn, repeats in (("cholesky_inverse_ms", inverse, cholesky_repeats),
                              ("eigh_ms", eigh, eigh_repeats)):
-        _fetch(fn(small))
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            _fetch(fn(matrix))
-            times.append(time.perf_counter() - start)
-        out[key] = 1000.0 * float(np.median(times))
+        fetch(fn(small))
+        out[key] = 1000.0 * float(np.median(call_seconds(lambda f=fn: f(matrix), repeats,
+                                                         warmup=0)))
         out[key.replace("_ms", "_repeats")] = repeats
     return out
 
 
-def _fetch(result):
-    from kfac_keras.examples import step_cost
-
-    step_cost._block(result)
-
-
 def decomposition_repeats(n):
-    """``(cholesky_repeats, eigh_repeats)``: eigh of 4096 takes ~30 s on 2 cores."""
+    """``(cholesky_repeats, eigh_repeats)``: fewer for the largest sizes, where
+    one eigh takes many seconds on a CPU."""
     if n >= 4096:
         return 2, 1
     if n >= 2048:
         return 3, 2
     return 5, 3
-
-
-# --------------------------------------------------------------------------
-# Output
-# --------------------------------------------------------------------------
-
-
-def _mib(value):
-    return value / (1024.0 * 1024.0)
-
-
-def exponent_rows(width_rows, batch_rows, decomposition_rows):
-    """Fitted exponents: ``[(quantity, versus, exponent_all, exponent_top3, points)]``."""
-    rows = []
-
-    def add(label, versus, xs, ys):
-        points = [(x, y) for x, y in zip(xs, ys) if y is not None and y > 0
-                  and math.isfinite(y)]
-        if len(points) < 2:
-            return
-        xs_, ys_ = zip(*points)
-        p_all, _ = fit_power_law(xs_, ys_)
-        p_top = fit_power_law(xs_[-3:], ys_[-3:])[0] if len(points) > 3 else p_all
-        rows.append((label, versus, p_all, p_top, len(points)))
-
-    for column in STEP_COLUMNS:
-        add(column, "width", [r["width"] for r in width_rows],
-            [r[column] for r in width_rows])
-    for column in DECOMPOSITION_COLUMNS:
-        add(column, "n", [r["n"] for r in decomposition_rows],
-            [r[column] for r in decomposition_rows])
-    add("kfac_state_bytes", "width", [r["width"] for r in width_rows],
-        [r["kfac_state_bytes"] for r in width_rows])
-    for column in STEP_COLUMNS:
-        if column == "kfac_decomposition_call_ms":
-            continue  # does not depend on the batch size
-        add(column, "batch", [r["batch"] for r in batch_rows],
-            [r[column] for r in batch_rows])
-    return rows
-
-
-def step_table(rows, key):
-    head = [key, "params", "Adam step", "K-FAC plain step", "K-FAC statistics step",
-            "K-FAC decomposition call", "K-FAC step (amortised)", "K-FAC / Adam",
-            "repeats / periods"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r[key]), f"{r['params']:,}"]
-        cells += [f"{r[c]:.1f}" for c in STEP_COLUMNS]
-        cells += [f"{r['ratio_kfac_to_adam']:.2f}", f"{r['repeats']} / {r['cycles']}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def memory_table(rows):
-    head = ["width", "Adam state MiB", "K-FAC state MiB", "K-FAC momentum MiB",
-            "K-FAC factors MiB", "K-FAC inverses MiB", "K-FAC other bytes",
-            "K-FAC / Adam", "process peak RSS MiB"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [str(r["width"]), f"{_mib(r['adam_state_bytes']):.2f}",
-                 f"{_mib(r['kfac_state_bytes']):.2f}", f"{_mib(r['kfac_momentum_bytes']):.2f}",
-                 f"{_mib(r['kfac_factors_bytes']):.2f}",
-                 f"{_mib(r['kfac_decompositions_bytes']):.2f}",
-                 str(r["kfac_other_bytes"]),
-                 f"{r['kfac_state_bytes'] / r['adam_state_bytes']:.2f}",
-                 f"{r['peak_rss_mib']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def decomposition_table(rows):
-    head = ["n", "Cholesky damped inverse ms", "eigh ms", "repeats (Cholesky / eigh)", "XLA"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['n']} | {r['cholesky_inverse_ms']:.2f} | {r['eigh_ms']:.2f} | "
-                     f"{r['cholesky_inverse_repeats']} / {r['eigh_repeats']} | "
-                     f"{'on' if r['jit'] else 'off'} |")
-    return "\n".join(lines)
-
-
-def exponent_table(rows):
-    lines = ["| quantity | versus | exponent (all points) | exponent (3 largest) | points |",
-             "|---|---|---|---|---|"]
-    for label, versus, p_all, p_top, count in rows:
-        lines.append(f"| {label} | {versus} | {p_all:.2f} | {p_top:.2f} | {count} |")
-    return "\n".join(lines)
-
-
-def write_csv(path, width_rows, batch_rows, decomposition_rows):
-    fields = ["sweep", "width", "batch", "n", "params", *STEP_COLUMNS, "ratio_kfac_to_adam",
-              "cholesky_inverse_ms", "eigh_ms", "adam_state_bytes", "kfac_state_bytes",
-              "kfac_momentum_bytes", "kfac_factors_bytes", "kfac_decompositions_bytes",
-              "kfac_other_bytes", "peak_rss_mib", "repeats", "cycles",
-              "cholesky_inverse_repeats", "eigh_repeats"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for sweep, rows in (("width", width_rows), ("batch", batch_rows),
-                            ("decomposition", decomposition_rows)):
-            for r in rows:
-                writer.writerow({"sweep": sweep, **{k: _csv_value(v) for k, v in r.items()}})
-
-
-def _csv_value(value):
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return value
-
-
-def write_plots(out_dir, width_rows, batch_rows, decomposition_rows):
-    """Writes the log-log plots; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib import ticker
-
-    labels = {"adam_step_ms": "Adam step", "kfac_plain_step_ms": "K-FAC plain step",
-              "kfac_statistics_step_ms": "K-FAC statistics step",
-              "kfac_decomposition_call_ms": "K-FAC decomposition call (all factors)",
-              "kfac_step_amortised_ms": "K-FAC step, amortised (default)",
-              "cholesky_inverse_ms": "n x n Cholesky damped inverse",
-              "eigh_ms": "n x n eigh"}
-    paths = []
-
-    def plot(filename, xlabel, series, ylabel, title):
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, xs, ys, style in series:
-            if xs:
-                ax.plot(xs, ys, style, label=label)
-        ax.set_xscale("log", base=2)
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.set_yscale("log")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        path = os.path.join(out_dir, filename)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-
-    widths = [r["width"] for r in width_rows]
-    series = [(labels[c], widths, [r[c] for r in width_rows], "o-") for c in STEP_COLUMNS]
-    ns = [r["n"] for r in decomposition_rows]
-    series += [(labels[c], ns, [r[c] for r in decomposition_rows], "s--")
-               for c in DECOMPOSITION_COLUMNS]
-    batch = width_rows[0]["batch"] if width_rows else ""
-    plot("time_vs_width.png", "layer width n (log scale)", series, "milliseconds (log scale)",
-         f"Step and decomposition time vs width (batch {batch})")
-    batches = [r["batch"] for r in batch_rows]
-    width = batch_rows[0]["width"] if batch_rows else ""
-    plot("time_vs_batch.png", "batch size (log scale)",
-         [(labels[c], batches, [r[c] for r in batch_rows], "o-") for c in STEP_COLUMNS],
-         "milliseconds (log scale)", f"Step time vs batch size (width {width})")
-    plot("memory_vs_width.png", "layer width n (log scale)",
-         [("Adam state", widths, [_mib(r["adam_state_bytes"]) for r in width_rows], "o-"),
-          ("K-FAC state (total)", widths, [_mib(r["kfac_state_bytes"]) for r in width_rows],
-           "o-"),
-          ("K-FAC factors", widths, [_mib(r["kfac_factors_bytes"]) for r in width_rows], "^--"),
-          ("K-FAC inverses", widths,
-           [_mib(r["kfac_decompositions_bytes"]) for r in width_rows], "v--")],
-         "MiB (log scale)", "Optimizer state vs width")
-    return paths
 
 
 # --------------------------------------------------------------------------
@@ -546,11 +331,11 @@ def _positive_int(text):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(prog="python -m kfac_keras.examples.scaling",
+    p = argparse.ArgumentParser(prog="python -m benchmarks.scaling",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="widths 64,128,256 and batches 250,1000,4000 at width 128, "
-                        "5 repeats, 1 period: about a minute")
+                        "5 repeats, 1 period: a smoke test")
     p.add_argument("--out-dir", default=os.path.join("benchmark_results", "scaling"),
                    help="where results.md, results.csv and the plots go "
                         "(default: %(default)s)")
@@ -578,9 +363,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
-    from kfac_keras.examples import common
-
-    common.print_environment()
+    cli.print_environment()
     widths = args.widths or (QUICK_WIDTHS if args.quick else DEFAULT_WIDTHS)
     batches = args.batches or (QUICK_BATCHES if args.quick else DEFAULT_BATCHES)
     fixed_width = args.fixed_width or (QUICK_FIXED_WIDTH if args.quick else DEFAULT_FIXED_WIDTH)
@@ -611,8 +394,8 @@ def main(argv=None):
                   f"{r['kfac_statistics_step_ms']:.1f}, decomposition call "
                   f"{r['kfac_decomposition_call_ms']:.1f}, amortised "
                   f"{r['kfac_step_amortised_ms']:.1f} ms (x{r['ratio_kfac_to_adam']:.2f}); "
-                  f"state {_mib(r['kfac_state_bytes']):.1f} vs "
-                  f"{_mib(r['adam_state_bytes']):.1f} MiB  [{time.perf_counter() - t0:.1f} s]",
+                  f"state {mib(r['kfac_state_bytes']):.1f} vs "
+                  f"{mib(r['adam_state_bytes']):.1f} MiB  [{time.perf_counter() - t0:.1f} s]",
                   flush=True)
         return cache[(width, batch)]
 
@@ -631,9 +414,6 @@ def main(argv=None):
               f"eigh {r['eigh_ms']:.2f} ms  [{time.perf_counter() - t0:.1f} s]", flush=True)
 
     exponents = exponent_rows(width_rows, batch_rows, decomposition_rows)
-    import tensorflow as tf
-    import keras
-
     env = (f"python {sys.version.split()[0]}, tensorflow {tf.__version__}, keras "
            f"{keras.__version__}, {os.cpu_count()} CPU cores")
     first = width_rows[0]

@@ -2,7 +2,7 @@
 
 Run with::
 
-    python -m kfac_keras.examples.mnist_cnn [--quick] [--optimizers kfac,adam]
+    python -m benchmarks.mnist_cnn [--quick] [--optimizers kfac,adam]
         [--steps N] [--batch-size 250] [--data-dir DIR] [--out-dir DIR]
         [--no-grid] [--jit auto|on|off] [--targets 0.3,0.1] ...
 
@@ -18,7 +18,7 @@ K-FAC gives both convolutions KFC blocks and both Dense layers Kronecker
 blocks. Muon gets ``exclude_layers=["logits"]``, so its orthogonalised
 update acts on the hidden kernels (convolution kernels included).
 
-Data. ``kfac_keras.datasets.load_mnist`` (it prints its source) with the
+Data. ``benchmarks.mnist_data.load_mnist`` (it prints its source) with the
 labels. The images are split once by a fixed permutation (seed
 ``SPLIT_SEED``, independent of ``--seed``): 2,000 held-out test images and
 the rest for training. On the 10,000-image MNIST test set (the data in
@@ -27,8 +27,8 @@ fewer than 10,000 images, a fifth is held out.
 
 Training. Every optimizer starts from the same weights and sees the same
 batches (``--batch-size``, default 250, i.e. 32 steps per pass over the
-8,000 training images) through ``common.benchmark_optimizers``: the
-learning-rate grids of ``common.get_optimizer_specs`` (extended when the
+8,000 training images) through ``harness.benchmark_optimizers``: the
+learning-rate grids of ``optimizers.get_optimizer_specs`` (extended when the
 best value is at an edge), K-FAC with its defaults. The table gives the
 steps and seconds for the moving average of the training cross-entropy to
 reach each target, and the **test accuracy**: the fraction of the 2,000
@@ -38,11 +38,9 @@ training run.
 K-FAC runs with its defaults unless ``--kfac-damping``, ``--kfac-grid`` or
 ``--lrs kfac=...`` say otherwise (the results list the choice).
 
-Cost. A step takes 20-35 ms for every optimizer at batch 250 on 2 CPU
-cores. A default run (five optimizers, 600 steps each, a probe with and
-without XLA per optimizer, grid searches of 150-step runs for the four
-baselines) takes about 5-10 minutes; ``--quick`` (40 steps, two-point grids
-of 10-step runs, no XLA probe) about a minute.
+Cost. The command prints each optimizer's median and mean step time and
+the total wall time; docs/benchmarks.md lists measured runs. ``--quick``
+(40 steps, two-point grids of 10-step runs, no XLA probe) is a smoke test.
 """
 
 from __future__ import annotations
@@ -51,7 +49,11 @@ import os
 import sys
 import time
 
+import keras
 import numpy as np
+
+from benchmarks import cli, harness, optimizers, plotting, reports
+from benchmarks.mnist_data import load_mnist
 
 OUTPUT_LAYER = "logits"
 NUM_CLASSES = 10
@@ -76,8 +78,6 @@ def make_cnn(input_shape=(28, 28, 1), num_classes=NUM_CLASSES):
     Returns:
         A built functional `keras.Model`.
     """
-    import keras
-
     inputs = keras.Input(shape=tuple(input_shape), name="images")
     h = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
     h = keras.layers.MaxPooling2D(2, name="pool1")(h)
@@ -135,9 +135,7 @@ def classification_accuracy(model, x, y, batch_size=500):
 
 
 def build_parser():
-    from kfac_keras.examples.common import build_common_parser
-
-    p = build_common_parser(
+    p = cli.build_common_parser(
         "mnist_cnn", __doc__.split("\n\n")[0], default_steps=DEFAULT_STEPS,
         quick_steps=QUICK_STEPS)
     p.set_defaults(batch_size=DEFAULT_BATCH_SIZE)
@@ -164,14 +162,8 @@ def main(argv=None):
     if args.batch_size < 1:
         parser.error(f"--batch-size must be positive; received {args.batch_size}")
     t_start = time.perf_counter()
-
-    import keras
-
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples import common
-
-    common.print_environment()
-    steps, grid_steps, jit = common.resolve_common_args(
+    cli.print_environment()
+    steps, grid_steps, jit = cli.resolve_common_args(
         args, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
     try:
         targets = (_parse_targets(args.targets) if args.targets
@@ -187,9 +179,9 @@ def main(argv=None):
     print(f"data: {source}; {x_train.shape[0]} training and {x_test.shape[0]} held-out "
           f"test images (fixed split, seed {SPLIT_SEED})", flush=True)
 
-    specs = common.get_optimizer_specs(
+    specs = optimizers.get_optimizer_specs(
         args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs=common.kfac_kwargs_from_args(args),
+        kfac_kwargs=cli.kfac_kwargs_from_args(args),
         kfac_grid=args.kfac_grid)
     if not specs:
         print("no optimizer to run", file=sys.stderr)
@@ -202,7 +194,7 @@ def main(argv=None):
         return {"test_accuracy": accuracy}
 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    bench = common.benchmark_optimizers(
+    bench = harness.benchmark_optimizers(
         specs, make_cnn, x_train, y_train, loss,
         steps=steps, batch_size=args.batch_size, seed=args.seed,
         grid=not args.no_grid, quick=args.quick, grid_steps=grid_steps,
@@ -223,7 +215,7 @@ def main(argv=None):
         "every optimizer",
         "test accuracy: arg-max of the logits vs the label on the held-out images, "
         "after the final training run",
-        *common.protocol_notes(args, grid_steps, jit, loss_name="training cross-entropy"),
+        *cli.protocol_notes(args, grid_steps, jit, loss_name="training cross-entropy"),
     ]
 
     def test_accuracy(run):
@@ -232,13 +224,13 @@ def main(argv=None):
         return None if value is None else round(value, 4)
 
     os.makedirs(args.out_dir, exist_ok=True)
-    text = common.write_results(
+    text = reports.write_results(
         runs, targets, args.out_dir, title="MNIST CNN classifier",
         loss_name="train CE", notes=notes, grids=grids,
         extra_columns=[("test accuracy", test_accuracy)])
-    plots = common.write_plots(runs, args.out_dir, loss_label="training cross-entropy (nats)",
+    plots = plotting.write_loss_plots(runs, args.out_dir, loss_label="training cross-entropy (nats)",
                                targets=targets, title="MNIST CNN classifier")
-    common.save_histories(runs, args.out_dir)
+    reports.save_histories(runs, args.out_dir)
     print()
     print(text)
     print(f"wrote {os.path.join(args.out_dir, 'results.md')}, results.csv, "

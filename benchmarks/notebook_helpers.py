@@ -10,7 +10,7 @@ module holds only the parts that are the same in every notebook:
   it the notebooks use their tutorial sizes. ``choose(small=..., tutorial=...)``
   picks a value by the switch, and ``size_banner()`` says which size runs.
 * **Fair runs.** ``train`` trains a fresh model through
-  ``kfac_keras.examples.common.run_optimizer``: the same initial weights
+  ``benchmarks.harness.run_optimizer``: the same initial weights
   (seeded) and the same mini-batches in the same order for every optimizer,
   per-batch losses and wall-clock times, and the K-FAC values of every step
   (damping, rho, alpha, mu, update norm) when the optimizer is a ``KFAC``.
@@ -35,7 +35,11 @@ import time
 import keras
 import numpy as np
 
-from kfac_keras.examples import common
+from benchmarks import harness
+from kfac_keras import KFAC, KFACCallback
+from benchmarks.plotting import loss_curves_figure
+from benchmarks.targets import steps_and_seconds_to_target
+from benchmarks.timing import TimedLossHistory
 
 __all__ = [
     "FitTimer",
@@ -51,6 +55,10 @@ __all__ = [
     "target_table",
     "train",
 ]
+
+#: The repository root: the kernels of ``execute_notebook`` import
+#: ``benchmarks`` (and this clone's ``kfac_keras``) from here.
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 #: Environment variable of the size switch (``1``: small sizes, for CI).
 SMALL_ENV_VAR = "KFAC_KERAS_NOTEBOOK_SMALL"
@@ -151,10 +159,10 @@ class StepValues(keras.callbacks.Callback):
         return {key: np.asarray(v, dtype=np.float64) for key, v in self.values.items() if v}
 
 
-class FitTimer(common.TimedLossHistory):
+class FitTimer(TimedLossHistory):
     """Per-batch losses and training time of a `model.fit` run with several epochs.
 
-    Like `kfac_keras.examples.common.TimedLossHistory` (per-batch loss
+    Like `benchmarks.timing.TimedLossHistory` (per-batch loss
     recovered from Keras' running mean, wall-clock time after every batch,
     warm-up steps charged the median step time), except that the time
     between epochs (validation, epoch-end callbacks) is left out of the run
@@ -177,7 +185,7 @@ def train(make_model, make_optimizer, x, y, loss, *, steps, batch_size, seed=0,
           record=KFAC_LOG_KEYS):
     """Trains a fresh model for ``steps`` steps and records what happened.
 
-    A thin wrapper of ``kfac_keras.examples.common.run_optimizer``: the model
+    A thin wrapper of ``benchmarks.harness.run_optimizer``: the model
     is built after ``keras.utils.set_random_seed(seed)`` (same initial
     weights for every optimizer) and trained on a fixed sequence of
     mini-batches (same order for every optimizer). When the optimizer is a
@@ -207,8 +215,6 @@ def train(make_model, make_optimizer, x, y, loss, *, steps, batch_size, seed=0,
         plus ``label``, ``values`` (``StepValues.arrays()``) and
         ``optimizer`` (the trained optimizer instance).
     """
-    from kfac_keras import KFAC, KFACCallback  # noqa: PLC0415 (no import cycle at load)
-
     made = {}
     values = StepValues(record)
 
@@ -223,7 +229,7 @@ def train(make_model, make_optimizer, x, y, loss, *, steps, batch_size, seed=0,
         extra.append(values)
         return extra
 
-    result = common.run_optimizer(
+    result = harness.run_optimizer(
         make_model, build_optimizer, x, y, loss, batch_size, steps, seed,
         jit_compile, callbacks=callbacks, label=label, metrics=metrics)
     result["label"] = label
@@ -235,6 +241,9 @@ def train(make_model, make_optimizer, x, y, loss, *, steps, batch_size, seed=0,
 def plot_loss_curves(runs, *, loss_scale=1.0, ylabel="training loss", targets=(),
                      title=None, log_y=True):
     """Smoothed training loss against steps (left) and run time (right).
+
+    ``benchmarks.plotting.loss_curves_figure``, for ``train`` and
+    ``fit_and_record`` results.
 
     Args:
         runs: iterable of ``train`` results.
@@ -248,29 +257,8 @@ def plot_loss_curves(runs, *, loss_scale=1.0, ylabel="training loss", targets=()
     Returns:
         The matplotlib ``Figure``.
     """
-    import matplotlib.pyplot as plt  # noqa: PLC0415 (optional dependency)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for run in runs:
-        history = run["history"]
-        smoothed = np.asarray(history["smoothed"]) * loss_scale
-        steps = np.arange(1, smoothed.size + 1)
-        axes[0].plot(steps, smoothed, label=run["label"])
-        axes[1].plot(history["elapsed"], smoothed, label=run["label"])
-    for ax in axes:
-        for target in targets:
-            ax.axhline(target, color="grey", ls="--", lw=0.8)
-        if log_y:
-            ax.set_yscale("log")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_xlabel("optimizer steps")
-    axes[1].set_xlabel("run time, s (compile time excluded)")
-    axes[0].set_ylabel(f"{ylabel} ({common.DEFAULT_SMOOTH_WINDOW}-step average)")
-    axes[0].legend()
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return loss_curves_figure(runs, loss_scale=loss_scale, ylabel=ylabel, targets=targets,
+                              title=title, log_y=log_y)
 
 
 def target_table(runs, targets, loss_scale=1.0):
@@ -292,7 +280,7 @@ def target_table(runs, targets, loss_scale=1.0):
     header = ["run", "ms/step"] + [f"<= {t:g}: steps / s" for t in targets]
     rows = [header]
     for run in runs:
-        reached = common.steps_and_seconds_to_target(run, targets, loss_scale=loss_scale)
+        reached = steps_and_seconds_to_target(run, targets, loss_scale=loss_scale)
         cells = [run["label"], f"{run['per_step_ms']:.0f}"]
         for target in targets:
             steps, seconds = reached[target]
@@ -344,8 +332,6 @@ def fit_and_record(make_model, optimizer, loss, x, y, *, epochs, batch_size,
         ``values`` (``StepValues.arrays()``), so it can be passed to
         ``plot_loss_curves`` and ``target_table``.
     """
-    from kfac_keras import KFAC, KFACCallback  # noqa: PLC0415
-
     keras.backend.clear_session()
     keras.utils.set_random_seed(int(seed))
     model = make_model()
@@ -372,7 +358,10 @@ def execute_notebook(path, *, small=True, cwd=None, timeout=900, env=None,
     The kernel is ``python -m ipykernel_launcher`` with ``sys.executable``
     (from a kernelspec written to a temporary folder), so it sees the same
     packages as the caller whatever kernels Jupyter has installed. The
-    notebook's own ``kernelspec`` metadata is left as it was. Output written
+    notebook's own ``kernelspec`` metadata is left as it was. The repository
+    root (``REPO_ROOT``) comes first on the kernel's ``PYTHONPATH``, so the
+    notebook imports ``benchmarks`` and ``kfac_keras`` from this clone
+    wherever the notebook file is. Output written
     by C/C++ code directly to the process's file descriptors (TensorFlow's
     start-up logging) is not captured into the notebook.
 
@@ -415,6 +404,8 @@ def execute_notebook(path, *, small=True, cwd=None, timeout=900, env=None,
     kernel_env = dict(os.environ)
     kernel_env.update(env or {})
     kernel_env[SMALL_ENV_VAR] = "1" if small else "0"
+    kernel_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (REPO_ROOT, kernel_env.get("PYTHONPATH", "")) if p)
     kernel_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # The inline backend draws the figures into the notebook; a backend set
     # for scripts (e.g. MPLBACKEND=Agg) would drop them.

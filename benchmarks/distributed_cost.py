@@ -2,7 +2,7 @@
 
 Run with::
 
-    python -m kfac_keras.examples.distributed_cost [--batch-size 1000]
+    python -m benchmarks.distributed_cost [--batch-size 1000]
         [--periods 2] [--data-dir DIR]
 
 Splits the CPU into two logical devices (before TensorFlow starts) and, for
@@ -28,8 +28,10 @@ overhead of the multi-replica step, not a speed-up.
 """
 
 import argparse
+import itertools
 import os
-import time
+
+import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -44,7 +46,6 @@ def configure_two_logical_cpus():
 def communication_bytes(optimizer, model):
     """Float32 bytes all-reduced per step, per `T_cov` and per `T_inv`
     (the latter with `distributed_inverses` only)."""
-    import numpy as np
     parameters = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
     factors = 0
     state = 0
@@ -60,14 +61,21 @@ def communication_bytes(optimizer, model):
 
 
 def time_steps(step, batches, period, periods):
-    """Mean seconds per step over `periods` whole periods, after 2 warm-ups."""
-    for index in range(2):
-        step(*batches[index % len(batches)])
-    count = period * periods
-    start = time.perf_counter()
-    for index in range(count):
-        step(*batches[index % len(batches)])
-    return (time.perf_counter() - start) / count
+    """Mean seconds per step over `periods` whole periods, after 2 warm-ups.
+
+    Args:
+        step: `(inputs, targets) -> result`, one training step.
+        batches: list of `(inputs, targets)`, used in turn.
+        period: int, steps per period (`inv_update_every`).
+        periods: int, periods timed.
+
+    Returns:
+        A Python float.
+    """
+    from benchmarks.timing import call_seconds
+
+    cycle = itertools.cycle(batches)
+    return float(np.mean(call_seconds(lambda: step(*next(cycle)), period * periods)))
 
 
 def main(argv=None):
@@ -82,8 +90,8 @@ def main(argv=None):
     import tensorflow as tf
 
     import kfac_keras
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples.autoencoder import make_autoencoder
+    from benchmarks.autoencoder import make_autoencoder
+    from benchmarks.mnist_data import load_mnist
 
     x, _, source = load_mnist(args.data_dir)
     x = x[:2 * args.batch_size].astype("float32")

@@ -1,4 +1,4 @@
-"""MNIST loading for the examples and benchmarks.
+"""MNIST loading for the benchmarks, notebooks and tests (not part of the installed package).
 
 ``load_mnist`` looks for data in this order:
 

@@ -2,12 +2,12 @@
 
 Run with::
 
-    python -m kfac_keras.examples.stability [--steps 3000] [--batch-size 1000]
+    python -m benchmarks.stability [--steps 3000] [--batch-size 1000]
         [--data-dir DIR] [--examples N] [--seed 0] [--check-every 100]
         [--max-increase 10] [--out FILE.json] [--verbose 0|1]
 
 It trains the 784-1000-500-250-30-250-500-1000-784 autoencoder of
-`kfac_keras.examples.autoencoder` (tanh hidden units, linear code layer,
+`benchmarks.autoencoder` (tanh hidden units, linear code layer,
 `BinaryCrossentropy(from_logits=True)`) with `kfac_keras.KFAC()` at its
 default settings (only `seed` is set, which fixes the Fisher samples and does
 not change the algorithm), through `make_train_step` in a `tf.function`, on
@@ -30,7 +30,7 @@ loss increase and where, skipped steps, time per step) and exits with status
 per-step losses, as JSON. CI runs it at a reduced size
 (`tests/test_stability_script.py`).
 
-Data: `kfac_keras.datasets.load_mnist` (`--data-dir` or the
+Data: `benchmarks.mnist_data.load_mnist` (`--data-dir` or the
 `KFAC_KERAS_DATA_DIR` environment variable).
 """
 
@@ -108,8 +108,8 @@ def run(args):
     import tensorflow as tf
 
     import kfac_keras
-    from kfac_keras.datasets import load_mnist
-    from kfac_keras.examples.autoencoder import PIXELS, make_autoencoder
+    from benchmarks.autoencoder import PIXELS, make_autoencoder
+    from benchmarks.mnist_data import load_mnist
 
     x, _, source = load_mnist(args.data_dir)
     if args.examples is not None:

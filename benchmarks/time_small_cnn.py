@@ -2,37 +2,24 @@
 
 Trains `small_models.small_cnn()` (Conv2D+BatchNorm+pool twice, then Dense)
 on random MNIST-size data (28x28x1, batch 128) with `model.fit`, once with
-Adam and once with K-FAC (default schedule: statistics every 10 steps,
-inverses every 20), XLA off (the CPU default), and reports per-step wall
+Adam and once with K-FAC (its default statistics and inverse schedule,
+printed by the command), XLA off (the CPU default), and reports per-step wall
 times after a warm-up: the median (a typical step: preconditioning only) and
 the mean (amortizing the statistics and inverse steps).
 
 Usage::
 
-    python -m kfac_keras.examples.time_small_cnn [--steps 40] [--warmup 5]
+    python -m benchmarks.time_small_cnn [--steps 40] [--warmup 5]
 """
 
 import argparse
-import time
 
 import keras
 import numpy as np
 
 import kfac_keras
-from kfac_keras.examples import small_models
-
-
-class _StepTimes(keras.callbacks.Callback):
-    """Wall-clock time of every training batch (end to end)."""
-
-    def on_train_begin(self, logs=None):
-        self.stamps = [time.perf_counter()]
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.stamps.append(time.perf_counter())
-
-    def durations(self):
-        return np.diff(self.stamps)
+from benchmarks import small_models
+from benchmarks.timing import TimedLossHistory
 
 
 def time_optimizer(optimizer, use_kfac, steps, warmup, batch_size=128, seed=0):
@@ -54,11 +41,11 @@ def time_optimizer(optimizer, use_kfac, steps, warmup, batch_size=128, seed=0):
     x, y = small_models.random_image_data((steps + warmup) * batch_size, seed=seed)
     model.compile(optimizer=optimizer, jit_compile=False,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    timer = _StepTimes()
+    timer = TimedLossHistory(warmup_steps=warmup, stop_on_nan=False)
     callbacks = ([kfac_keras.KFACCallback(verbose=0)] if use_kfac else []) + [timer]
     model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
               callbacks=callbacks)
-    return timer.durations()[warmup:]
+    return timer.step_seconds()[warmup:]
 
 
 def main():
@@ -74,8 +61,10 @@ def main():
             kfac_keras.KFAC(learning_rate=0.02, damping=0.3, seed=0, cov_update_every=1),
             True, args.steps, args.warmup),
     }
+    defaults = kfac_keras.KFAC()
     print(f"small CNN, batch 128, 28x28x1, XLA off, {args.steps} steps after "
-          f"{args.warmup} warm-up steps")
+          f"{args.warmup} warm-up steps; K-FAC statistics every "
+          f"{defaults.cov_update_every} steps, inverses every {defaults.inv_update_every}")
     for name, durations in results.items():
         print(f"  {name:30s} median {1e3 * np.median(durations):7.1f} ms   "
               f"mean {1e3 * np.mean(durations):7.1f} ms   "

@@ -210,8 +210,8 @@ print(f"median step time: K-FAC {runs[0]['history']['per_step_ms']:.0f} ms, "
       f"Adam {runs[1]['history']['per_step_ms']:.0f} ms")
 '''), md('''
 In the saved run (5 epochs of 16 steps), K-FAC with its defaults ends at a training loss of
-0.0190 and a validation accuracy of 0.9725, Adam at 0.2687 and 0.9370; a K-FAC step takes
-about 13 ms here against Adam's 8 ms (median). The epoch lines show the damping going from its
+0.0189 and a validation accuracy of 0.9715, Adam at 0.2687 and 0.9370; a K-FAC step takes
+about 28 ms here against Adam's 8 ms (median; the saved run shared a busy machine). The epoch lines show the damping going from its
 start of 1e-2 to the 1e-3 floor by the third epoch, and `rho` near 1 in every epoch line.
 
 ## Next
@@ -339,10 +339,11 @@ fig = nbu.plot_loss_curves(runs, loss_scale=PIXELS, targets=TARGETS,
 plt.show()
 '''), md('''
 In the saved run, the paper's algorithm needs the fewest steps to each target (77 steps to 120)
-and ends lowest (87.3), at about 340 ms per step. The defaults take about half as long per step
-(about 180 ms) and need more steps (94 to 120; final loss 101.6), and reach every target in fewer
-seconds (20.0 s to 120 against 27.9 s). SGD with momentum and Adam do not reach 150 within the
-120 steps (final losses 205.7 and 165.9). Step times depend on the machine and its load.
+and ends lowest (87.3), at about 700 ms per step. The defaults take about two thirds as long per
+step (about 440 ms) and need more steps (94 to 120; final loss 101.6), and reach the lower targets
+in fewer seconds (35.3 s to 150 against 39.2 s, 52.5 s to 120 against 60.5 s). SGD with momentum
+and Adam do not reach 150 within the 120 steps (final losses 205.7 and 165.9). Step times depend
+on the machine and its load (the saved run shared a busy machine).
 
 ## What K-FAC's adaptive rules did
 
@@ -472,7 +473,7 @@ for run in cnn_runs:
           f"{run['per_step_ms']:.0f} ms/step")
 '''), md('''
 In the saved run, after 3 epochs both K-FAC runs reach a validation accuracy of about 0.95
-(0.9490 with the automatic blocks, 0.9510 with diagonal blocks for the normalization layers),
+(0.9505 with the automatic blocks and 0.9505 with diagonal blocks for the normalization layers),
 Adam 0.9045. In both K-FAC runs the damping rule took `λ` from 1e-2 to near its 1e-3 floor in
 the first epoch.
 '''), md('''
@@ -914,8 +915,8 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 '''), md('''
-In the saved run the paper's algorithm ends at a loss of 0.0039 at about 30 ms per step (the
-two extra forward-mode passes of every step), the defaults at 0.0022 at about 17 ms per step.
+In the saved run the paper's algorithm ends at a loss of 0.0039 at about 64 ms per step (the
+two extra forward-mode passes of every step), the defaults at 0.0022 at about 22 ms per step.
 
 ## Rules of thumb
 

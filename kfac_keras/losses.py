@@ -666,7 +666,9 @@ class JointDistribution:
 
     @staticmethod
     def _head_seed(seed, head):
-        return sampling.fold_in(seed, 1 + head.index)
+        # The first output keeps the step's seed (a single weighted output
+        # draws what the unweighted one draws); the others get their own.
+        return seed if head.index == 0 else sampling.fold_in(seed, head.index)
 
     def _sample_weight(self, sample_weight, head):
         if sample_weight is None:

@@ -172,7 +172,7 @@ class BatchQuadraticModel:
     step, by the step's own forward pass).
 
     Args:
-        model: the Keras model (single output).
+        model: the Keras model (one output, or several with one loss each).
         distribution: its `kfac_keras.losses.PredictiveDistribution`.
         x: the batch inputs.
         y: the batch targets.

@@ -194,3 +194,19 @@ def test_single_output_loss_weight_scales_the_fisher():
         kfac_keras.make_train_step(model)(x, np.zeros((64, 2), "float32"))
         factors.append(block_for_layer(optimizer, model.layers[-1]).output_grad_factor.numpy())
     np.testing.assert_allclose(factors[1], 2.0 * factors[0], rtol=1e-5)
+
+
+def test_make_train_step_with_a_dict_of_losses_evaluates_keras_loss():
+    """Losses passed to make_train_step (weight 1 each): the step's loss is
+    Keras's sum over the outputs, and the Fisher covers both heads."""
+    rng = np.random.default_rng(5)
+    model = _two_head_model()
+    optimizer = kfac_keras.KFAC(learning_rate=1e-9, adaptive=None, damping=1e-2)
+    loss = {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"}
+    step = kfac_keras.make_train_step(model, optimizer, loss)
+    x, y = _two_head_data(rng, count=32)
+    out = model(x)
+    expected = (float(loss["cls"](y["cls"], out["cls"]))
+                + float(keras.losses.MeanSquaredError()(y["reg"], out["reg"])))
+    np.testing.assert_allclose(float(step(x, y)["loss"]), expected, rtol=1e-5)
+    assert [h.name for h in step.distribution.heads] == ["cls", "reg"]

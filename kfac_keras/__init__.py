@@ -10,6 +10,7 @@ Typical use::
 __version__ = "0.1.0"
 
 from kfac_keras.callback import KFACCallback
+from kfac_keras.losses import DistributionLoss, declare_loss
 from kfac_keras.optimizer import KFAC
 from kfac_keras.quadratic_model import AdaptiveOptions
 from kfac_keras.registration import Registration, register
@@ -17,9 +18,11 @@ from kfac_keras.training import KFACTrainStep, make_train_step
 
 __all__ = [
     "AdaptiveOptions",
+    "DistributionLoss",
     "KFAC",
     "KFACCallback",
     "KFACTrainStep",
+    "declare_loss",
     "Registration",
     "make_train_step",
     "register",

@@ -14,7 +14,7 @@ K-FAC supports equals the generalised Gauss-Newton matrix:
 parameter direction `v`, computed in forward mode
 (`tf.autodiff.ForwardAccumulator`, one extra forward pass per direction, no
 per-example Jacobians); `H_n` is the Fisher of the predictive distribution
-w.r.t. the model output (`output_fisher_product`): softmax cross-entropy on
+w.r.t. the model output (`kfac_keras.losses`, `output_fisher_gram`): softmax cross-entropy on
 logits `diag(p) - p p^T`, sigmoid cross-entropy on logits `diag(p (1-p))`,
 squared error `2 I` (with the `1/d` averaging in `c_n`); on probability
 outputs the same Fisher in probability coordinates, `diag(1/p) - 1 1^T` and
@@ -51,8 +51,6 @@ import math
 import numbers
 
 import tensorflow as tf
-
-from kfac_keras import losses as losses_lib
 
 
 # --------------------------------------------------------------- options
@@ -160,36 +158,6 @@ def dot(first, second):
     return tf.add_n(terms)
 
 
-# ------------------------------------------------------ output Fisher
-def output_fisher_product(distribution, y_pred, vector):
-    """`H v`: the Fisher of the predictive distribution w.r.t. the model output.
-
-    Args:
-        distribution: a `kfac_keras.losses.PredictiveDistribution`.
-        y_pred: the model output (logits, probabilities or the regression
-            output, as the loss expects).
-        vector: a tangent of the output, same shape as `y_pred`.
-
-    Returns:
-        A float32 tensor shaped like `y_pred`, per output element of the
-        *unscaled* NLL (the caller applies `c_n`).
-    """
-    y_pred = tf.cast(y_pred, tf.float32)
-    vector = tf.cast(vector, tf.float32)
-    if isinstance(distribution, losses_lib.Gaussian) or distribution.from_logits:
-        return distribution.output_hessian_vector_product(y_pred, vector)
-    epsilon = 1e-7
-    if isinstance(distribution, losses_lib.Categorical):
-        # q = p / sum(p): Fisher in p-coordinates diag(1/p) - 1 1^T (for sum(p) = 1).
-        probs = tf.maximum(y_pred, epsilon)
-        return vector / probs - tf.reduce_sum(vector, axis=-1, keepdims=True)
-    if isinstance(distribution, losses_lib.Bernoulli):
-        probs = tf.clip_by_value(y_pred, epsilon, 1.0 - epsilon)
-        return vector / (probs * (1.0 - probs))
-    raise ValueError(
-        f"No output Fisher is defined for {distribution!r}.")
-
-
 # ------------------------------------------------------- model passes
 def _read(variables):
     return [tf.identity(tf.convert_to_tensor(v)) for v in variables]
@@ -204,7 +172,7 @@ class BatchQuadraticModel:
     step, by the step's own forward pass).
 
     Args:
-        model: the Keras model (single output).
+        model: the Keras model (one output, or several with one loss each).
         distribution: its `kfac_keras.losses.PredictiveDistribution`.
         x: the batch inputs.
         y: the batch targets.
@@ -240,7 +208,7 @@ class BatchQuadraticModel:
             with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
                 y_pred = self.model(self.x, training=True)
             jvp = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
-            return tf.cast(y_pred, tf.float32), tf.cast(jvp, tf.float32)
+            return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), (y_pred, jvp))
 
         return self._stateless(forward)
 
@@ -257,20 +225,8 @@ class BatchQuadraticModel:
             A `(K, K)` float32 tensor.
         """
         outputs = [self.jacobian_vector_product(d, variables) for d in directions]
-        y_pred = outputs[0][0]
-        scale = self.distribution.per_example_scale(y_pred, self.sample_weight)
-        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
-        products = [output_fisher_product(self.distribution, y_pred, jv)
-                    for _, jv in outputs]
-        rows = []
-        for _, left in outputs:
-            row = []
-            for right in products:
-                per_example = tf.reduce_sum(
-                    tf.reshape(left * right, [tf.shape(left)[0], -1]), axis=1)
-                row.append(tf.reduce_sum(scale * per_example) / batch)
-            rows.append(tf.stack(row))
-        gram = tf.stack(rows)
+        gram = self.distribution.output_fisher_gram(  # losses.py: per-loss, per-output maths
+            outputs[0][0], [jv for _, jv in outputs], self.sample_weight)
         return 0.5 * (gram + tf.transpose(gram))
 
     def loss(self):

@@ -75,3 +75,11 @@ def categorical(log_probs, seed, first_index=0):
     `log_probs`)."""
     gumbel = -tf.math.log(-tf.math.log(uniform(tf.shape(log_probs), seed, first_index)))
     return tf.argmax(log_probs + gumbel, axis=-1, output_type=tf.int32)
+
+
+def fold_in(seed, value):
+    """A new shape-(2,) int32 seed from `seed` and an int `value` (a stream
+    number or an example index): independent streams for the same seed."""
+    stream = tf.cast(value, tf.uint32) * tf.constant(2, tf.uint32)
+    bits = random_bits(2, seed, stream + tf.constant(0x3C6EF372, tf.uint32))
+    return tf.bitcast(bits, tf.int32)

@@ -56,12 +56,29 @@ from kfac_keras import registration as registration_lib
 from kfac_keras.optimizer import KFAC
 
 
-def _single_output(y_pred):
-    if not isinstance(y_pred, (tf.Tensor, tf.Variable)) and not hasattr(y_pred, "shape"):
+def _check_output(y_pred, distribution):
+    """The model output, checked against the loss's distribution: a
+    structure of several tensors needs one loss per output."""
+    if isinstance(distribution, losses_lib.JointDistribution):
+        return y_pred
+    leaves = tf.nest.flatten(y_pred)
+    if len(leaves) != 1 or not hasattr(leaves[0], "shape"):
         raise ValueError(
-            "K-FAC supports models with a single output tensor; the model "
-            f"returned {type(y_pred).__name__}.")
+            f"The model returned {len(leaves)} outputs ({type(y_pred).__name__}) but "
+            "K-FAC was given one loss for one output; compile the model with one "
+            "loss per output (a list or dict, with optional loss_weights).")
     return y_pred
+
+
+def _explicit_loss(model, loss):
+    """The callable `(y, y_pred, sample_weight) -> loss` for a loss passed to
+    `make_train_step`: Keras's own multi-output loss for a list or dict of
+    several losses, else the single loss object."""
+    if isinstance(loss, (list, tuple, dict)) and len(loss) > 1:
+        from keras.src.trainers.compile_utils import CompileLoss
+
+        return CompileLoss(loss, None, output_names=getattr(model, "output_names", None))
+    return losses_lib.loss_object(loss)
 
 
 def _unscale_gradients(grads, scale):
@@ -117,7 +134,8 @@ class KFACTrainStep:
     builds one for `model.fit`.
 
     Args:
-        model: a built Keras model with a single output.
+        model: a built Keras model (one output, or a list or dict of
+            outputs with one loss each).
         optimizer: the `kfac_keras.KFAC` instance, or a
             `keras.optimizers.LossScaleOptimizer` wrapping one (what
             `model.compile` makes of it under the `"mixed_float16"` policy;
@@ -127,10 +145,13 @@ class KFACTrainStep:
             with more than one replica, options that cannot run there raise
             NotImplementedError before any K-FAC state is created
             (`kfac_keras.distributed.check_supported`).
-        loss: the loss, as accepted by `kfac_keras.losses.distribution_for_loss`
-            (string, Keras loss object or function). Defaults to the loss
-            given to `model.compile`, evaluated through Keras (so
-            `loss_weights` and regularization losses apply).
+        loss: the loss, as accepted by `kfac_keras.losses.distribution_for_model`
+            (string, Keras loss object or function, `DistributionLoss`,
+            `declare_loss`; for several outputs a list or dict of them, with
+            weight 1 each). Defaults to the loss given to `model.compile`,
+            evaluated through Keras (so `loss_weights` and regularization
+            losses apply); with several outputs the Fisher is the sum of the
+            outputs' Fishers, each scaled by its loss weight.
         jit_compile: XLA-compile parts 1 and 3 of the step. Defaults to False.
     """
 
@@ -157,10 +178,12 @@ class KFACTrainStep:
                     "No loss: compile the model with a loss or pass `loss=` to "
                     "make_train_step.")
             self._loss_fn = None
-            loss = compiled
+            compile_loss = getattr(model, "_compile_loss", None)
+            loss_weights = getattr(compile_loss, "_user_loss_weights", None)
+            self.distribution = losses_lib.distribution_for_model(model, compiled, loss_weights)
         else:
-            self._loss_fn = losses_lib.loss_object(loss)
-        self.distribution = losses_lib.distribution_for_loss(loss)
+            self.distribution = losses_lib.distribution_for_model(model, loss)
+            self._loss_fn = _explicit_loss(model, loss)
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)
@@ -200,22 +223,18 @@ class KFACTrainStep:
         return value
 
     def _statistics_objective(self, y, y_pred, sample_weight, first_example):
-        """`sum_n sqrt(c_n) NLL_n` over the statistics subset, and its size.
+        """`sum_n sqrt(c_n) NLL_n` over the statistics subset (summed over the
+        outputs, each with its loss weight), and the subset's size.
         `first_example`: index of `y_pred[0]` in the global batch."""
         optimizer = self.optimizer
-        batch = tf.shape(y_pred)[0]
+        batch = tf.shape(tf.nest.flatten(y_pred)[0])[0]
         subset = tf.cast(tf.math.ceil(
             optimizer.statistics_fraction * tf.cast(batch, tf.float32)), tf.int32)
         subset = tf.clip_by_value(subset, 1, batch)
-        scale = self.distribution.per_example_scale(y_pred, sample_weight)[:subset]
-        y_subset = y_pred[:subset]
-        if optimizer.estimation_mode == "fisher":
-            targets = self.distribution.sample_targets(
-                y_subset, optimizer.sampling_seed(), first_example)
-        else:
-            targets = self.distribution.empirical_targets(y[:subset], y_subset)
-        nll = self.distribution.per_example_nll(targets, y_subset)
-        return tf.reduce_sum(tf.sqrt(scale) * nll), subset
+        seed = optimizer.sampling_seed() if optimizer.estimation_mode == "fisher" else None
+        objective = self.distribution.statistics_objective(
+            y_pred, y, sample_weight, subset, seed, first_example)
+        return objective, subset
 
     def _forward(self, x, y, sample_weight, first_example=0):
         """Forward pass with captures, loss and gradients (of this replica's
@@ -223,7 +242,7 @@ class KFACTrainStep:
         model, optimizer, registration = self.model, self.optimizer, self.registration
         with tf.GradientTape(persistent=True) as tape:
             with registration.capture() as recorder:
-                y_pred = _single_output(model(x, training=True))
+                y_pred = _check_output(model(x, training=True), self.distribution)
             loss = self._loss(x, y, y_pred, sample_weight)
             if self.loss_scale_optimizer is not None:
                 scaled_loss = self.loss_scale_optimizer.scale_loss(loss)
@@ -445,9 +464,10 @@ def make_train_step(model, optimizer=None, loss=None, jit_compile=False):
     `optimizer.apply_gradients` yourself.
 
     Args:
-        model: a built Keras model with one output.
+        model: a built Keras model (one output, or several with one loss each).
         optimizer: a `kfac_keras.KFAC`. Defaults to `model.optimizer`.
-        loss: the loss (see `KFACTrainStep`). Defaults to the compiled loss.
+        loss: the loss or losses (see `KFACTrainStep`). Defaults to the
+            compiled loss.
         jit_compile: XLA-compile the step's gradient and update parts.
             Defaults to False.
 

@@ -104,3 +104,38 @@ def test_output_hessian_matches_autodiff(dist):
 def test_unsupported_losses_raise(loss):
     with pytest.raises(ValueError, match="K-FAC"):
         losses.distribution_for_loss(loss)
+
+
+def _sequence_case(kind, rng):
+    logits = rng.normal(size=(4, 5, 3)).astype("float32")
+    if kind == "mse":
+        return keras.losses.MeanSquaredError, {}, rng.normal(size=(4, 5, 3)).astype("float32"), logits
+    if kind == "bce":
+        binary = (rng.uniform(size=(4, 5, 3)) > 0.5).astype("float32")
+        return keras.losses.BinaryCrossentropy, {"from_logits": True}, binary, logits
+    return (keras.losses.SparseCategoricalCrossentropy, {"from_logits": True},
+            rng.integers(0, 3, size=(4, 5)), logits)
+
+
+@pytest.mark.parametrize("kind", ["mse", "bce", "sparse"])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_sequence_scale_equals_keras_for_every_reduction(kind, reduction, weighted):
+    """`(batch, T, d)` outputs: Keras sums the positions under "sum" and
+    "mean_with_sample_weight" (the latter divides by sum(w) only)."""
+    rng = np.random.default_rng(4)
+    cls, options, y, y_pred = _sequence_case(kind, rng)
+    loss = cls(reduction=reduction, **options)
+    # Keras broadcasts per-example weights over the positions from shape (batch, 1).
+    weights = rng.uniform(0.5, 2.0, size=(4, 1)).astype("float32") if weighted else None
+    dist = losses.distribution_for_loss(loss)
+    targets = dist.empirical_targets(tf.constant(y), tf.constant(y_pred))
+    nll = dist.per_example_nll(targets, tf.constant(y_pred)).numpy()
+    ours = np.mean(dist.per_example_scale(tf.constant(y_pred), weights).numpy() * nll)
+    np.testing.assert_allclose(ours, float(loss(y, y_pred, sample_weight=weights)), rtol=1e-5)
+
+
+@pytest.mark.parametrize("loss", [{"out": "mse"}, ["mse"], ("mse",)])
+def test_one_entry_loss_structures_are_unwrapped(loss):
+    assert isinstance(losses.distribution_for_loss(loss), losses.Gaussian)
+    assert isinstance(losses.loss_object(loss), keras.losses.MeanSquaredError)

@@ -44,6 +44,13 @@ def build_from_batch(model, data):
         model(specs)
 
 
+def is_built(model):
+    """True if K-FAC can register `model` now: it is built, or (a model
+    without `call`, like keras-io's VAE) all its sub-layers are."""
+    sublayers = model._flatten_layers(include_self=False, recursive=True)
+    return model.built or bool(sublayers) and all(layer.built for layer in sublayers)
+
+
 class KFACCallback(keras.callbacks.Callback):
     """Connects a compiled model's `fit` to its `kfac_keras.KFAC` optimizer.
 
@@ -96,7 +103,6 @@ class KFACCallback(keras.callbacks.Callback):
         self._requested_jit = None
         self._users_instance_step = None
         self._first_time = False
-        self._deferred_step = None
 
     def _print_report(self, report):
         """Prints the registration report unless `fit` or Keras logging is quiet
@@ -116,14 +122,28 @@ class KFACCallback(keras.callbacks.Callback):
         self._print_report(step.registration.report())
         return step
 
-    def _build_then_step(self, data):
-        """The first step of an unbuilt model: build it, register, then run
-        K-FAC's step (later steps go straight to it)."""
-        if self._deferred_step is None:
-            build_from_batch(self.model, data)
-            with tf.init_scope():
-                self._deferred_step = self._kfac_step(self.model)
-        return self._deferred_step.keras_train_step(data)
+    def _custom_step(self, model, user_train_step):
+        step = custom_step_lib.CustomTrainStep(model, model.optimizer, user_train_step)
+        if self._requested_jit:
+            logging.info("K-FAC: %s runs without XLA (its decompositions must "
+                         "stay outside XLA on CPU).", step.name)
+        self._print_report(step.report())
+        return step.train_step
+
+    def _build_then_step(self, make_step):
+        """A train step for an unbuilt model: the first call (Keras traces it
+        at the first batch) builds the model from the batch's shapes and
+        registers it; every call runs the step `make_step()` returns."""
+        steps = []
+
+        def train_step(data):
+            if not steps:
+                build_from_batch(self.model, data)
+                with tf.init_scope():
+                    steps.append(make_step())
+            return steps[0](data)
+
+        return train_step
 
     def on_train_begin(self, logs=None):
         model = self.model
@@ -136,18 +156,16 @@ class KFACCallback(keras.callbacks.Callback):
         self._first_time = optimizer.registration is None
         self._requested_jit = bool(model.jit_compile)
         self._users_instance_step = model.__dict__.get("train_step")
-        self._deferred_step = None
         if custom_step_lib.has_custom_train_step(model):
-            step = custom_step_lib.CustomTrainStep(model, model.optimizer, model.train_step)
-            if self._requested_jit:
-                logging.info("K-FAC: %s runs without XLA (its decompositions must "
-                             "stay outside XLA on CPU).", step.name)
-            self._print_report(step.report())
-            model.train_step = step.train_step
-        elif not model.built:
-            model.train_step = self._build_then_step
+            custom_step_lib.CustomTrainStep.check_supported(model, model.optimizer)
+            user_train_step = model.train_step
+            make_step = lambda: self._custom_step(model, user_train_step)  # noqa: E731
         else:
-            model.train_step = self._kfac_step(model).keras_train_step
+            make_step = lambda: self._kfac_step(model).keras_train_step  # noqa: E731
+        if is_built(model):
+            model.train_step = make_step()
+        else:
+            model.train_step = self._build_then_step(make_step)
         model.jit_compile = False
         model.make_train_function(force=True)
 

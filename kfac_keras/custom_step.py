@@ -113,6 +113,27 @@ class CustomTrainStep:
     """
 
     def __init__(self, model, optimizer, user_train_step):
+        self.check_supported(model, optimizer)
+        name = f"{type(model).__name__}.train_step"
+        if optimizer.adaptive is not None:  # "auto" (check_supported refused the rest)
+            logging.info(
+                "K-FAC: %s is the model's own step, so adaptive='auto' resolves "
+                "to None (fixed damping %s; the Levenberg-Marquardt rule needs "
+                "the batch loss after the step).", name, optimizer.initial_damping)
+            optimizer.adaptive = None
+            optimizer._damping_factor = None
+        self.model = model
+        self.optimizer = optimizer
+        self.user_train_step = user_train_step
+        self.name = name
+        self.registration = optimizer.attach(model)
+        self._step = None  # per-step state, set in `train_step`
+        logging.info("K-FAC: %s", EMPIRICAL_NOTE)
+
+    @staticmethod
+    def check_supported(model, optimizer):
+        """Raises, naming the model's `train_step`, for what a custom step
+        cannot run with (see the class docstring); changes nothing."""
         from kfac_keras.optimizer import KFAC
 
         name = f"{type(model).__name__}.train_step"
@@ -141,19 +162,6 @@ class CustomTrainStep:
                     "train_step does not give K-FAC. Pass adaptive=None (the "
                     "learning rate, momentum and norm_constraint still apply), "
                     "or use Keras's default train_step with a compiled loss.")
-            logging.info(
-                "K-FAC: %s is the model's own step, so adaptive='auto' resolves "
-                "to None (fixed damping %s; the Levenberg-Marquardt rule needs "
-                "the batch loss after the step).", name, optimizer.initial_damping)
-            optimizer.adaptive = None
-            optimizer._damping_factor = None
-        self.model = model
-        self.optimizer = optimizer
-        self.user_train_step = user_train_step
-        self.name = name
-        self.registration = optimizer.attach(model)
-        self._step = None  # per-step state, set in `train_step`
-        logging.info("K-FAC: %s", EMPIRICAL_NOTE)
 
     def report(self):
         """The registration report with the custom-step note."""

@@ -355,3 +355,21 @@ def test_weight_decay_turning_adaptive_damping_off_is_warned(caplog):
     with caplog.at_level(logging.WARNING):
         kfac_keras.KFAC()
     assert "adaptive damping off" not in caplog.text
+
+
+# ------------------------------------------------------------------- the doc
+def _doc_snippets():
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "your_own_model.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_your_own_model_doc_has_the_three_snippets():
+    assert len(_doc_snippets()) == 3
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_your_own_model_doc_snippet_runs(index):
+    exec(compile(_doc_snippets()[index], f"docs/your_own_model.md[{index}]", "exec"), {})

@@ -235,8 +235,9 @@ class KFAC(keras.optimizers.Optimizer):
             is `damping` itself if that is smaller) when `damping` is a
             number, and None when it is a schedule or `weight_decay` /
             `ema_overwrite_frequency` is set (with a logged warning, since
-            the damping then stays fixed; `l2_reg` keeps it adaptive). None keeps the damping
-            fixed and needs no extra forward passes. Adaptive options are not
+            the damping then stays fixed; `l2_reg` keeps it adaptive), or the
+            model has its own `train_step` (`kfac_keras.custom_step`). None
+            keeps the damping fixed and needs no extra forward passes. Adaptive options are not
             combinable with `weight_decay` or `ema_overwrite_frequency` (they
             change the weights outside the quadratic model).
         norm_constraint: `"auto"` (default), None, or float c > 0: "KL clipping" (Ba,

@@ -138,7 +138,8 @@ def test_custom_train_step_update_is_the_preconditioned_gradient():
     gamma = np.sqrt(0.1)
     step = np.linalg.inv(a + pi * gamma * np.eye(a.shape[0])) @ grad @ np.linalg.inv(
         g + gamma / pi * np.eye(g.shape[0]))
-    after = np.concatenate([ops.convert_to_numpy(model.out.kernel), ops.convert_to_numpy(model.out.bias)[None]], 0)
+    after = np.concatenate([ops.convert_to_numpy(model.out.kernel),
+                            ops.convert_to_numpy(model.out.bias)[None]], 0)
     expected = np.concatenate([before[0], before[1][None]], 0) - 0.1 * step
     np.testing.assert_allclose(after, expected, rtol=2e-3, atol=1e-6)
 
@@ -266,6 +267,17 @@ class TwoUpdates(OwnStepRegressor):
             grads = tape.gradient(loss, self.trainable_variables)
             self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
         return {}
+
+
+def test_custom_train_step_with_mixed_precision_raises_first():
+    x, y = _regression_data()
+    model = OwnStepRegressor()
+    model(x[:1])
+    optimizer = kfac_keras.KFAC(adaptive=None, seed=0)
+    model.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer))
+    with pytest.raises(NotImplementedError, match=r"OwnStepRegressor.train_step.*LossScale"):
+        model.fit(x, y, verbose=0, callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    assert optimizer.registration is None
 
 
 def test_custom_train_step_applying_twice_is_refused():

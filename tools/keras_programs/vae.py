@@ -119,11 +119,11 @@ def evaluate_total_loss(vae, images, batch_size=500):
     return float(np.mean(totals))
 
 
-def train(optimizer_name, images, epochs, batch_size, seed):
+def train(optimizer_name, images, epochs, batch_size, seed, kfac_options):
     keras.utils.set_random_seed(seed)
     vae = VAE(make_encoder(), make_decoder())
     if optimizer_name == "kfac":
-        vae.compile(optimizer=kfac_keras.KFAC(seed=seed))
+        vae.compile(optimizer=kfac_keras.KFAC(seed=seed, **kfac_options))
         callbacks = [kfac_keras.KFACCallback()]
     else:
         vae.compile(optimizer=keras.optimizers.Adam())
@@ -134,6 +134,7 @@ def train(optimizer_name, images, epochs, batch_size, seed):
     seconds = time.perf_counter() - start
     return {
         "optimizer": optimizer_name,
+        "options": kfac_options if optimizer_name == "kfac" else {},
         "epoch_total_loss": [round(v, 2) for v in history.history["loss"]],
         "epoch_kl_loss": [round(v, 3) for v in history.history["kl_loss"]],
         "final_total_loss": round(evaluate_total_loss(vae, images), 2),
@@ -147,13 +148,15 @@ def main():
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--optimizers", default="kfac,adam")
+    parser.add_argument("--kfac-options", type=json.loads, default={},
+                        help='JSON keyword arguments of KFAC, e.g. \'{"norm_constraint": 1e-3}\'')
     parser.add_argument("--examples", type=int, default=None,
                         help="use only the first N images (quick checks)")
     args = parser.parse_args()
     x, _, source = datasets.load_mnist(flatten=False, allow_download=False)
     x = x[:args.examples]
     print(f"data: {source}, {len(x)} images")
-    results = [train(name, x, args.epochs, args.batch_size, args.seed)
+    results = [train(name, x, args.epochs, args.batch_size, args.seed, args.kfac_options)
                for name in args.optimizers.split(",")]
     for result in results:
         print(json.dumps(result))

@@ -10,7 +10,6 @@ import tensorflow as tf
 from keras import ops
 
 import kfac_keras
-from kfac_keras import custom_step
 
 
 # ----------------------------------------------------------- custom train_step
@@ -290,6 +289,8 @@ def test_custom_train_step_applying_twice_is_refused():
 
 
 def test_custom_train_step_detection():
+    from kfac_keras import custom_step
+
     assert custom_step.has_custom_train_step(OwnStepRegressor())
     assert not custom_step.has_custom_train_step(keras.Sequential([keras.layers.Dense(1)]))
 

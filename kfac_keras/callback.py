@@ -1,10 +1,54 @@
 """`KFACCallback`: the one line that makes `model.fit` train with K-FAC."""
 
 import keras
+import tensorflow as tf
+from absl import logging
 
+from kfac_keras import custom_step as custom_step_lib
 from kfac_keras import distributed
 from kfac_keras.optimizer import KFAC
 from kfac_keras.training import KFACTrainStep
+
+#: Log keys that hold counts (printed as integers in the progress bar).
+COUNT_LOGS = ("kfac_skipped_steps",)
+
+
+class LoggedCount(float):
+    """A count in `fit`'s logs: a float, as Keras's logs hold, that formats as
+    an integer (Keras's progress bar formats every value with `.4f`/`.4e`)."""
+
+    def __format__(self, spec):
+        return str(int(self))
+
+    def __truediv__(self, other):  # the progress bar divides by a count of 1
+        return LoggedCount(float(self) / other)
+
+
+def _kfac_of(optimizer):
+    """The KFAC inside `optimizer` (itself, or a LossScaleOptimizer's inner one)."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return optimizer.inner_optimizer
+    return optimizer
+
+
+def build_from_batch(model, data):
+    """Builds an unbuilt `model` from a batch's shapes, as Keras does at its
+    first step, outside any `tf.function` being traced (so its variables and
+    K-FAC's are created once, eagerly)."""
+    from keras.src.trainers.data_adapters import data_adapter_utils
+
+    x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+    specs = tf.nest.map_structure(
+        lambda t: None if t is None else keras.KerasTensor(tuple(t.shape), t.dtype.name), x)
+    with tf.init_scope():
+        model(specs)
+
+
+def is_built(model):
+    """True if K-FAC can register `model` now: it is built, or (a model
+    without `call`, like keras-io's VAE) all its sub-layers are."""
+    sublayers = model._flatten_layers(include_self=False, recursive=True)
+    return model.built or bool(sublayers) and all(layer.built for layer in sublayers)
 
 
 class KFACCallback(keras.callbacks.Callback):
@@ -18,11 +62,19 @@ class KFACCallback(keras.callbacks.Callback):
     `fit` without the callback behave as usual (the latter raises the
     optimizer's "add KFACCallback" error).
 
+    A model that defines its own `train_step` keeps it: the callback runs it
+    with K-FAC capture on, and the model's `optimizer.apply_gradients`
+    applies the K-FAC update with the empirical Fisher of the model's loss
+    (`kfac_keras.custom_step`; `adaptive="auto"` then means None). An
+    unbuilt model (e.g. `keras.Sequential([Dense, Dense])` without an
+    `Input`) is built from the first batch's shapes, as Keras does, and
+    registered then.
+
     `jit_compile`: the model's setting is honoured for the forward/backward
     pass and the update; factor decompositions always run outside XLA on CPU
     (XLA's CPU `eigh` is ~100x slower) and inside it on GPU. To do that the
     callback compiles those parts itself and runs Keras's outer step function
-    without XLA during `fit`.
+    without XLA during `fit` (a custom `train_step` runs without XLA).
 
     Mixed precision: under the `"mixed_float16"` policy `model.compile`
     wraps KFAC in a `keras.optimizers.LossScaleOptimizer`; the callback
@@ -31,6 +83,12 @@ class KFACCallback(keras.callbacks.Callback):
     replica (compile and fit inside `strategy.scope()`), the step all-reduces
     gradients every step and factor statistics every `cov_update_every`
     steps (`kfac_keras.distributed`) and runs without XLA.
+
+    Output: the registration report is printed when `verbose=1`, `fit`'s
+    own `verbose` is not 0 and Keras's interactive logging is on
+    (`keras.config.disable_interactive_logging()` sends it to the absl log
+    only, like Keras's own output); `kfac_skipped_steps` is shown as an
+    integer.
 
     Args:
         verbose: 0 or 1; with 1 (default) print the registration report the
@@ -43,34 +101,105 @@ class KFACCallback(keras.callbacks.Callback):
             raise ValueError(f"`verbose` must be 0 or 1; received {verbose!r}.")
         self.verbose = verbose
         self._requested_jit = None
+        self._users_instance_step = None
+        self._first_time = False
+
+    def _print_report(self, report):
+        """Prints the registration report unless `fit` or Keras logging is quiet
+        (the optimizer logs it to absl in any case)."""
+        if not (self.verbose and self._first_time):
+            return
+        if self.params and self.params.get("verbose", 1) == 0:
+            return
+        if keras.config.is_interactive_logging_enabled():
+            print(report)
+
+    def _kfac_step(self, model):
+        step = KFACTrainStep(
+            model, model.optimizer,
+            jit_compile=(self._requested_jit and not model.run_eagerly
+                         and distributed.multi_replica_strategy(model) is None))
+        self._print_report(step.registration.report())
+        return step
+
+    def _custom_step(self, model, user_train_step):
+        step = custom_step_lib.CustomTrainStep(model, model.optimizer, user_train_step)
+        if self._requested_jit:
+            logging.info("K-FAC: %s runs without XLA (its decompositions must "
+                         "stay outside XLA on CPU).", step.name)
+        self._print_report(step.report())
+        return step.train_step
+
+    def _build_then_step(self, make_step):
+        """A train step for an unbuilt model: the first call (Keras traces it
+        at the first batch) builds the model from the batch's shapes and
+        registers it; every call runs the step `make_step()` returns."""
+        steps = []
+
+        def train_step(data):
+            if not steps:
+                build_from_batch(self.model, data)
+                with tf.init_scope():
+                    steps.append(make_step())
+            return steps[0](data)
+
+        return train_step
 
     def on_train_begin(self, logs=None):
         model = self.model
-        optimizer = getattr(model, "optimizer", None)
-        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-            # mixed_float16: compile wrapped KFAC; KFACTrainStep keeps the
-            # dynamic loss scaling.
-            optimizer = optimizer.inner_optimizer
+        optimizer = _kfac_of(getattr(model, "optimizer", None))
         if not isinstance(optimizer, KFAC):
             raise TypeError(
                 "KFACCallback needs a model compiled with "
                 "`optimizer=kfac_keras.KFAC(...)`; this model's optimizer is "
                 f"{type(optimizer).__name__}.")
-        first_time = optimizer.registration is None
+        self._first_time = optimizer.registration is None
         self._requested_jit = bool(model.jit_compile)
-        step = KFACTrainStep(
-            model, model.optimizer,
-            jit_compile=(self._requested_jit and not model.run_eagerly
-                         and distributed.multi_replica_strategy(model) is None))
-        if self.verbose and first_time:
-            print(optimizer.registration.report())
-        model.train_step = step.keras_train_step
+        self._users_instance_step = model.__dict__.get("train_step")
+        if custom_step_lib.has_custom_train_step(model):
+            custom_step_lib.CustomTrainStep.check_supported(model, model.optimizer)
+            user_train_step = model.train_step
+            make_step = lambda: self._custom_step(model, user_train_step)  # noqa: E731
+        else:
+            make_step = lambda: self._kfac_step(model).keras_train_step  # noqa: E731
+        if is_built(model):
+            model.train_step = make_step()
+        else:
+            model.train_step = self._build_then_step(make_step)
         model.jit_compile = False
         model.make_train_function(force=True)
+
+    def _count_logs_as_integers(self, logs):
+        if logs:
+            for key in COUNT_LOGS:
+                if key in logs:
+                    logs[key] = LoggedCount(logs[key])
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._count_logs_as_integers(logs)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._count_logs_as_integers(logs)
 
     def on_train_end(self, logs=None):
         model = self.model
         model.__dict__.pop("train_step", None)
+        if self._users_instance_step is not None:
+            model.train_step = self._users_instance_step
         if self._requested_jit is not None:
             model.jit_compile = self._requested_jit
         model.train_function = None
+
+
+#: The names `model.compile(optimizer=...)` resolves to `KFAC` (with defaults).
+OPTIMIZER_NAMES = ("kfac", "KFAC")
+
+
+def register_optimizer_names():
+    """Lets `model.compile(optimizer="kfac")` resolve to `KFAC()`, as Keras's
+    own names ("adam") do: Keras looks a string optimizer up as a class name,
+    in its global custom objects among other places; this adds `KFAC` there
+    under `OPTIMIZER_NAMES` through the public `keras.saving.get_custom_objects`."""
+    custom_objects = keras.saving.get_custom_objects()
+    for name in OPTIMIZER_NAMES:
+        custom_objects.setdefault(name, KFAC)

@@ -19,11 +19,14 @@ from kfac_keras import registration as registration_lib
 from kfac_keras.blocks.base import EstimateRecorder, ema_assign
 
 _MISSING_CAPTURE = (
-    "KFAC needs the layer inputs and pre-activation gradients of each training "
-    "step, which Keras's default train step does not provide. Add the K-FAC "
-    "callback to fit:\n\n"
+    "KFAC was applied outside a K-FAC training step: it needs the layer inputs "
+    "and pre-activation gradients of each step, which Keras's default train "
+    "step, a later `fit` without the callback and a plain "
+    "`optimizer.apply_gradients(...)` do not provide (the curvature would stay "
+    "frozen). Add the K-FAC callback to fit:\n\n"
     "    model.fit(x, y, ..., callbacks=[kfac_keras.KFACCallback()])\n\n"
-    "or, in a custom training loop, build the step with "
+    "(a model with its own `train_step` keeps it: the callback runs it with "
+    "K-FAC capture on), or, in a custom training loop, build the step with "
     "`step = kfac_keras.make_train_step(model, optimizer, loss)` and call "
     "`step(x, y)` instead of `optimizer.apply_gradients(...)`."
 )
@@ -231,8 +234,10 @@ class KFAC(keras.optimizers.Optimizer):
             damping_update_every=10)` (the floor
             is `damping` itself if that is smaller) when `damping` is a
             number, and None when it is a schedule or `weight_decay` /
-            `ema_overwrite_frequency` is set. None keeps the damping
-            fixed and needs no extra forward passes. Adaptive options are not
+            `ema_overwrite_frequency` is set (with a logged warning, since
+            the damping then stays fixed; `l2_reg` keeps it adaptive), or the
+            model has its own `train_step` (`kfac_keras.custom_step`). None
+            keeps the damping fixed and needs no extra forward passes. Adaptive options are not
             combinable with `weight_decay` or `ema_overwrite_frequency` (they
             change the weights outside the quadratic model).
         norm_constraint: `"auto"` (default), None, or float c > 0: "KL clipping" (Ba,
@@ -299,6 +304,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "factor statistics and step counters are per step; use a "
                 "larger batch or `statistics_fraction` instead (received "
                 f"gradient_accumulation_steps={kwargs['gradient_accumulation_steps']!r}).")
+        requested_adaptive = adaptive
         adaptive, norm_constraint = self._resolve_auto_options(
             adaptive, norm_constraint, damping, kwargs)
         learning_rate, momentum = self._check_step_rule(
@@ -370,6 +376,10 @@ class KFAC(keras.optimizers.Optimizer):
         self.distributed_inverses = distributed_inverses
         self._registration = None
         self._decompose_fn = None
+        #: What `adaptive` was before "auto" was resolved (see `custom_step`).
+        self.requested_adaptive = requested_adaptive
+        #: The `kfac_keras.custom_step.CustomTrainStep` running right now, if any.
+        self.active_custom_step = None
 
     @staticmethod
     def _check_layer_blocks(layer_blocks):
@@ -654,6 +664,15 @@ class KFAC(keras.optimizers.Optimizer):
                 # The damping follows the user's schedule, or the weights change
                 # outside the quadratic model that judges the damping.
                 adaptive = None
+                changed = [n for n in ("weight_decay", "ema_overwrite_frequency")
+                           if kwargs.get(n)]
+                if changed:
+                    logging.warning(
+                        "KFAC: %s change the weights outside the quadratic model "
+                        "that judges the damping, so adaptive='auto' turns the "
+                        "adaptive damping off: the damping stays at %r. Use "
+                        "`l2_reg` instead of `weight_decay` to keep it.",
+                        " and ".join(f"`{n}`" for n in changed), damping)
             else:
                 adaptive = dict(DEFAULT_ADAPTIVE)
                 if (isinstance(damping, numbers.Real) and not isinstance(damping, bool)
@@ -871,8 +890,7 @@ class KFAC(keras.optimizers.Optimizer):
                 "adapts the damping) needs the training batch for exact Fisher "
                 "products and the loss after the step; train with "
                 "kfac_keras.KFACCallback (fit) or kfac_keras.make_train_step "
-                "(custom loops) instead of calling apply/apply_gradients, or "
-                "pass adaptive=None.")
+                "(custom loops) instead of calling apply/apply_gradients.")
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
         if not pairs:
             return
@@ -942,13 +960,18 @@ class KFAC(keras.optimizers.Optimizer):
     def apply(self, grads, trainable_variables=None):
         """Preconditions `grads` with the K-FAC blocks, then applies them.
 
-        Raises a RuntimeError if the optimizer is not attached (see
-        `KFACCallback` / `make_train_step`), or if `adaptive` options are set
-        (they need the batch; use the K-FAC training step).
+        Only valid inside a model's own `train_step` run by `KFACCallback`
+        (`kfac_keras.custom_step`), which supplies the captured statistics.
+        Anywhere else (Keras's default train step without the callback, a
+        later `fit` without it, a custom loop) it raises a RuntimeError that
+        says what to use instead, since the curvature would stay frozen.
         """
         if trainable_variables is None:
             trainable_variables = self._trainable_variables
-        return self.apply_step(list(grads), list(trainable_variables))
+        custom_step = self.active_custom_step
+        if custom_step is None:
+            raise RuntimeError(_MISSING_CAPTURE)
+        return custom_step.apply(list(grads), list(trainable_variables))
 
     def update_step(self, gradient, variable, learning_rate):
         """Momentum update with the already preconditioned gradient."""

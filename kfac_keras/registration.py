@@ -136,6 +136,12 @@ class _Recorder:
         # recorder (i.e. through the training step's backward passes).
         self.forward_accumulators = []
 
+    def watch(self, layer, tensor):
+        """The tensor the layer passes on in place of `tensor`, the one its
+        record differentiates against; a recorder that also collects incoming
+        gradients (`kfac_keras.custom_step`) wraps it here."""
+        return tensor
+
     def record(self, layer, inputs, preactivation):
         self.records.setdefault(id(layer), []).append((inputs, preactivation))
 
@@ -202,7 +208,7 @@ class _CaptureWrapper:
     def _record_output(self, recorder, inputs, args, kwargs):
         layer = self.layer
         if self.mode == "output" or self.tangent_variable is None:
-            output = self.original_call(*args, **kwargs)
+            output = recorder.watch(layer, self.original_call(*args, **kwargs))
             recorder.record(layer, output if self.mode == "output_tangent" else inputs,
                             output)
         else:
@@ -213,6 +219,7 @@ class _CaptureWrapper:
                 output = self.original_call(*args, **kwargs)
             recorder.forward_accumulators.append(accumulator)
             tangent = accumulator.jvp(output)
+            output = recorder.watch(layer, output)
             if tangent is None:
                 raise RuntimeError(
                     f"K-FAC could not differentiate the output of layer "
@@ -236,6 +243,7 @@ class _CaptureWrapper:
             preactivation = self.original_call(*args, **kwargs)
         finally:
             layer.activation = activation
+        preactivation = recorder.watch(layer, preactivation)
         recorder.record(layer, inputs, preactivation)
         output = preactivation if activation is None else activation(preactivation)
         recorder.record_output(layer, output)
@@ -306,14 +314,19 @@ class Registration:
         return self._block_of_variable.get(id(variable))
 
     @contextlib.contextmanager
-    def capture(self):
+    def capture(self, recorder=None):
         """Within this context, registered layers record their activations.
+
+        Args:
+            recorder: the recorder to fill; defaults to a new one that only
+                records (`kfac_keras.custom_step` passes one that also
+                collects the gradients flowing back to the records).
 
         Yields:
             A recorder; `recorder.for_layer(layer)` lists the `(inputs,
             pre-activation)` pairs of each call of `layer`.
         """
-        recorder = _Recorder()
+        recorder = _Recorder() if recorder is None else recorder
         for wrapper in self._wrappers:
             if wrapper.recorder is not None:
                 raise RuntimeError("K-FAC captures cannot be nested.")
@@ -477,7 +490,10 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
                 f"`layer_blocks[{name!r}]` must be one of {BLOCK_KINDS}; "
                 f"received {kind!r}."
             )
-    if not model.built:
+    sublayers = model._flatten_layers(include_self=False, recursive=True)
+    if not model.built and not (sublayers and all(l.built for l in sublayers)):
+        # (A model without `call`, e.g. a custom train_step's container of
+        # built sub-models, is never marked built itself.)
         raise ValueError(
             "K-FAC needs a built model to register its layers; call the model "
             "on data (or `model.build(input_shape)`) first."

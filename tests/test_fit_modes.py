@@ -140,7 +140,7 @@ def test_registration_report_lists_layers(capsys):
     x, y = _data(64)
     model = _build("functional")
     optimizer = _compile(model, "graph")
-    model.fit(x, y, verbose=0, callbacks=[kfac_keras.KFACCallback()])
+    model.fit(x, y, verbose=2, callbacks=[kfac_keras.KFACCallback()])
     printed = capsys.readouterr().out
     assert "K-FAC registration" in printed and "(7, 7)" in printed and "(17, 17)" in printed
     rows = optimizer.registration.describe()
@@ -165,3 +165,29 @@ def test_excluded_layer_gets_the_plain_gradient_in_graph_mode(jit):
     step(x, y)
     np.testing.assert_allclose(model.layers[0].kernel.numpy() - before, -0.1 * grad,
                                rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["graph", "eager"])
+def test_second_fit_without_callback_raises_instead_of_frozen_curvature(mode):
+    x, y = _data(64)
+    model = _build("sequential")
+    optimizer = _compile(model, mode)  # adaptive=None: no batch needed, yet refused
+    model.fit(x, y, batch_size=32, verbose=0, callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    weights = model.get_weights()
+    steps = int(optimizer.iterations.numpy())
+    with pytest.raises(RuntimeError, match=r"callbacks=\[kfac_keras.KFACCallback\(\)\]") as error:
+        model.fit(x, y, batch_size=32, verbose=0)
+    assert "adaptive=None" not in str(error.value)
+    assert int(optimizer.iterations.numpy()) == steps
+    for before, after in zip(weights, model.get_weights()):
+        np.testing.assert_array_equal(before, after)
+
+
+def test_apply_gradients_in_a_custom_loop_after_fit_raises():
+    x, y = _data(64)
+    model = _build("functional")
+    optimizer = _compile(model, "graph")
+    model.fit(x, y, batch_size=32, verbose=0, callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    grads = [tf.zeros_like(v) for v in model.trainable_variables]
+    with pytest.raises(RuntimeError, match="make_train_step"):
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))

@@ -264,10 +264,57 @@ def test_unsupported_options_fall_back_to_diagonal_with_reason(layer, reason):
         kfac_keras.register(model, layer_blocks={layer.name: "kronecker"})
 
 
-def test_mask_is_refused_with_instructions():
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "SimpleRNN"])
+@pytest.mark.parametrize("options", [
+    {"return_sequences": True}, {"go_backwards": True},
+    {"return_sequences": True, "zero_output_for_mask": True}], ids=lambda o: ",".join(o))
+def test_masked_captured_forward_equals_keras_call(kind, options):
+    layer = getattr(keras.layers, kind)(UNITS, **options)
     model = keras.Sequential([keras.Input((STEPS,)), keras.layers.Embedding(5, 2, mask_zero=True),
-                              keras.layers.LSTM(UNITS)])
+                              layer])
+    # Padding at both ends and in the middle, and one unpadded row.
+    tokens = tf.constant([[0, 1, 2, 0], [3, 4, 1, 2], [2, 0, 0, 4]])
+    expected = model(tokens, training=True).numpy()
     registration = kfac_keras.register(model)
-    with pytest.raises(ValueError, match="does not support input masks.*diagonal"):
-        with registration.capture():
-            model(tf.constant([[1, 2, 0, 0]]), training=True)
+    with registration.capture():
+        captured = model(tokens, training=True)
+    np.testing.assert_allclose(captured.numpy(), expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_masked_trailing_steps_add_nothing_to_the_factors(kind):
+    """Masking the last steps of every sequence must give the statistics of the
+    truncated sequences: the same `A` (a sum over steps) and `G` scaled by
+    (kept steps / all steps), since `G` averages over all steps."""
+    rng = np.random.default_rng(4)
+    features = rng.normal(size=(BATCH, STEPS, FEATURES)).astype("float32")
+    coefficients = tf.constant(rng.normal(size=(BATCH, UNITS)), tf.float32)
+    kept = 2
+    keep = np.zeros((BATCH, STEPS), bool)
+    keep[:, :kept] = True
+
+    def factors(x, mask):
+        keras.utils.set_random_seed(9)
+        inputs = keras.Input((x.shape[1], FEATURES))
+        mask_input = keras.Input((x.shape[1],), dtype="bool")
+        layer = getattr(keras.layers, kind)(UNITS)
+        model = keras.Model([inputs, mask_input], layer(inputs, mask=mask_input))
+        registration = kfac_keras.register(model)
+        block = registration.blocks[0]
+        with tf.GradientTape() as tape:
+            with registration.capture() as recorder:
+                y = model([x, mask], training=True)
+            objective = tf.reduce_sum(y * coefficients)
+        records = recorder.for_layer(layer)
+        grads = tape.gradient(objective, [pre for _, pre in records])
+        captures = [(inputs, g) for (inputs, _), g in zip(records, grads)]
+        parts = block.parts if kind == "GRU" else (block,)
+        part_captures = [captures[0::2], captures[1::2]] if kind == "GRU" else [captures]
+        return [[f.numpy() for f in part.compute_factors(c, tf.constant(float(BATCH)))]
+                for part, c in zip(parts, part_captures)]
+
+    masked = factors(features, keep)
+    truncated = factors(features[:, :kept], keep[:, :kept])
+    for (a_masked, g_masked), (a_truncated, g_truncated) in zip(masked, truncated):
+        assert relative_error(a_masked, a_truncated) < 1e-5
+        assert relative_error(g_masked, g_truncated * kept / STEPS) < 1e-5

@@ -34,10 +34,10 @@ zero tensor `e` of the same shape is added inside the loop; `dl/de_t =
 dl/dq_t`. The captured forward computes the same function as the layer
 (checked by tests to float32 precision) with the cell's own activations;
 outside capture the layer's own call runs. Supported: `return_sequences`,
-`return_state`, `go_backwards`, `unroll`, `initial_state`, any activation.
-Not supported (diagonal fallback, reason in the registration report):
-`stateful=True`, `dropout`/`recurrent_dropout > 0`, subclassed cells;
-an input mask raises an error at the first captured call.
+`return_state`, `go_backwards`, `unroll`, `initial_state`, input masks
+(`zero_output_for_mask` too; masked steps add nothing to the factors), any
+activation. Not supported (diagonal fallback, reason in the registration
+report): `stateful=True`, `dropout`/`recurrent_dropout > 0`, subclassed cells.
 
 Memory: `A` is `(input_dim + units + 1)^2`, `G` is `(gates units)^2`, plus
 the same again for inverses; the capture keeps `[x_t, h_{t-1}]` for every
@@ -49,7 +49,7 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import FisherBlock
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous, location_rows
+from kfac_keras.blocks.kronecker import KroneckerBlock, location_rows
 
 #: The recurrent layer classes with a Kronecker block, and their cells.
 RECURRENT_CELLS = {
@@ -99,17 +99,92 @@ def make_recurrent_block(layer, inverse_method):
     return RecurrentBlock(layer, inverse_method=inverse_method)
 
 
-def _call_arguments(layer, args, kwargs):
-    """`(sequences, initial_state, mask)` of an `RNN.call`; raises on a mask."""
+def _call_arguments(args, kwargs):
+    """`(sequences, initial_state, mask)` of an `RNN.call`."""
     names = ("sequences", "initial_state", "mask", "training")
     values = dict(zip(names, args))
     values.update(kwargs)
-    if values.get("mask") is not None:
-        raise ValueError(
-            f"K-FAC's recurrent block for layer {layer.name!r} does not support "
-            "input masks (from Masking or Embedding(mask_zero=True)); pass "
-            f"KFAC(layer_blocks={{{layer.name!r}: 'diagonal'}}) or remove the mask.")
-    return values["sequences"], values.get("initial_state")
+    mask = values.get("mask")
+    if isinstance(mask, (list, tuple)):
+        mask = mask[0]
+    return values["sequences"], values.get("initial_state"), mask
+
+
+class _Recurrence:
+    """The parts of a captured recurrent forward pass shared by all cells:
+    direction, initial states, the step mask, and the loop.
+
+    With a mask (from `Masking` or `Embedding(mask_zero=True)`), a masked step
+    keeps the previous states and outputs the previous output (zeros with
+    `zero_output_for_mask=True`), as Keras's loop does; its captured input
+    row, homogeneous coordinate included, is zeroed, so it adds nothing to
+    `A` (its pre-activation gradient is zero, so nothing to `G` either; the
+    `1/T` of `G` counts all steps).
+    """
+
+    def __init__(self, layer, args, kwargs):
+        sequences, initial_state, mask = _call_arguments(args, kwargs)
+        if layer.go_backwards:
+            sequences = tf.reverse(sequences, axis=[1])
+        self.layer = layer
+        self.sequences = sequences
+        self.dtype = sequences.dtype
+        self.states = _initial_states(layer, sequences, initial_state)
+        self.mask = None
+        if mask is not None:
+            mask = tf.cast(mask, tf.bool)
+            if layer.go_backwards:
+                mask = tf.reverse(mask, axis=[1])
+            self.mask = mask
+
+    def rows(self, parts, homogeneous):
+        """`[parts..., 1]` (without the 1 unless `homogeneous`) per step,
+        zeroed at masked steps, without gradient."""
+        parts = [tf.cast(p, tf.float32) for p in parts]
+        if homogeneous:
+            parts.append(tf.ones_like(parts[0][..., :1]))
+        rows = tf.concat(parts, axis=-1)
+        if self.mask is not None:
+            rows = rows * tf.cast(self.mask, tf.float32)[..., None]
+        return tf.stop_gradient(rows)
+
+    def run(self, step, elements):
+        """Scans `step(states, elements_t) -> new states` over time (`elements`
+        batch-major); returns `(outputs (T, B, units), states per step)`, time-major."""
+        elements = [tf.transpose(e, [1, 0, 2]) for e in elements]
+        has_mask = self.mask is not None
+        if has_mask:
+            elements.append(tf.transpose(self.mask, [1, 0])[..., None])
+        zero_output = getattr(self.layer, "zero_output_for_mask", False)
+
+        def masked_step(carry, elements_t):
+            previous_output, previous_states = carry[0], carry[1:]
+            new_states = step(previous_states, elements_t[:-1] if has_mask else elements_t)
+            if not has_mask:
+                return (new_states[0],) + tuple(new_states)
+            keep = elements_t[-1]
+            fallback = tf.zeros_like(previous_output) if zero_output else previous_output
+            output = tf.where(keep, new_states[0], fallback)
+            states = tuple(tf.where(keep, new, old)
+                           for new, old in zip(new_states, previous_states))
+            return (output,) + states
+
+        initial = (tf.zeros_like(self.states[0]),) + tuple(self.states)
+        per_step = tf.scan(masked_step, tuple(elements), initializer=initial)
+        return per_step[0], per_step[1:]
+
+    def previous_states(self, states):
+        """`h_{t-1}` for every step, batch-major, from time-major `h_t`."""
+        previous = tf.concat([self.states[0][None], states[0][:-1]], axis=0)
+        return tf.transpose(previous, [1, 0, 2])
+
+    def layer_outputs(self, outputs, states):
+        """What the layer's call returns."""
+        layer = self.layer
+        output = tf.transpose(outputs, [1, 0, 2]) if layer.return_sequences else outputs[-1]
+        if layer.return_state:
+            return [output] + [s[-1] for s in states]
+        return output
 
 
 def _initial_states(layer, sequences, initial_state):
@@ -120,38 +195,15 @@ def _initial_states(layer, sequences, initial_state):
     return [tf.cast(s, sequences.dtype) for s in initial_state]
 
 
-def _previous_states(initial, states):
-    """`h_{t-1}` for every step `(B, T, units)` from `h_0` and time-major `h_t`."""
-    previous = tf.concat([initial[None], states[:-1]], axis=0)
-    return tf.transpose(previous, [1, 0, 2])
-
-
-def _layer_outputs(layer, states_time_major):
-    """The layer's return value from the time-major per-step states."""
-    sequence = tf.transpose(states_time_major[0], [1, 0, 2])
-    output = sequence if layer.return_sequences else states_time_major[0][-1]
-    if layer.return_state:
-        return [output] + [s[-1] for s in states_time_major]
-    return output
-
-
 class _SequenceKroneckerBlock(KroneckerBlock):
-    """A Kronecker block whose captures are `(inputs (B, T, d), grads (B, T, k))`
-    per use, with positions handled like `DenseBlock`'s."""
-
-    def __init__(self, name, variables, layer, input_units, output_dim, has_bias,
-                 inverse_method):
-        self.has_bias = has_bias
-        self.input_units = int(input_units)
-        super().__init__(name, variables, layer,
-                         input_dim=self.input_units + (1 if has_bias else 0),
-                         output_dim=output_dim, inverse_method=inverse_method)
+    """A Kronecker block whose captures are `(rows (B, T, input_dim), grads
+    (B, T, output_dim))` per use, the rows already carrying the homogeneous
+    coordinate when there is a bias (`_Recurrence.rows`); positions are
+    handled like `DenseBlock`'s."""
 
     def compute_factors(self, captures, num_examples):
-        inputs = tf.concat([location_rows(x, self.input_units) for x, _ in captures], axis=0)
+        inputs = tf.concat([location_rows(x, self.input_dim) for x, _ in captures], axis=0)
         grads = tf.concat([location_rows(g, self.output_dim) for _, g in captures], axis=0)
-        if self.has_bias:
-            inputs = append_homogeneous(inputs)
         locations = tf.cast(tf.shape(grads)[0], tf.float32) / num_examples
         input_factor = tf.matmul(inputs, inputs, transpose_a=True) / num_examples
         output_grad_factor = tf.matmul(grads, grads, transpose_a=True) / (
@@ -162,8 +214,6 @@ class _SequenceKroneckerBlock(KroneckerBlock):
         """`(examples, steps * uses, d)` rows for EKFAC's per-example gradients."""
         inputs = tf.concat([tf.cast(x, tf.float32) for x, _ in captures], axis=1)
         grads = tf.concat([tf.cast(g, tf.float32) for _, g in captures], axis=1)
-        if self.has_bias:
-            inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
         return inputs, grads
 
 
@@ -184,10 +234,10 @@ class RecurrentBlock(_SequenceKroneckerBlock):
         variables = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if has_bias else [])
         self.input_size, gate_units = cell.kernel.shape
         self.units = int(cell.recurrent_kernel.shape[0])
+        self.has_bias = has_bias
         super().__init__(getattr(layer, "path", layer.name), variables, layer,
-                         input_units=self.input_size + self.units,
-                         output_dim=gate_units, has_bias=has_bias,
-                         inverse_method=inverse_method)
+                         input_dim=self.input_size + self.units + int(has_bias),
+                         output_dim=gate_units, inverse_method=inverse_method)
         self.capture_layers = [layer]
 
     def grads_to_matrix(self, grads):
@@ -206,35 +256,30 @@ class RecurrentBlock(_SequenceKroneckerBlock):
         `dl/dz_t`); returns what the layer's call returns."""
         del original_call  # the captured forward replaces it
         layer, cell = self.layer, self.layer.cell
-        sequences, initial_state = _call_arguments(layer, args, kwargs)
-        if layer.go_backwards:
-            sequences = tf.reverse(sequences, axis=[1])
-        dtype = sequences.dtype
-        states = _initial_states(layer, sequences, initial_state)
-        projection = tf.einsum("btd,dk->btk", sequences, tf.cast(cell.kernel, dtype))
+        recurrence = _Recurrence(layer, args, kwargs)
+        dtype = recurrence.dtype
+        projection = tf.einsum("btd,dk->btk", recurrence.sequences, tf.cast(cell.kernel, dtype))
         if self.has_bias:
             projection = projection + tf.cast(cell.bias, dtype)
         recurrent_kernel = tf.cast(cell.recurrent_kernel, dtype)
         is_lstm = isinstance(cell, keras.layers.LSTMCell)
 
-        def step(carry, projection_t):
-            preactivation = projection_t + tf.matmul(carry[0], recurrent_kernel)
+        def step(states, elements_t):
+            preactivation = elements_t[0] + tf.matmul(states[0], recurrent_kernel)
             if not is_lstm:
                 return (cell.activation(preactivation),)
             gate_i, gate_f, gate_c, gate_o = tf.split(preactivation, 4, axis=-1)
-            carry_state = (cell.recurrent_activation(gate_f) * carry[1]
-                           + cell.recurrent_activation(gate_i) * cell.activation(gate_c))
-            return (cell.recurrent_activation(gate_o) * cell.activation(carry_state),
-                    carry_state)
+            carry = (cell.recurrent_activation(gate_f) * states[1]
+                     + cell.recurrent_activation(gate_i) * cell.activation(gate_c))
+            return (cell.recurrent_activation(gate_o) * cell.activation(carry), carry)
 
-        per_step = tf.scan(step, tf.transpose(projection, [1, 0, 2]),
-                           initializer=tuple(states))
-        previous = _previous_states(states[0], per_step[0])
-        recorder.record(layer, tf.stop_gradient(tf.concat([sequences, previous], axis=-1)),
+        outputs, states = recurrence.run(step, [projection])
+        previous = recurrence.previous_states(states)
+        recorder.record(layer, recurrence.rows([recurrence.sequences, previous], self.has_bias),
                         projection)
-        outputs = _layer_outputs(layer, per_step)
-        recorder.record_output(layer, outputs)
-        return outputs
+        result = recurrence.layer_outputs(outputs, states)
+        recorder.record_output(layer, result)
+        return result
 
 
 class _ProjectionPart(_SequenceKroneckerBlock):
@@ -276,11 +321,13 @@ class GRUBlock(FisherBlock):
         units = int(cell.recurrent_kernel.shape[0])
         self.inverse_method = inverse_method
         self.input_projection = _ProjectionPart(
-            f"{name}/input_projection", [cell.kernel], layer, input_size, gate_units,
-            self.has_bias, inverse_method)
+            f"{name}/input_projection", [cell.kernel], layer,
+            input_dim=input_size + int(self.has_bias), output_dim=gate_units,
+            inverse_method=inverse_method)
         self.recurrent_projection = _ProjectionPart(
-            f"{name}/recurrent_projection", [cell.recurrent_kernel], layer, units,
-            gate_units, self.has_bias, inverse_method)
+            f"{name}/recurrent_projection", [cell.recurrent_kernel], layer,
+            input_dim=units + int(self.has_bias), output_dim=gate_units,
+            inverse_method=inverse_method)
         self.parts = (self.input_projection, self.recurrent_projection)
         self.capture_layers = [layer]
 
@@ -331,12 +378,9 @@ class GRUBlock(FisherBlock):
         `(h_{t-1}, e)`; returns what the layer's call returns."""
         del original_call  # the captured forward replaces it
         layer, cell = self.layer, self.layer.cell
-        sequences, initial_state = _call_arguments(layer, args, kwargs)
-        if layer.go_backwards:
-            sequences = tf.reverse(sequences, axis=[1])
-        dtype = sequences.dtype
-        states = _initial_states(layer, sequences, initial_state)
-        projection = tf.einsum("btd,dk->btk", sequences, tf.cast(cell.kernel, dtype))
+        recurrence = _Recurrence(layer, args, kwargs)
+        dtype = recurrence.dtype
+        projection = tf.einsum("btd,dk->btk", recurrence.sequences, tf.cast(cell.kernel, dtype))
         recurrent_bias = None
         if self.has_bias:
             bias = tf.cast(cell.bias, dtype)
@@ -347,9 +391,9 @@ class GRUBlock(FisherBlock):
         recurrent_slot = 0.0 * projection
         recurrent_kernel = tf.cast(cell.recurrent_kernel, dtype)
 
-        def step(carry, inputs_t):
-            projection_t, slot_t = inputs_t
-            recurrent = tf.matmul(carry[0], recurrent_kernel) + slot_t
+        def step(states, elements_t):
+            projection_t, slot_t = elements_t
+            recurrent = tf.matmul(states[0], recurrent_kernel) + slot_t
             if recurrent_bias is not None:
                 recurrent = recurrent + recurrent_bias
             x_z, x_r, x_h = tf.split(projection_t, 3, axis=-1)
@@ -357,14 +401,12 @@ class GRUBlock(FisherBlock):
             update = cell.recurrent_activation(x_z + r_z)
             reset = cell.recurrent_activation(x_r + r_r)
             candidate = cell.activation(x_h + reset * r_h)
-            return (update * carry[0] + (1.0 - update) * candidate,)
+            return (update * states[0] + (1.0 - update) * candidate,)
 
-        per_step = tf.scan(
-            step, (tf.transpose(projection, [1, 0, 2]), tf.transpose(recurrent_slot, [1, 0, 2])),
-            initializer=tuple(states))
-        previous = _previous_states(states[0], per_step[0])
-        recorder.record(layer, tf.stop_gradient(sequences), projection)
-        recorder.record(layer, tf.stop_gradient(previous), recurrent_slot)
-        outputs = _layer_outputs(layer, per_step)
-        recorder.record_output(layer, outputs)
-        return outputs
+        outputs, states = recurrence.run(step, [projection, recurrent_slot])
+        previous = recurrence.previous_states(states)
+        recorder.record(layer, recurrence.rows([recurrence.sequences], self.has_bias), projection)
+        recorder.record(layer, recurrence.rows([previous], self.has_bias), recurrent_slot)
+        result = recurrence.layer_outputs(outputs, states)
+        recorder.record_output(layer, result)
+        return result

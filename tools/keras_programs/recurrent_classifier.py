@@ -102,14 +102,23 @@ def run(kind, optimizer_name, data, args):
             "blocks": kinds}
 
 
-def _median_ms(fn, repeats=30):
-    fn()
-    times = []
+def _median_ms(functions, repeats=50):
+    """Median ms per call of each function, calls interleaved (so load changes
+    on a shared machine hit all alike)."""
+    for fn in functions:
+        fn()
+    times = [[] for _ in functions]
     for _ in range(repeats):
-        start = time.perf_counter()
-        tf.nest.map_structure(lambda t: t.numpy(), fn())
-        times.append(time.perf_counter() - start)
-    return 1000 * float(np.median(times))
+        for fn, record in zip(functions, times):
+            start = time.perf_counter()
+            fn().numpy()
+            record.append(time.perf_counter() - start)
+    return [1000 * float(np.median(t)) for t in times]
+
+
+def _checksum(tensors):
+    """One scalar that depends on every tensor (so none is pruned)."""
+    return tf.add_n([tf.reduce_sum(tf.square(tf.convert_to_tensor(t))) for t in tensors])
 
 
 def capture_overhead(data, args):
@@ -126,7 +135,7 @@ def capture_overhead(data, args):
     def plain():
         with tf.GradientTape() as tape:
             loss = loss_fn(y, model(x, training=True))
-        return tape.gradient(loss, model.trainable_variables)
+        return _checksum(tape.gradient(loss, model.trainable_variables))
 
     @tf.function
     def captured():
@@ -135,9 +144,9 @@ def capture_overhead(data, args):
                 logits = model(x, training=True)
             loss = loss_fn(y, logits)
         records = recorder.for_layer(lstm)
-        return tape.gradient(loss, model.trainable_variables + [p for _, p in records])
+        return _checksum(tape.gradient(loss, model.trainable_variables + [p for _, p in records]))
 
-    return _median_ms(plain), _median_ms(captured)
+    return _median_ms([plain, captured])
 
 
 def main():
@@ -160,7 +169,7 @@ def main():
     if args.overhead:
         plain, captured = capture_overhead(data, args)
         print(f"lstm forward+backward on one batch of {args.batch_size}: {plain:.1f} ms "
-              f"without capture, {captured:.1f} ms with capture (median of 30)", flush=True)
+              f"without capture, {captured:.1f} ms with capture (median of 50, interleaved)", flush=True)
     for kind in args.models.split(","):
         variants = ("adam", "kfac")
         if args.overhead and kind == "lstm":

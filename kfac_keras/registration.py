@@ -505,7 +505,7 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
                if id(v) in trainable_ids and id(v) not in covered]
         if not own:
             continue
-        choice = _resolve_choice(layer, parents, layer_blocks, excluded)
+        choice = _resolve_choice(recurrent.choice_layer(layer), parents, layer_blocks, excluded)
         note = ""
         if choice in ("auto", "kronecker"):
             block, note = _structured_block(layer, choice, inverse_method)

@@ -318,3 +318,50 @@ def test_masked_trailing_steps_add_nothing_to_the_factors(kind):
     for (a_masked, g_masked), (a_truncated, g_truncated) in zip(masked, truncated):
         assert relative_error(a_masked, a_truncated) < 1e-5
         assert relative_error(g_masked, g_truncated * kept / STEPS) < 1e-5
+
+
+@pytest.mark.parametrize("options, kinds", [
+    ({"layer_blocks": {"LSTMCell": "diagonal"}}, ["diagonal"] * 2),
+    ("forward layer by name", ["diagonal", "kronecker (recurrent)"]),
+    ({"exclude_layers": ["LSTMCell"]}, ["identity"] * 2),
+    ({"layer_blocks": {"Bidirectional": "diagonal"}}, ["diagonal"] * 2),
+    ({"layer_blocks": {"LSTMCell": "kronecker"}}, ["kronecker (recurrent)"] * 2),
+])
+def test_block_choice_by_cell_layer_or_wrapper(options, kinds):
+    model = keras.Sequential([
+        keras.Input((STEPS, FEATURES)), keras.layers.Bidirectional(keras.layers.LSTM(UNITS))])
+    if options == "forward layer by name":
+        options = {"layer_blocks": {model.layers[0].forward_layer.name: "diagonal"}}
+    registration = kfac_keras.register(model, **options)
+    assert sorted(b.kind for b in registration.blocks) == kinds
+    covered = sorted(id(v) for b in registration.blocks for v in b.variables)
+    assert covered == sorted(id(v) for v in model.trainable_variables)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU"])
+def test_per_example_rows_give_keras_per_example_gradients(kind):
+    """`sum_t abar_{n,t} g_{n,t}^T` from the captures (EKFAC's per-example
+    rows) equals each example's gradient of Keras's own layer (no capture)."""
+    model = _tiny_model(getattr(keras.layers, kind)(UNITS))
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(BATCH, STEPS, FEATURES)), tf.float32)
+    coefficients = tf.constant(rng.normal(size=(BATCH, UNITS)), tf.float32)
+    block, captures, _ = _captured(model, x, coefficients)
+    parts = block.parts if kind == "GRU" else (block,)
+    part_captures = [captures[0::2], captures[1::2]] if kind == "GRU" else [captures]
+    per_example = []
+    for part, captured in zip(parts, part_captures):
+        inputs, grads = part.per_example_rows(captured)
+        per_example.append(np.einsum("nti,ntj->nij", inputs.numpy(), grads.numpy()))
+    for n in range(BATCH):
+        with tf.GradientTape() as tape:
+            objective = tf.reduce_sum(model(x[n:n + 1], training=True) * coefficients[n])
+        kernel, recurrent_kernel, bias = [g.numpy() for g in
+                                          tape.gradient(objective, block.variables)]
+        if kind == "GRU":
+            expected = [np.concatenate([kernel, bias[:1]]),
+                        np.concatenate([recurrent_kernel, bias[1:]])]
+        else:
+            expected = [np.concatenate([kernel, recurrent_kernel, bias[None]])]
+        for actual, wanted in zip(per_example, expected):
+            np.testing.assert_allclose(actual[n], wanted, atol=1e-5)

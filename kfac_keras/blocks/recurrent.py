@@ -68,6 +68,15 @@ def layer_variables(layer):
     return list(layer._trainable_variables)
 
 
+def choice_layer(layer):
+    """The layer whose `layer_blocks`/`exclude_layers` entry decides `layer`'s
+    block: for a recurrent layer with a block its cell (the cell's entry, then
+    the layer's, then its enclosing layers' apply), else `layer` itself."""
+    if isinstance(layer, tuple(RECURRENT_CELLS)):
+        return layer.cell
+    return layer
+
+
 def recurrent_unsupported_reason(layer):
     """Why `layer` (a SimpleRNN, LSTM or GRU) cannot get a recurrent block,
     or None."""

@@ -24,6 +24,10 @@ the loop works too. Reverse mode through `While` (what training uses) is
 unaffected, and so is its second derivative, which is why the double-backward
 product works there.
 
+TensorFlow's `ForwardAccumulator` itself computes each op's tangent by the
+same trick, op by op (`forwardprop._jvp_helper` runs the op's gradient
+function under a tape), so the two methods give the same numbers and cost
+about the same (`tools/fisher_product_cost.py`); only the `While` op differs.
 `jvp_method(model)` picks `"double_backward"` for models with a layer that
 runs a `While` loop (`keras.layers.RNN` and its subclasses, including those
 inside `Bidirectional`) and `"forward"` otherwise.

@@ -8,7 +8,8 @@ at random positions among distractors; the class is whether A comes before B.
 Models: `Embedding -> LSTM -> Dense(2)` ("lstm") and
 `Embedding -> Bidirectional(LSTM) -> Dense(2)` ("bilstm"). The K-FAC run
 differs from the Adam run only in the optimizer and the callback. Prints, per
-model and optimizer, the final validation accuracy and the median training
+model and optimizer, the validation accuracy (final, and after each epoch),
+the training loss of the first and last epochs, and the median training
 step time (ms, steps of epochs after the first, so tracing is excluded).
 
 `--overhead` also times, on the "lstm" model and one batch, a forward and
@@ -96,6 +97,7 @@ def run(kind, optimizer_name, data, args):
     if optimizer_name.startswith("kfac"):
         kinds = [info["kind"] for info in optimizer.registration.describe()]
     return {"val_accuracy": history.history["val_accuracy"][-1],
+            "val_accuracy_per_epoch": history.history["val_accuracy"],
             "loss_first_epoch": history.history["loss"][0],
             "loss_last_epoch": history.history["loss"][-1],
             "ms_per_step": 1000 * float(np.median(timer.times)) if timer.times else float("nan"),
@@ -177,7 +179,9 @@ def main():
         for optimizer_name in variants:
             result = run(kind, optimizer_name, data, args)
             blocks = f"  blocks {result['blocks']}" if result["blocks"] else ""
-            print(f"{kind:7s} {optimizer_name:19s} val_accuracy {result['val_accuracy']:.4f}  "
+            per_epoch = ", ".join(f"{a:.3f}" for a in result["val_accuracy_per_epoch"])
+            print(f"{kind:7s} {optimizer_name:19s} val_accuracy {result['val_accuracy']:.4f} "
+                  f"(per epoch {per_epoch})  "
                   f"loss {result['loss_first_epoch']:.4f} -> {result['loss_last_epoch']:.4f}  "
                   f"{result['ms_per_step']:.1f} ms/step{blocks}", flush=True)
 

@@ -52,6 +52,7 @@ import numbers
 
 import tensorflow as tf
 
+from kfac_keras import fisher_products
 
 # --------------------------------------------------------------- options
 def _check_bool(name, value):
@@ -201,13 +202,13 @@ class BatchQuadraticModel:
     def jacobian_vector_product(self, tangents, variables):
         """`(y_pred, J v)` for the direction `tangents` (aligned with `variables`;
         other parameters stay fixed)."""
-        primals = [getattr(v, "value", v) for v in variables]
-        tangents = [tf.cast(t, p.dtype) for t, p in zip(tangents, primals)]
+        # Forward mode cannot cross a recurrent layer's While loop in graph
+        # mode; such models use the double-backward product (fisher_products).
+        method = fisher_products.jvp_method(self.model)
 
         def forward():
-            with tf.autodiff.ForwardAccumulator(primals, tangents) as accumulator:
-                y_pred = self.model(self.x, training=True)
-            jvp = accumulator.jvp(y_pred, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            y_pred, jvp = fisher_products.jacobian_vector_product(
+                lambda: self.model(self.x, training=True), variables, tangents, method)
             return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), (y_pred, jvp))
 
         return self._stateless(forward)

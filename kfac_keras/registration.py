@@ -34,6 +34,7 @@ from kfac_keras.blocks.diagonal import DiagonalBlock
 from kfac_keras.blocks.einsum_dense import einsum_unsupported_reason, make_einsum_dense_block
 from kfac_keras.blocks.embedding import embedding_unsupported_reason, make_embedding_block
 from kfac_keras.blocks.errors import UnsupportedLayerError
+from kfac_keras.blocks import recurrent
 from kfac_keras.blocks.scale_shift import make_scale_shift_block, scale_shift_unsupported_reason
 
 #: Block kinds a user may ask for per layer.
@@ -76,6 +77,9 @@ KRONECKER_BLOCKS = [
     (keras.layers.SeparableConv1D, make_separable_block, depthwise_unsupported_reason),
     (keras.layers.SeparableConv2D, make_separable_block, depthwise_unsupported_reason),
     (keras.layers.Embedding, make_embedding_block, embedding_unsupported_reason),
+] + [
+    (cls, recurrent.make_recurrent_block, recurrent.recurrent_unsupported_reason)
+    for cls in recurrent.RECURRENT_CELLS
 ] + [
     (cls, make_scale_shift_block, scale_shift_unsupported_reason)
     for cls in _optional_layer_classes("BatchNormalization", "LayerNormalization",
@@ -195,6 +199,7 @@ class _CaptureWrapper:
         self.recorder = None
         self.mode = "preactivation"
         self.tangent_variable = None
+        self.block = None
 
     def configure(self, mode="preactivation", tangent_variable=None):
         """Sets what the wrapper records (see `CAPTURE_MODES`)."""
@@ -234,6 +239,8 @@ class _CaptureWrapper:
         if recorder is None:
             return self.original_call(*args, **kwargs)
         inputs = args[0] if args else kwargs["inputs"]
+        if hasattr(self.block, "captured_call"):
+            return self.block.captured_call(self.original_call, recorder, args, kwargs)
         if self.mode != "preactivation":
             return self._record_output(recorder, inputs, args, kwargs)
         layer = self.layer
@@ -260,6 +267,7 @@ def _capture_wrapper(layer, block=None):
         layer._kfac_capture_wrapper = wrapper
         layer.call = wrapper
     if block is not None:
+        wrapper.block = block
         wrapper.configure(getattr(block, "capture_mode", "preactivation"),
                           getattr(block, "capture_tangent_variable", None))
     return wrapper
@@ -509,11 +517,11 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
     for layer in layers:
         if not layer.trainable:
             continue  # frozen: its variables are not trained
-        own = [v for v in layer._trainable_variables
+        own = [v for v in recurrent.layer_variables(layer)
                if id(v) in trainable_ids and id(v) not in covered]
         if not own:
             continue
-        choice = _resolve_choice(layer, parents, layer_blocks, excluded)
+        choice = _resolve_choice(recurrent.choice_layer(layer), parents, layer_blocks, excluded)
         note = ""
         if choice in ("auto", "kronecker"):
             block, note = _structured_block(layer, choice, inverse_method)

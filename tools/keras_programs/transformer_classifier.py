@@ -122,7 +122,8 @@ def build_model(position="keras_io", dropout=0.1):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--optimizer", choices=["adam", "kfac"], default="kfac")
+    parser.add_argument("--optimizer", choices=["adam", "sgd", "kfac"], default="kfac")
+    parser.add_argument("--learning-rate", type=float, default=0.1, help="for --optimizer sgd")
     parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
     parser.add_argument("--position", choices=["keras_io", "batched"], default="keras_io")
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -135,6 +136,8 @@ def main():
                         help="probability that a sentiment token matches the label")
     parser.add_argument("--sentiment", type=float, default=12.0,
                         help="mean number of sentiment tokens per review")
+    parser.add_argument("--log-every", type=int, default=0,
+                        help="print the K-FAC diagnostics every N batches (0: never)")
     parser.add_argument("--report", action="store_true", help="print the registration report")
     args = parser.parse_args()
 
@@ -145,6 +148,8 @@ def main():
     callbacks = []
     if args.optimizer == "adam":
         optimizer = "adam"
+    elif args.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(args.learning_rate, momentum=0.9)
     else:
         import kfac_keras
 
@@ -165,7 +170,17 @@ def main():
                               "loss": round(float(logs["loss"]), 4),
                               "val_accuracy": round(float(logs["val_accuracy"]), 4),
                               "val_loss": round(float(logs["val_loss"]), 4),
-                              "seconds": round(time.time() - self.start, 1)}), flush=True)
+                              "seconds": round(time.time() - self.start, 1),
+                              **kfac_logs(logs)}), flush=True)
+
+        def on_train_batch_end(self, batch, logs=None):
+            if args.log_every and batch % args.log_every == 0:
+                print(json.dumps({"batch": batch, "loss": round(float(logs["loss"]), 4),
+                                  **kfac_logs(logs)}), flush=True)
+
+    def kfac_logs(logs):
+        keys = ("damping", "update_norm", "rho", "kfac_skipped_steps")
+        return {k: float(f"{float(logs[k]):.4g}") for k in keys if k in logs}
 
     model.fit(x_train, y_train, batch_size=args.batch_size, epochs=args.epochs,
               validation_data=(x_val, y_val), verbose=0,

@@ -124,7 +124,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", choices=["adam", "sgd", "kfac"], default="kfac")
     parser.add_argument("--learning-rate", type=float, default=0.1, help="for --optimizer sgd")
-    parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
+    parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...); a dict "
+                        "`adaptive` becomes kfac_keras.AdaptiveOptions(**adaptive)")
     parser.add_argument("--position", choices=["keras_io", "batched"], default="keras_io")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--train", type=int, default=6000)
@@ -153,7 +154,10 @@ def main():
     else:
         import kfac_keras
 
-        optimizer = kfac_keras.KFAC(**json.loads(args.kfac))
+        options = json.loads(args.kfac)
+        if isinstance(options.get("adaptive"), dict):
+            options["adaptive"] = kfac_keras.AdaptiveOptions(**options["adaptive"])
+        optimizer = kfac_keras.KFAC(**options)
         callbacks.append(kfac_keras.KFACCallback(verbose=int(args.report)))
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])

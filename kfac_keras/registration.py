@@ -27,6 +27,8 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras.blocks.conv import conv_unsupported_reason, make_conv_block
+from kfac_keras.blocks.conv_transpose import (conv_transpose_unsupported_reason,
+                                              make_conv_transpose_block)
 from kfac_keras.blocks.dense import DenseBlock
 from kfac_keras.blocks.depthwise import (depthwise_unsupported_reason, make_depthwise_block,
                                          make_separable_block)
@@ -72,6 +74,9 @@ KRONECKER_BLOCKS = [
     (keras.layers.Conv1D, make_conv_block, conv_unsupported_reason),
     (keras.layers.Conv2D, make_conv_block, conv_unsupported_reason),
     (keras.layers.Conv3D, make_conv_block, conv_unsupported_reason),
+    (keras.layers.Conv1DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
+    (keras.layers.Conv2DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
+    (keras.layers.Conv3DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
     (keras.layers.DepthwiseConv1D, make_depthwise_block, depthwise_unsupported_reason),
     (keras.layers.DepthwiseConv2D, make_depthwise_block, depthwise_unsupported_reason),
     (keras.layers.SeparableConv1D, make_separable_block, depthwise_unsupported_reason),

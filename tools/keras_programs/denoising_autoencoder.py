@@ -1,0 +1,87 @@
+"""keras-io's convolutional denoising autoencoder (Conv2DTranspose decoder).
+
+The keras-io program ("Convolutional autoencoder for image denoising"): Conv2D
+32 -> MaxPooling -> Conv2D 32 -> MaxPooling -> Conv2DTranspose 32 (stride 2)
+x 2 -> Conv2D 1 sigmoid, binary cross-entropy, on MNIST digits with Gaussian
+noise (factor 0.4) as inputs and the clean digits as targets. Only the
+optimizer line and the callback change. Data: the MNIST IDX files in
+`KFAC_KERAS_DATA_DIR` (here the 10,000-image test set; `--train` of them
+for training, the next `--val` for validation).
+
+    PYTHONPATH=. KFAC_KERAS_DATA_DIR=/work/shared/data/mnist \
+        python tools/keras_programs/denoising_autoencoder.py --optimizer kfac
+
+(`PYTHONPATH=.` from the repository root, so that this checkout's
+`kfac_keras` is imported rather than an installed one.)
+"""
+
+import argparse
+import json
+import time
+
+import keras
+import numpy as np
+from keras import layers
+
+import kfac_keras
+from kfac_keras.datasets import load_mnist
+
+
+def build_model():
+    inputs = layers.Input(shape=(28, 28, 1))
+    x = layers.Conv2D(32, (3, 3), activation="relu", padding="same")(inputs)
+    x = layers.MaxPooling2D((2, 2), padding="same")(x)
+    x = layers.Conv2D(32, (3, 3), activation="relu", padding="same")(x)
+    x = layers.MaxPooling2D((2, 2), padding="same")(x)
+    x = layers.Conv2DTranspose(32, (3, 3), strides=2, activation="relu", padding="same")(x)
+    x = layers.Conv2DTranspose(32, (3, 3), strides=2, activation="relu", padding="same")(x)
+    outputs = layers.Conv2D(1, (3, 3), activation="sigmoid", padding="same")(x)
+    return keras.Model(inputs, outputs)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--optimizer", choices=["adam", "kfac"], default="kfac")
+    parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
+    parser.add_argument("--train", type=int, default=4000)
+    parser.add_argument("--val", type=int, default=1000)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    keras.utils.set_random_seed(args.seed)
+    images = load_mnist(flatten=False, allow_download=False)[0]
+    rng = np.random.default_rng(1)
+    noisy = np.clip(images + 0.4 * rng.normal(size=images.shape), 0.0, 1.0).astype("float32")
+    train = slice(0, args.train)
+    val = slice(args.train, args.train + args.val)
+    model = build_model()
+    callbacks = []
+    if args.optimizer == "adam":
+        optimizer = "adam"
+    else:
+        optimizer = kfac_keras.KFAC(**json.loads(args.kfac))
+        callbacks.append(kfac_keras.KFACCallback(verbose=0))
+    model.compile(optimizer=optimizer, loss="binary_crossentropy")
+    start = time.time()
+
+    class EpochLine(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            print(json.dumps({"optimizer": args.optimizer, "kfac": args.kfac,
+                              "epoch": epoch + 1, "loss": round(float(logs["loss"]), 4),
+                              "val_loss": round(float(logs["val_loss"]), 4),
+                              "seconds": round(time.time() - start, 1)}), flush=True)
+
+    model.fit(noisy[train], images[train], batch_size=args.batch_size, epochs=args.epochs,
+              validation_data=(noisy[val], images[val]), verbose=0,
+              callbacks=callbacks + [EpochLine()])
+    if args.optimizer == "kfac":
+        for info in model.optimizer.registration.describe():
+            if info["layer_class"] == "Conv2DTranspose":
+                print(json.dumps({"block": info["block"], "kind": info["kind"],
+                                  "note": info["note"]}))
+
+
+if __name__ == "__main__":
+    main()

@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kfac_keras
-from kfac_keras import guards, linalg
+from kfac_keras import linalg, options as options_lib
 from kfac_keras import losses as losses_lib
 from kfac_keras import registration as registration_lib
-from kfac_keras.optimizer import APPROXIMATIONS
+from kfac_keras.options import APPROXIMATIONS
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 PARAMETERS = [name for name, p in inspect.signature(kfac_keras.KFAC.__init__).parameters.items()
@@ -83,14 +83,14 @@ def test_round_trip_cases_cover_every_option():
     covered = set()
     for case in ROUND_TRIP_CASES:
         covered.update(case)
-    missing = (set(PARAMETERS) | set(guards.BASE_OPTIMIZER_ARGUMENTS)) - covered - {
+    missing = (set(PARAMETERS) | set(options_lib.BASE_OPTIMIZER_ARGUMENTS)) - covered - {
         "gradient_accumulation_steps"}  # not supported: rejected when set
     assert not missing, f"add these options to ROUND_TRIP_CASES: {sorted(missing)}"
 
 
 def test_get_config_names_every_constructor_option():
     config = kfac_keras.KFAC().get_config()
-    missing = [n for n in PARAMETERS + list(guards.BASE_OPTIMIZER_ARGUMENTS) if n not in config]
+    missing = [n for n in PARAMETERS + list(options_lib.BASE_OPTIMIZER_ARGUMENTS) if n not in config]
     assert not missing, f"get_config lacks {missing}"
 
 
@@ -203,7 +203,7 @@ def test_bad_argument_is_rejected_with_a_clear_message(kwargs, error):
 
 def test_every_constructor_argument_has_a_bad_value_case():
     tested = {name for kwargs, _ in BAD_ARGUMENTS for name in kwargs}
-    missing = (set(PARAMETERS) | set(guards.BASE_OPTIMIZER_ARGUMENTS)) - tested
+    missing = (set(PARAMETERS) | set(options_lib.BASE_OPTIMIZER_ARGUMENTS)) - tested
     assert not missing, f"add bad-value cases for {sorted(missing)}"
 
 
@@ -326,7 +326,7 @@ BAD = dict(
     loss_scale_factor=st.sampled_from([0.0, -8.0, INF]),
     gradient_accumulation_steps=st.sampled_from([2, 4, "2"]),
 )
-_OPTION_NAMES = PARAMETERS + list(guards.BASE_OPTIMIZER_ARGUMENTS)
+_OPTION_NAMES = PARAMETERS + list(options_lib.BASE_OPTIMIZER_ARGUMENTS)
 
 
 def _strategy(table, name):

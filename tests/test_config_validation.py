@@ -153,10 +153,12 @@ BAD_ARGUMENTS = [
     (dict(exclude_layers="hidden"), TypeError), (dict(exclude_layers=[None]), TypeError),
     (dict(seed=-1), ValueError), (dict(seed=1.5), TypeError), (dict(seed=2**40), ValueError),
     (dict(decomposition_jit_compile="yes"), ValueError),
+    (dict(decomposition_jit_compile=1), ValueError),  # 1 == True, but not a bool
     (dict(distributed_inverses="yes"), TypeError),
     (dict(approximation="full"), ValueError),
     (dict(adaptive=dict(adapt_damping="yes")), TypeError),
     (dict(adaptive=dict(speed=1)), TypeError),
+    (dict(adaptive=dict(adapt_damping=True, min_damping=1e-46)), ValueError),  # 0 in float32
     (dict(norm_constraint=-1.0), ValueError),
     (dict(scale_update_every=0, inverse_method="ekfac"), ValueError),
     (dict(name=""), ValueError), (dict(name=5), TypeError), (dict(name="my kfac"), ValueError),
@@ -451,3 +453,25 @@ def test_auto_defaults_yield_to_explicit_choices():
 def test_auto_options_reject_other_strings(name):
     with pytest.raises(TypeError, match=f"`{name}` must be 'auto', None"):
         kfac_keras.KFAC(**{name: "on"})
+
+
+# ------------------------------------------------------ the options object
+def test_options_are_frozen_resolved_and_give_the_config():
+    optimizer = kfac_keras.KFAC(damping=1e-5, inverse_method="eigh")
+    options = optimizer.options
+    assert isinstance(options, options_lib.KFACOptions)
+    with pytest.raises(Exception, match="cannot assign"):
+        options.l2_reg = 1.0
+    # Every "auto" and default-meaning None is resolved.
+    assert options.adaptive == kfac_keras.AdaptiveOptions(
+        adapt_damping=True, min_damping=1e-5, damping_update_every=10)
+    assert options.norm_constraint == 1e-4
+    assert (options.learning_rate, options.momentum) == (1.0, 0.9)
+    config = optimizer.get_config()
+    for key, value in options.get_config().items():
+        assert config[key] == value, key
+    # Resolution is idempotent: the resolved values give the same options.
+    again = options_lib.KFACOptions(**{f: getattr(options, f) for f in (
+        "learning_rate", "momentum", "damping", "adaptive", "norm_constraint",
+        "inverse_method")})
+    assert again.adaptive == options.adaptive and again.norm_constraint == options.norm_constraint

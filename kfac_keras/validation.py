@@ -101,7 +101,8 @@ def check_bool(name, value):
 
 def check_choice(name, value, choices):
     """Checks that `value` is one of `choices` (a tuple); returns it."""
-    if not any(value is choice or (type(value) is type(choice) and value == choice)
+    # A bool matches only a bool (1 == True, but 1 is not a valid `True`).
+    if not any(value == choice and isinstance(value, bool) == isinstance(choice, bool)
                for choice in choices):
         raise ValueError(f"`{name}` must be one of {choices}; received {value!r}.")
     return value

@@ -41,7 +41,8 @@ def test_default_kfac_with_levenberg_marquardt_damping_matches_one_device():
     and 10: fit, custom loop and eager loop equal one device, damping, rho
     and the predicted change included, and the rule did run (rho finite,
     damping moved from its initial 1e-2)."""
-    output = run_scenario("mirrored_equivalence", ["defaults"])
+    # Twice the steps of the other scenarios, hence twice the time limit.
+    output = run_scenario("mirrored_equivalence", ["defaults"], timeout=220)
     for mode in ("loop", "fit", "eager"):
         assert f"PASS defaults/{mode}" in output, output
         assert f"PASS defaults/{mode}/damping_adapted" in output, output

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 from kfac_keras.callback import KFACCallback, register_optimizer_names
 from kfac_keras.losses import DistributionLoss, declare_loss
 from kfac_keras.optimizer import KFAC
-from kfac_keras.quadratic_model import AdaptiveOptions
+from kfac_keras.options import AdaptiveOptions
 from kfac_keras.registration import Registration, register
 from kfac_keras.training import KFACTrainStep, make_train_step
 

@@ -57,21 +57,11 @@ the loss after the update). With the default
 replicated decompositions nothing else is exchanged; with
 `KFAC(distributed_inverses=True)` each `inv_update_every` steps adds one of
 the blocks' whole state (factors and decompositions) and one flag per block
-(see `KFAC`). Measured with `python -m benchmarks.distributed_cost`
-for the MNIST autoencoder (784-1000-500-250-30-250-500-1000-784, 2.84M
-parameters, Cholesky): 10.8 MiB per step, 24.8 MiB more per `T_cov` step,
-49.5 MiB more per `T_inv` step with distributed inverses. (A ring
-all-reduce moves about twice these volumes per worker.)
-
-Step time, same command (global batch 1000, default options, one CPU split
-into 2 logical devices, so this shows the overhead of the multi-replica
-step, not a speed-up), two runs on a 2-core machine shared with other jobs:
-1 replica 173 / 303 ms, 2 replicas 170 / 318 ms, 2 replicas with
-distributed inverses 162 / 315 ms (the runs differ by the load; within a
-run the three are within noise). Those runs used the plain update; with
-today's defaults (Levenberg-Marquardt damping, whose batch passes add a
-forward-mode and a plain forward pass every 5 steps, and KL clipping), one
-20-step period: 343, 347 and 315 ms.
+(see `KFAC`). `python -m benchmarks.distributed_cost` measures
+these volumes for the MNIST autoencoder, and the step time with one and two
+replicas (one CPU split into logical devices shows the overhead of the
+multi-replica step, not a speed-up); the README reports its output.
+(A ring all-reduce moves about twice these volumes per worker.)
 
 Equivalence with one device on the same global batches (tested in
 `tests/test_distributed_mirrored.py` and `tests/test_distributed_multiworker.py`):
@@ -114,6 +104,7 @@ import keras
 import tensorflow as tf
 
 from kfac_keras import guards
+from kfac_keras import keras_internals
 
 
 def multi_replica_strategy(model=None):
@@ -157,7 +148,7 @@ def check_supported(strategy, model, optimizer, distribution, jit_compile):
         jit_compile: the step's `jit_compile`.
     """
     unsupported = []
-    synchronized = [layer.name for layer in model._flatten_layers(include_self=False)
+    synchronized = [layer.name for layer in keras_internals.child_layers(model)
                     if getattr(layer, "synchronized", False) is True]
     if synchronized:
         unsupported.append(
@@ -295,7 +286,7 @@ def assign_owners(costs, num_replicas):
     return owners
 
 
-def decompose_distributed(strategy, optimizer, damping):
+def decompose_distributed(strategy, blocks, damping_variable, damping):
     """`guards.guarded_update_inverses` with the blocks shared out over the
     replicas (`KFAC(distributed_inverses=True)`), in cross-replica context.
 
@@ -306,10 +297,16 @@ def decompose_distributed(strategy, optimizer, damping):
     written to all copies. A failed block keeps its previous decomposition
     and raises the damping, as in the replicated mode.
 
+    Args:
+        strategy: the `tf.distribute.Strategy` (more than one replica).
+        blocks: the registered blocks.
+        damping_variable: the optimizer's damping variable, raised when a
+            block fails.
+        damping: the total damping the decompositions use.
+
     Returns:
         A scalar bool tensor, True if every block was decomposed.
     """
-    blocks = optimizer.registration.blocks
     owners = assign_owners([decomposition_cost(b) for b in blocks],
                            strategy.num_replicas_in_sync)
     states = [list(block.state_variables()) for block in blocks]
@@ -339,5 +336,5 @@ def decompose_distributed(strategy, optimizer, damping):
     for variable, value in zip(variables, values):
         variable.assign(tf.cast(value, variable.dtype))
     succeeded = tf.reduce_all(flags > 0.5)
-    guards.raise_damping_unless(optimizer, succeeded)
+    guards.raise_damping_unless(damping_variable, succeeded)
     return succeeded

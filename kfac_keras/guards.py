@@ -43,21 +43,12 @@ values read before an update are not copied unless the update writes the
 variable (TensorFlow copies on write while an older read is alive).
 """
 
-import math
-import numbers
-import re
-
-import keras
-import numpy as np
 import tensorflow as tf
 
 #: Factor by which the damping grows after a failed decomposition.
 DAMPING_INCREASE_ON_FAILURE = 10.0
 #: The guard never raises the damping above this (it never lowers it either).
 MAX_GUARD_DAMPING = 1e6
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 # ------------------------------------------------------------------ checks
@@ -239,19 +230,20 @@ def raised_damping(damping):
     return tf.maximum(damping, raised)
 
 
-def guarded_update_inverses(optimizer, damping):
+def guarded_update_inverses(blocks, damping_variable, damping):
     """Decomposes every block; a failed block keeps its previous decomposition.
 
     Args:
-        optimizer: the attached `KFAC` optimizer.
+        blocks: the registered blocks.
+        damping_variable: the optimizer's damping variable (`lambda`), raised
+            when a block fails (see `raised_damping`).
         damping: the total damping the decompositions use.
 
     Returns:
-        A scalar bool tensor, True if every block was decomposed. When one
-        failed, `optimizer.damping` was raised (see `raised_damping`).
+        A scalar bool tensor, True if every block was decomposed.
     """
-    succeeded = all_true(decompose_blocks(optimizer.registration.blocks, damping))
-    raise_damping_unless(optimizer, succeeded)
+    succeeded = all_true(decompose_blocks(blocks, damping))
+    raise_damping_unless(damping_variable, succeeded)
     return succeeded
 
 
@@ -266,10 +258,10 @@ def all_true(flags):
     return tf.reduce_all(tf.stack(flags)) if flags else tf.constant(True)
 
 
-def raise_damping_unless(optimizer, succeeded):
-    """Applies `raised_damping` to `optimizer.damping` unless `succeeded`."""
-    current = tf.convert_to_tensor(optimizer.damping)
-    optimizer.damping.assign(tf.where(succeeded, current, raised_damping(current)))
+def raise_damping_unless(damping_variable, succeeded):
+    """Applies `raised_damping` to `damping_variable` unless `succeeded`."""
+    current = tf.convert_to_tensor(damping_variable)
+    damping_variable.assign(tf.where(succeeded, current, raised_damping(current)))
 
 
 def guarded_apply(optimizer, model_variables, ok, apply_fn):
@@ -303,125 +295,3 @@ def guarded_apply(optimizer, model_variables, ok, apply_fn):
     optimizer.skipped_steps.assign_add(
         tf.cast(tf.logical_not(applied), optimizer.skipped_steps.dtype))
     return applied
-
-
-# ------------------------------------------------------- argument checking
-#: Keyword arguments of `keras.optimizers.Optimizer` that KFAC passes through.
-BASE_OPTIMIZER_ARGUMENTS = (
-    "weight_decay", "clipnorm", "clipvalue", "global_clipnorm", "use_ema",
-    "ema_momentum", "ema_overwrite_frequency", "loss_scale_factor",
-    "gradient_accumulation_steps",
-)
-
-
-def _is_number(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def check_float32_number(name, value):
-    """Raises ValueError if a valid Python number does not fit float32.
-
-    K-FAC keeps its hyperparameters in float32 (variables and constants in
-    the step): a value that overflows to Inf, or a positive value that
-    underflows to 0, would silently change meaning.
-    """
-    if not _is_number(value) or not math.isfinite(value):
-        return value
-    magnitude = abs(float(value))
-    if magnitude > _FLOAT32_MAX or (0.0 < magnitude < _FLOAT32_TINY):
-        raise ValueError(
-            f"`{name}` must be representable in float32 (magnitude 0 or in "
-            f"[{_FLOAT32_TINY:g}, {_FLOAT32_MAX:g}]); received {value!r}.")
-    return value
-
-
-def check_base_optimizer_arguments(kwargs):
-    """Checks the keyword arguments KFAC passes to the Keras base optimizer.
-
-    Keras accepts, for example, a negative `clipnorm` or a string
-    `weight_decay` at construction and fails (or misbehaves) at the first
-    step; K-FAC rejects them here, naming the argument, the value and what is
-    allowed.
-
-    Args:
-        kwargs: the `**kwargs` given to `KFAC`.
-
-    Raises:
-        TypeError / ValueError: naming the first bad argument.
-    """
-    unknown = sorted(set(kwargs) - set(BASE_OPTIMIZER_ARGUMENTS))
-    if unknown:
-        given = ", ".join(f"{name}={kwargs[name]!r}" for name in unknown)
-        raise TypeError(
-            f"KFAC got unexpected keyword argument(s) {given}; the base "
-            f"optimizer arguments it accepts are {list(BASE_OPTIMIZER_ARGUMENTS)}.")
-
-    def number(name, low, low_open, high=None, high_open=False, integer=False,
-               allow_none=True):
-        value = kwargs.get(name)
-        if value is None and allow_none:
-            return
-        kind = "an integer" if integer else "a number"
-        if not _is_number(value) or (integer and not isinstance(value, numbers.Integral)):
-            raise TypeError(
-                f"`{name}` must be {kind}" + (" or None" if allow_none else "")
-                + f"; received {value!r} of type {type(value).__name__}.")
-        if not math.isfinite(value):
-            raise ValueError(f"`{name}` must be finite; received {value!r}.")
-        bad_low = value <= low if low_open else value < low
-        bad_high = high is not None and (value >= high if high_open else value > high)
-        if bad_low or bad_high:
-            interval = (("(" if low_open else "[") + f"{low!r}, "
-                        + ("inf" if high is None else repr(high))
-                        + (")" if high_open or high is None else "]"))
-            raise ValueError(f"`{name}` must be in {interval}; received {value!r}.")
-        if not integer:
-            check_float32_number(name, value)
-        elif value > 2**31 - 1:
-            raise ValueError(
-                f"`{name}` must be at most {2**31 - 1}; received {value!r}.")
-
-    number("weight_decay", 0.0, False)
-    number("clipnorm", 0.0, True)
-    number("clipvalue", 0.0, True)
-    number("global_clipnorm", 0.0, True)
-    number("loss_scale_factor", 0.0, True)
-    if "ema_momentum" in kwargs:
-        number("ema_momentum", 0.0, False, 1.0, False, allow_none=False)
-    number("ema_overwrite_frequency", 1, False, integer=True)
-    number("gradient_accumulation_steps", 0, False, integer=True)
-    if "use_ema" in kwargs and not isinstance(kwargs["use_ema"], bool):
-        raise TypeError(
-            f"`use_ema` must be a bool; received {kwargs['use_ema']!r} of type "
-            f"{type(kwargs['use_ema']).__name__}.")
-    clips = [n for n in ("clipnorm", "clipvalue", "global_clipnorm")
-             if kwargs.get(n) is not None]
-    if len(clips) > 1:
-        raise ValueError(
-            f"Only one of `clipnorm`, `clipvalue` and `global_clipnorm` may be "
-            f"set; received {', '.join(f'{n}={kwargs[n]!r}' for n in clips)}.")
-
-
-_VALID_NAME = re.compile(r"^[A-Za-z0-9.][A-Za-z0-9_.>-]*$")
-
-
-def check_name(name):
-    """The optimizer name must be usable as a TensorFlow name scope.
-
-    TensorFlow rejects other names only when it builds the first graph (deep
-    inside the first training step), so they are rejected here.
-    """
-    if not isinstance(name, str):
-        raise TypeError(f"`name` must be a string; received {name!r} of type "
-                        f"{type(name).__name__}.")
-    if not _VALID_NAME.match(name):
-        raise ValueError(
-            "`name` must be a TensorFlow scope name: an ASCII letter, digit or "
-            "'.', then letters, digits or any of '_.>-' (no spaces or '/'); "
-            f"received {name!r}.")
-    return name
-
-
-def is_keras_schedule(value):
-    """True for a `keras.optimizers.schedules.LearningRateSchedule`."""
-    return isinstance(value, keras.optimizers.schedules.LearningRateSchedule)

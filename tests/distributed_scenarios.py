@@ -139,13 +139,13 @@ def assert_same_state(expected, actual, label):
     print("PASS", label, flush=True)
 
 
-def train_single(options, mode, batches, layers=2):
+def train_single(options, mode, batches, layers=2, epochs=1):
     import kfac_keras
     import tensorflow as tf
     model, optimizer = build(options, layers)
     if mode == "fit":
         x, y = batches
-        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+        model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0,
                   callbacks=[kfac_keras.KFACCallback(verbose=0)])
     else:
         step = tf.function(kfac_keras.make_train_step(model, optimizer))
@@ -154,7 +154,7 @@ def train_single(options, mode, batches, layers=2):
     return model, optimizer
 
 
-def train_mirrored(strategy, options, mode, batches, layers=2):
+def train_mirrored(strategy, options, mode, batches, layers=2, epochs=1):
     import kfac_keras
     import tensorflow as tf
     with strategy.scope():
@@ -162,7 +162,7 @@ def train_mirrored(strategy, options, mode, batches, layers=2):
     if mode == "fit":
         x, y = batches
         with strategy.scope():
-            model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=1, shuffle=False, verbose=0,
+            model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=epochs, shuffle=False, verbose=0,
                       callbacks=[kfac_keras.KFACCallback(verbose=0)])
         return model, optimizer
     step = kfac_keras.make_train_step(model, optimizer)
@@ -196,8 +196,9 @@ CONFIGURATIONS = {
     "distributed_inverses": ({"distributed_inverses": True}, 4),
     "l2_norm_constraint_weight_decay": (
         {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
-    # KFAC(seed=...) defaults: Levenberg-Marquardt damping every 5 steps (so
-    # once in 8 steps, at step 5) and KL clipping; then the rule every 2 steps.
+    # KFAC(seed=...) defaults: Levenberg-Marquardt damping every 10 steps (at
+    # steps 0 and 10 of its two epochs, see EPOCHS) and KL clipping; then the
+    # rule every 2 steps.
     "defaults": ({"defaults": True}, 2),
     "adapt_damping_every_2": ({"defaults": True, "adaptive": {
         "adapt_damping": True, "min_damping": 1e-3, "damping_update_every": 2}}, 2),
@@ -206,6 +207,12 @@ CONFIGURATIONS = {
         "quadratic_model_step": True, "adapt_damping": True, "min_damping": 1e-3,
         "damping_update_every": 2}}, 2),
 }
+
+
+#: Epochs (of `STEPS` steps) per configuration, 1 unless listed: the default
+#: damping rule runs every 10 steps, so "defaults" needs more than 10 steps
+#: to apply it after the first step.
+EPOCHS = {"defaults": 2}
 
 
 def scenario_mirrored_equivalence(names):
@@ -220,9 +227,10 @@ def scenario_mirrored_equivalence(names):
         for mode in ("loop", "fit", "eager"):
             if mode != "loop" and name not in ("cholesky", "defaults"):
                 continue  # the modes share the step; one run of fit and eager suffices
-            batches = (x, y) if mode == "fit" else loop_batches(x, y)
-            expected = state(*train_single(options, mode, batches, layers))
-            actual = state(*train_mirrored(strategy, options, mode, batches, layers))
+            epochs = EPOCHS.get(name, 1)
+            batches = (x, y) if mode == "fit" else loop_batches(x, y) * epochs
+            expected = state(*train_single(options, mode, batches, layers, epochs))
+            actual = state(*train_mirrored(strategy, options, mode, batches, layers, epochs))
             assert_same_state(expected, actual, f"{name}/{mode}")
             if options.get("defaults"):
                 # The rule ran: rho was defined and the damping moved.
@@ -457,7 +465,7 @@ def scenario_mirrored_layers():
 
 def scenario_mirrored_no_arguments():
     """`KFAC()` with no arguments (learning rate 1, KL clipping,
-    Levenberg-Marquardt damping every 5 steps, statistics every 10 and
+    Levenberg-Marquardt damping every 10 steps, statistics every 10 and
     decompositions every 20 steps, a random seed) under `fit` with
     MirroredStrategy(2 CPUs), 3 epochs of 8 steps: the logged loss is finite
     and falls, the rule ran (rho finite), the factors were estimated and

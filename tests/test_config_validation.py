@@ -27,10 +27,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kfac_keras
-from kfac_keras import guards, linalg
+from kfac_keras import linalg, options as options_lib
 from kfac_keras import losses as losses_lib
 from kfac_keras import registration as registration_lib
-from kfac_keras.optimizer import APPROXIMATIONS
+from kfac_keras.options import APPROXIMATIONS
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 PARAMETERS = [name for name, p in inspect.signature(kfac_keras.KFAC.__init__).parameters.items()
@@ -83,14 +83,14 @@ def test_round_trip_cases_cover_every_option():
     covered = set()
     for case in ROUND_TRIP_CASES:
         covered.update(case)
-    missing = (set(PARAMETERS) | set(guards.BASE_OPTIMIZER_ARGUMENTS)) - covered - {
+    missing = (set(PARAMETERS) | set(options_lib.BASE_OPTIMIZER_ARGUMENTS)) - covered - {
         "gradient_accumulation_steps"}  # not supported: rejected when set
     assert not missing, f"add these options to ROUND_TRIP_CASES: {sorted(missing)}"
 
 
 def test_get_config_names_every_constructor_option():
     config = kfac_keras.KFAC().get_config()
-    missing = [n for n in PARAMETERS + list(guards.BASE_OPTIMIZER_ARGUMENTS) if n not in config]
+    missing = [n for n in PARAMETERS + list(options_lib.BASE_OPTIMIZER_ARGUMENTS) if n not in config]
     assert not missing, f"get_config lacks {missing}"
 
 
@@ -153,10 +153,12 @@ BAD_ARGUMENTS = [
     (dict(exclude_layers="hidden"), TypeError), (dict(exclude_layers=[None]), TypeError),
     (dict(seed=-1), ValueError), (dict(seed=1.5), TypeError), (dict(seed=2**40), ValueError),
     (dict(decomposition_jit_compile="yes"), ValueError),
+    (dict(decomposition_jit_compile=1), ValueError),  # 1 == True, but not a bool
     (dict(distributed_inverses="yes"), TypeError),
     (dict(approximation="full"), ValueError),
     (dict(adaptive=dict(adapt_damping="yes")), TypeError),
     (dict(adaptive=dict(speed=1)), TypeError),
+    (dict(adaptive=dict(adapt_damping=True, min_damping=1e-46)), ValueError),  # 0 in float32
     (dict(norm_constraint=-1.0), ValueError),
     (dict(scale_update_every=0, inverse_method="ekfac"), ValueError),
     (dict(name=""), ValueError), (dict(name=5), TypeError), (dict(name="my kfac"), ValueError),
@@ -203,7 +205,7 @@ def test_bad_argument_is_rejected_with_a_clear_message(kwargs, error):
 
 def test_every_constructor_argument_has_a_bad_value_case():
     tested = {name for kwargs, _ in BAD_ARGUMENTS for name in kwargs}
-    missing = (set(PARAMETERS) | set(guards.BASE_OPTIMIZER_ARGUMENTS)) - tested
+    missing = (set(PARAMETERS) | set(options_lib.BASE_OPTIMIZER_ARGUMENTS)) - tested
     assert not missing, f"add bad-value cases for {sorted(missing)}"
 
 
@@ -326,7 +328,7 @@ BAD = dict(
     loss_scale_factor=st.sampled_from([0.0, -8.0, INF]),
     gradient_accumulation_steps=st.sampled_from([2, 4, "2"]),
 )
-_OPTION_NAMES = PARAMETERS + list(guards.BASE_OPTIMIZER_ARGUMENTS)
+_OPTION_NAMES = PARAMETERS + list(options_lib.BASE_OPTIMIZER_ARGUMENTS)
 
 
 def _strategy(table, name):
@@ -451,3 +453,25 @@ def test_auto_defaults_yield_to_explicit_choices():
 def test_auto_options_reject_other_strings(name):
     with pytest.raises(TypeError, match=f"`{name}` must be 'auto', None"):
         kfac_keras.KFAC(**{name: "on"})
+
+
+# ------------------------------------------------------ the options object
+def test_options_are_frozen_resolved_and_give_the_config():
+    optimizer = kfac_keras.KFAC(damping=1e-5, inverse_method="eigh")
+    options = optimizer.options
+    assert isinstance(options, options_lib.KFACOptions)
+    with pytest.raises(Exception, match="cannot assign"):
+        options.l2_reg = 1.0
+    # Every "auto" and default-meaning None is resolved.
+    assert options.adaptive == kfac_keras.AdaptiveOptions(
+        adapt_damping=True, min_damping=1e-5, damping_update_every=10)
+    assert options.norm_constraint == 1e-4
+    assert (options.learning_rate, options.momentum) == (1.0, 0.9)
+    config = optimizer.get_config()
+    for key, value in options.get_config().items():
+        assert config[key] == value, key
+    # Resolution is idempotent: the resolved values give the same options.
+    again = options_lib.KFACOptions(**{f: getattr(options, f) for f in (
+        "learning_rate", "momentum", "damping", "adaptive", "norm_constraint",
+        "inverse_method")})
+    assert again.adaptive == options.adaptive and again.norm_constraint == options.norm_constraint

@@ -15,7 +15,7 @@ import pytest
 import tensorflow as tf
 
 import kfac_keras
-from kfac_keras import damping as damping_lib
+from kfac_keras import step_rules
 from conftest import block_for_layer
 
 
@@ -28,7 +28,7 @@ def _rule(damping, rho, factor, low, high):
 
 
 def test_scripted_rho_sequence_follows_the_rule_exactly():
-    factor = damping_lib.adjustment_factor(5)
+    factor = step_rules.adjustment_factor(5)
     assert factor == pytest.approx((19 / 20) ** 5, rel=1e-15)
     rhos = [0.9, 0.76, 0.75, 0.5, 0.25, 0.2499, -3.0, float("nan"), 1.7, 0.1,
             0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.9]
@@ -36,7 +36,7 @@ def test_scripted_rho_sequence_follows_the_rule_exactly():
     damping = 1.0
     expected = 1.0
     for rho in rhos:
-        damping = float(damping_lib.levenberg_marquardt_update(
+        damping = float(step_rules.levenberg_marquardt_update(
             tf.constant(damping), tf.constant(rho), factor, low, high))
         expected = _rule(expected, rho, factor, low, high)
         assert damping == pytest.approx(expected, rel=1e-6), rho
@@ -44,10 +44,10 @@ def test_scripted_rho_sequence_follows_the_rule_exactly():
 
 
 def test_reduction_ratio():
-    assert float(damping_lib.reduction_ratio(-0.5, -1.0)) == pytest.approx(0.5)
-    assert float(damping_lib.reduction_ratio(0.5, -1.0)) == pytest.approx(-0.5)
-    assert math.isnan(float(damping_lib.reduction_ratio(-0.5, 0.0)))   # no predicted decrease
-    assert math.isnan(float(damping_lib.reduction_ratio(float("nan"), -1.0)))
+    assert float(step_rules.reduction_ratio(-0.5, -1.0)) == pytest.approx(0.5)
+    assert float(step_rules.reduction_ratio(0.5, -1.0)) == pytest.approx(-0.5)
+    assert math.isnan(float(step_rules.reduction_ratio(-0.5, 0.0)))   # no predicted decrease
+    assert math.isnan(float(step_rules.reduction_ratio(float("nan"), -1.0)))
 
 
 def _model():

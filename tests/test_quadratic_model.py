@@ -25,6 +25,7 @@ import tensorflow as tf
 import kfac_keras
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
+from kfac_keras import step_rules
 from conftest import block_for_layer
 
 
@@ -190,17 +191,17 @@ def test_solve_step_coefficients_against_numpy():
     root = rng.normal(size=(2, 2))
     matrix = root @ root.T + 0.1 * np.eye(2)
     linear = rng.normal(size=2)
-    alpha, mu, change = quadratic_model.solve_step_coefficients(
+    alpha, mu, change = step_rules.solve_step_coefficients(
         tf.constant(matrix, tf.float32), tf.constant(linear, tf.float32), tf.constant(False))
     solution = np.linalg.solve(matrix, -linear)
     np.testing.assert_allclose([float(alpha), float(mu)], solution, rtol=1e-5)
     np.testing.assert_allclose(float(change), 0.5 * linear @ solution, rtol=1e-5)
-    alpha, mu, _ = quadratic_model.solve_step_coefficients(
+    alpha, mu, _ = step_rules.solve_step_coefficients(
         tf.constant(matrix, tf.float32), tf.constant(linear, tf.float32), tf.constant(True))
     np.testing.assert_allclose([float(alpha), float(mu)], [-linear[0] / matrix[0, 0], 0.0],
                                rtol=1e-6)
     singular = np.array([[2.0, 2.0], [2.0, 2.0]])  # delta0 parallel to Delta
-    alpha, mu, _ = quadratic_model.solve_step_coefficients(
+    alpha, mu, _ = step_rules.solve_step_coefficients(
         tf.constant(singular, tf.float32), tf.constant([-1.0, -1.0]), tf.constant(False))
     np.testing.assert_allclose([float(alpha), float(mu)], [0.5, 0.0], rtol=1e-6)
 

@@ -1,0 +1,276 @@
+"""Step rules: how a preconditioned gradient becomes an update, and how the
+damping follows the results. Pure functions (tensors in, tensors out, no
+variable assignment); `kfac_keras.KFAC` assigns what they return. A new rule
+(per-layer grafting, another trust-region test, ...) is one more function
+here.
+
+Notation (Martens & Grosse 2015, sections 6-7; KFAC_NOTES): `grad` is the
+gradient of the objective `h` (including `eta theta` for `l2_reg = eta`),
+`Delta = (Fhat + lambda + eta)^{-1} grad` the preconditioned gradient,
+`delta0` the previous update (the momentum slot), `F` the exact mini-batch
+Fisher (`kfac_keras.quadratic_model`) and
+
+    M(delta) - M(0) = grad^T delta + 1/2 delta^T (F + shift I) delta
+
+the local quadratic model, with `shift = eta` (undamped, used for `rho`) or
+`lambda + eta` (damped, minimised by the quadratic-model step).
+
+**KL clipping** (Ba, Grosse & Martens 2017): `Delta` is scaled by
+`min(1, sqrt(c / (lr^2 Delta^T grad)))`, since `Delta^T grad = Delta^T
+(Fhat + lambda + eta) Delta`.
+
+**Quadratic-model step** (section 7): `delta = alpha (-Delta) + mu delta0`
+with `(alpha, mu)` minimising the damped model, a 2x2 linear system; on the
+first step (`delta0 = 0`) or when the system is singular, `alpha` alone and
+`mu = 0`.
+
+**Levenberg-Marquardt damping** (section 6.5). Every `T1` steps
+(`AdaptiveOptions.damping_update_every`) the reduction ratio
+
+    rho = (h(theta + delta) - h(theta)) / (M(delta) - M(0))
+
+is measured on the same mini-batch, with the *undamped* model (as in the
+paper, `rho` measures how well the local model predicts the objective; the
+damped model is the one the step minimises). Then, with `omega1 =
+(19/20)^T1`: `rho > 3/4`: `lambda <- omega1 lambda`; `rho < 1/4` or `rho`
+undefined (a non-finite loss after the step, or a model that predicts no
+decrease): `lambda <- lambda / omega1`; otherwise unchanged; `lambda` is
+clamped to `[min_damping, max_damping]`. The factored Tikhonov strength is
+tied to it, `gamma = sqrt(lambda + eta)` (KFAC_NOTES section 7; the paper's
+separate `gamma` search every `T2` steps is not implemented).
+
+When the new `lambda` takes effect: the quadratic model (the next `rho`,
+and `alpha`/`mu` with `quadratic_model_step`) always uses the current
+`lambda`; `inverse_method="eigh"` and `"ekfac"` apply it exactly at every
+preconditioning; `"cholesky"`/`"inverse"` and tridiagonal chains bake
+`gamma` into the stored inverses, so the preconditioner uses the `lambda`
+of the last inverse update and lags the rule by up to `inv_update_every`
+steps (`inv_update_every / T1` adjustments). The inverses are not
+recomputed on every change, which would cost a decomposition of every
+factor every `T1` steps; use `"eigh"`/`"ekfac"` (or a smaller
+`inv_update_every`) when the damping must act at once.
+
+The extra work of the rule: every `T1` steps, one forward pass at `theta +
+delta` on the same batch and, when the step comes from a fixed learning
+rate and momentum, one forward-mode pass for `delta^T F delta` before the
+update (with `quadratic_model_step` the model's change is already known).
+"""
+
+import tensorflow as tf
+
+#: The paper's thresholds on `rho`.
+LOWER_THRESHOLD = 0.25
+UPPER_THRESHOLD = 0.75
+#: The paper's per-step factor; the update every `T1` steps uses its `T1`-th power.
+BASE_FACTOR = 19.0 / 20.0
+
+
+# ----------------------------------------------------------- list algebra
+def dot(first, second):
+    """`sum_i <first_i, second_i>` over two aligned lists of tensors (float32)."""
+    terms = [tf.reduce_sum(tf.cast(a, tf.float32) * tf.cast(b, tf.float32))
+             for a, b in zip(first, second)]
+    if not terms:
+        return tf.constant(0.0)
+    return tf.add_n(terms)
+
+
+# ------------------------------------------------------------ KL clipping
+def kl_clipping_scale(full_grads, preconditioned, learning_rate, norm_constraint):
+    """`min(1, sqrt(c / (lr^2 Delta^T grad)))`, 1 when `Delta^T grad <= 0`.
+
+    Args:
+        full_grads: list of tensors, `grad` (with the `l2_reg` term).
+        preconditioned: list of tensors, `Delta`, aligned with `full_grads`.
+        learning_rate: scalar, `lr`.
+        norm_constraint: float > 0, `c`.
+
+    Returns:
+        A float32 scalar tensor in (0, 1].
+    """
+    learning_rate = tf.cast(learning_rate, tf.float32)
+    size = tf.square(learning_rate) * dot(preconditioned, full_grads)
+    positive = size > 0.0
+    return tf.where(
+        positive,
+        tf.minimum(1.0, tf.sqrt(norm_constraint / tf.where(positive, size, 1.0))),
+        1.0)
+
+
+# -------------------------------------------------------- fixed step rule
+def fixed_step(preconditioned, previous, learning_rate, momentum):
+    """The learning-rate + momentum update `mu delta0 - lr Delta` (float32).
+
+    Args:
+        preconditioned: list of tensors, `Delta`.
+        previous: list of tensors, `delta0`, aligned with `preconditioned`.
+        learning_rate: scalar, `lr`.
+        momentum: scalar, `mu`.
+    """
+    learning_rate = tf.cast(learning_rate, tf.float32)
+    momentum = tf.cast(momentum, tf.float32)
+    return [momentum * tf.cast(v, tf.float32) - learning_rate * tf.cast(p, tf.float32)
+            for v, p in zip(previous, preconditioned)]
+
+
+def predicted_change(step, step_fisher, full_grads, l2_reg):
+    """`M(delta) - M(0)` of the undamped model for one update `delta`.
+
+    Args:
+        step: list of tensors, `delta`.
+        step_fisher: scalar, `delta^T F delta`.
+        full_grads: list of tensors, `grad`, aligned with `step`.
+        l2_reg: float, `eta`.
+    """
+    return 0.5 * (step_fisher + l2_reg * dot(step, step)) + dot(full_grads, step)
+
+
+# ------------------------------------------------- quadratic-model step
+def solve_step_coefficients(curvature, linear, first_step):
+    """Minimises `1/2 x^T curvature x + linear^T x` over `x = (alpha, mu)`.
+
+    Args:
+        curvature: `(2, 2)` float32 tensor, `[[Delta^T C Delta, Delta^T C delta0],
+            [delta0^T C Delta, delta0^T C delta0]]`.
+        linear: `(2,)` float32 tensor, `[grad^T Delta, grad^T delta0]`.
+        first_step: scalar bool tensor; when True only `alpha` is used.
+
+    Returns:
+        `(alpha, mu, change)`, with `change = 1/2 x^T curvature x + linear^T x`,
+        the damped model's predicted change. When the 2x2 system is singular
+        (or not positive definite) the alpha-only solution is used; when
+        `Delta^T C Delta <= 0` (a zero direction) `alpha = 0`.
+    """
+    curvature = tf.cast(curvature, tf.float32)
+    linear = tf.cast(linear, tf.float32)
+    m11, m12, m22 = curvature[0, 0], curvature[0, 1], curvature[1, 1]
+    b1, b2 = linear[0], linear[1]
+    alpha_only = tf.where(m11 > 0.0, -b1 / tf.where(m11 > 0.0, m11, 1.0), 0.0)
+    determinant = m11 * m22 - m12 * m12
+    well_posed = tf.logical_and(
+        tf.logical_not(first_step),
+        tf.logical_and(m22 > 0.0, determinant > 1e-6 * tf.abs(m11 * m22)))
+    safe_det = tf.where(well_posed, determinant, 1.0)
+    alpha_pair = (-m22 * b1 + m12 * b2) / safe_det
+    mu_pair = (m12 * b1 - m11 * b2) / safe_det
+    alpha = tf.where(well_posed, alpha_pair, alpha_only)
+    mu = tf.where(well_posed, mu_pair, 0.0)
+    x = tf.stack([alpha, mu])
+    change = 0.5 * tf.tensordot(x, tf.linalg.matvec(curvature, x), 1) + tf.tensordot(linear, x, 1)
+    return alpha, mu, change
+
+
+def quadratic_change(coefficients, fisher, norms, linear, curvature_shift):
+    """`1/2 x^T (fisher + shift * norms) x + linear^T x` for a 2x2 model.
+
+    Args:
+        coefficients: `(2,)` tensor `x = (alpha, mu)`.
+        fisher: `(2, 2)` Gram matrix of the directions under `F`.
+        norms: `(2, 2)` Gram matrix of the directions (plain inner products).
+        linear: `(2,)` gradient inner products.
+        curvature_shift: scalar added to `F` (e.g. `eta`, or `lambda + eta`).
+    """
+    matrix = fisher + curvature_shift * norms
+    return (0.5 * tf.tensordot(coefficients, tf.linalg.matvec(matrix, coefficients), 1)
+            + tf.tensordot(linear, coefficients, 1))
+
+
+def quadratic_model_step(direction, previous, full_grads, fisher, total_damping, l2_reg):
+    """Section 7: `alpha`, `mu` and the undamped model's predicted change.
+
+    Args:
+        direction: list of tensors, `-Delta`.
+        previous: list of tensors, `delta0`, aligned with `direction`.
+        full_grads: list of tensors, `grad`.
+        fisher: `(2, 2)` float32 tensor, the Gram matrix of `[direction,
+            previous]` under the exact Fisher.
+        total_damping: scalar, `lambda + eta`.
+        l2_reg: float, `eta`.
+
+    Returns:
+        `(alpha, mu, change)` float32 scalars; `change` is `M(delta) - M(0)`
+        of the undamped model for `delta = alpha direction + mu previous`.
+    """
+    cross = dot(direction, previous)
+    norms = tf.stack([tf.stack([dot(direction, direction), cross]),
+                      tf.stack([cross, dot(previous, previous)])])
+    linear = tf.stack([dot(full_grads, direction), dot(full_grads, previous)])
+    alpha, mu, _ = solve_step_coefficients(
+        fisher + total_damping * norms, linear, first_step=norms[1, 1] <= 0.0)
+    change = quadratic_change(tf.stack([alpha, mu]), fisher, norms, linear, l2_reg)
+    return alpha, mu, change
+
+
+# ----------------------------------------- Levenberg-Marquardt damping
+def adjustment_factor(update_every):
+    """`omega1 = (19/20)^T1`, the factor applied every `T1` steps.
+
+    Args:
+        update_every: int >= 1, `T1`.
+
+    Returns:
+        A Python float in (0, 1).
+    """
+    if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+        raise ValueError(
+            f"`update_every` must be an integer >= 1; received {update_every!r}.")
+    return BASE_FACTOR ** update_every
+
+
+def actual_change(loss_before, loss_after, variables, updates, l2_reg):
+    """`h(theta + delta) - h(theta)`, with the L2 term of `h`.
+
+    Args:
+        loss_before: scalar, the loss at `theta`.
+        loss_after: scalar, the loss at `theta + delta` (same batch).
+        variables: list of tensors, the new weights `theta + delta`.
+        updates: list of tensors, `delta`, aligned with `variables`.
+        l2_reg: float, `eta`.
+    """
+    change = tf.cast(loss_after, tf.float32) - tf.cast(loss_before, tf.float32)
+    if l2_reg:
+        # (eta/2)(||theta + delta||^2 - ||theta||^2), from the new weights.
+        change += l2_reg * (dot(variables, updates) - 0.5 * dot(updates, updates))
+    return change
+
+
+def reduction_ratio(actual_change, predicted_change):
+    """`rho = actual / predicted`, or NaN when the model predicts no decrease.
+
+    Args:
+        actual_change: scalar tensor, `h(theta + delta) - h(theta)`.
+        predicted_change: scalar tensor, `M(delta) - M(0)`.
+
+    Returns:
+        A float32 scalar tensor; NaN if `predicted_change >= 0` or either
+        input is not finite.
+    """
+    actual = tf.cast(actual_change, tf.float32)
+    predicted = tf.cast(predicted_change, tf.float32)
+    defined = tf.logical_and(
+        predicted < 0.0,
+        tf.logical_and(tf.math.is_finite(actual), tf.math.is_finite(predicted)))
+    safe = tf.where(defined, predicted, -1.0)
+    return tf.where(defined, actual / safe, tf.constant(float("nan"), tf.float32))
+
+
+def levenberg_marquardt_update(damping, rho, factor, min_damping, max_damping):
+    """One application of the Levenberg-Marquardt rule.
+
+    Args:
+        damping: scalar tensor, the current `lambda`.
+        rho: scalar tensor, the reduction ratio (NaN counts as `< 1/4`).
+        factor: float in (0, 1), `omega1`.
+        min_damping: float > 0, the lower bound.
+        max_damping: float >= min_damping, the upper bound.
+
+    Returns:
+        The new damping, a float32 scalar tensor in `[min_damping, max_damping]`.
+    """
+    damping = tf.cast(damping, tf.float32)
+    rho = tf.cast(rho, tf.float32)
+    trusted = rho > UPPER_THRESHOLD
+    distrusted = tf.logical_or(rho < LOWER_THRESHOLD, tf.math.is_nan(rho))
+    new = tf.where(trusted, damping * factor,
+                   tf.where(distrusted, damping / factor, damping))
+    return tf.clip_by_value(new, min_damping, max_damping)

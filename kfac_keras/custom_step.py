@@ -120,8 +120,7 @@ class CustomTrainStep:
                 "K-FAC: %s is the model's own step, so adaptive='auto' resolves "
                 "to None (fixed damping %s; the Levenberg-Marquardt rule needs "
                 "the batch loss after the step).", name, optimizer.initial_damping)
-            optimizer.adaptive = None
-            optimizer._damping_factor = None
+            optimizer.use_fixed_damping()
         self.model = model
         self.optimizer = optimizer
         self.user_train_step = user_train_step

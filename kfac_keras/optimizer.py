@@ -3,6 +3,7 @@ Keras's API and orchestrates each step over `kfac_keras.options`,
 `kfac_keras.curvature` (the curvature estimate) and `kfac_keras.step_rules`.
 """
 
+import dataclasses
 import random
 
 import keras
@@ -277,6 +278,14 @@ class KFAC(keras.optimizers.Optimizer):
         self.requested_adaptive = adaptive
         #: The `kfac_keras.custom_step.CustomTrainStep` running right now, if any.
         self.active_custom_step = None
+
+    def use_fixed_damping(self):
+        """Turns the Levenberg-Marquardt damping rule off before training
+        starts (a model's own `train_step` gives K-FAC no batch loss after
+        the update, which the rule needs; see `kfac_keras.custom_step`)."""
+        self.options = dataclasses.replace(self.options, adaptive=None)
+        self.curvature.options = self.options
+        self._damping_factor = None
 
     momentum = _option("momentum", "float, schedule, or None with quadratic_model_step.")
     damping_schedule = _option("damping_schedule", "The damping schedule, or None.")

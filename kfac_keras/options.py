@@ -132,11 +132,12 @@ def _resolve_adaptive(adaptive, damping, base_arguments):
             # The weights change outside the quadratic model that judges the
             # damping: say so, since the user did not ask for fixed damping.
             logging.warning(
-                "KFAC: %s change the weights outside the quadratic model "
+                "KFAC: %s %s the weights outside the quadratic model "
                 "that judges the damping, so adaptive='auto' turns the "
                 "adaptive damping off: the damping stays at %r. Use "
                 "`l2_reg` instead of `weight_decay` to keep it.",
-                " and ".join(f"`{n}`" for n in changed), damping)
+                " and ".join(f"`{n}`" for n in changed),
+                "changes" if len(changed) == 1 else "change", damping)
             return None
         if is_schedule(damping):
             return None  # the damping follows the user's schedule

@@ -101,7 +101,6 @@ def _check_choice(name, value, choices):
     return value
 
 
-@keras.saving.register_keras_serializable(package="kfac_keras")
 def _divide_gradient(grad, divisor):
     """`grad / divisor`, keeping a `tf.IndexedSlices` sparse."""
     if isinstance(grad, tf.IndexedSlices):
@@ -109,6 +108,7 @@ def _divide_gradient(grad, divisor):
     return grad / divisor
 
 
+@keras.saving.register_keras_serializable(package="kfac_keras")
 class KFAC(keras.optimizers.Optimizer):
     """K-FAC: natural-gradient steps with a Kronecker-factored Fisher.
 

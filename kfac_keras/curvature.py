@@ -158,7 +158,11 @@ class CurvatureEstimator:
         Called in a step where `curvature_pass_due()` holds, with the same
         arguments as `update_statistics` (which it calls when
         `statistics_due()`); with `inverse_method="ekfac"` it also calls
-        each EKFAC block's `update_scalings` when `scalings_due()`.
+        each EKFAC block's `update_scalings` when `scalings_due()`. When the
+        factors are also decomposed this step, the decomposition runs here,
+        before the scalings estimate, so the estimate is made in the new
+        eigenbasis (and used by this step's update); `maybe_update_inverses`
+        then skips the step.
         """
         if self.options.inverse_method != "ekfac":
             self.update_statistics(block_inputs, num_examples)
@@ -169,8 +173,10 @@ class CurvatureEstimator:
             return tf.constant(True)
 
         def scalings():
+            tf.cond(self.inverses_due(self.statistics_due()), self.update_inverses,
+                    lambda: tf.constant(False))
             for block, (captures, _) in zip(self.registration.blocks, block_inputs):
-                if getattr(block, "inverse_method", None) == "ekfac":
+                if block.uses_eigenbasis_scalings:
                     block.update_scalings(captures, num_examples, self.options.factor_decay)
             return tf.constant(True)
 
@@ -203,9 +209,16 @@ class CurvatureEstimator:
         return self._decompose_fn()
 
     def maybe_update_inverses(self, statistics_updated):
-        """Runs `update_inverses` when `inverses_due`; returns whether it ran."""
-        return tf.cond(self.inverses_due(statistics_updated),
-                       self.update_inverses, lambda: tf.constant(False))
+        """Runs `update_inverses` when `inverses_due`; returns whether it ran.
+
+        With `inverse_method="ekfac"`, a step whose scalings were updated has
+        already decomposed (see `update_curvature`).
+        """
+        due = self.inverses_due(statistics_updated)
+        if self.options.inverse_method == "ekfac":
+            done = tf.logical_and(statistics_updated, self.scalings_due())
+            due = tf.logical_and(due, tf.logical_not(done))
+        return tf.cond(due, self.update_inverses, lambda: tf.constant(False))
 
     # -------------------------------------------------------- preconditioning
     def precondition(self, grads, trainable_variables):
@@ -230,18 +243,18 @@ class CurvatureEstimator:
         for grad, variable in zip(grads, trainable_variables):
             if grad is None:
                 continue
-            if not (isinstance(grad, tf.IndexedSlices) and not l2_reg and getattr(
-                    registration.block_of(variable), "accepts_indexed_slices", False)):
+            block = registration.block_of(variable)
+            if block is None:
+                raise ValueError(
+                    f"Variable {variable.path} has no K-FAC block; it was "
+                    "created after registration.")
+            if not (isinstance(grad, tf.IndexedSlices) and not l2_reg
+                    and block.accepts_indexed_slices):
                 grad = tf.convert_to_tensor(grad)  # sparse rows only for blocks that take them
             if l2_reg:
                 grad = grad + l2_reg * tf.cast(variable, grad.dtype)
             by_var[id(variable)] = grad
         result = dict(by_var)
-        for variable in trainable_variables:
-            if id(variable) in by_var and registration.block_of(variable) is None:
-                raise ValueError(
-                    f"Variable {variable.path} has no K-FAC block; it was "
-                    "created after registration.")
         for block in registration.blocks:
             block_grads = [by_var.get(id(v)) for v in block.variables]
             if any(g is None for g in block_grads):

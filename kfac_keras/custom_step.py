@@ -37,9 +37,10 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from kfac_keras import capture
 from kfac_keras import distributed
 from kfac_keras import guards
-from kfac_keras import registration as registration_lib
+from kfac_keras.blocks.base import StatisticsSource
 
 #: The note in the registration report and the logs of a custom train step.
 EMPIRICAL_NOTE = (
@@ -74,7 +75,7 @@ def _record_incoming_gradient(tensor, sink):
     return identity(tensor)
 
 
-class GradientRecorder(registration_lib._Recorder):
+class GradientRecorder(capture.Recorder):
     """A capture recorder that also collects, per record, the gradients that
     flow back into the recorded tensor (one list per call of a layer)."""
 
@@ -201,7 +202,7 @@ class CustomTrainStep:
         """`(inputs, per-example gradients)` of a capture block's calls: `B *
         dL/ds` (see the module docstring) on the statistics subset."""
         captures = []
-        for layer in registration_lib.capture_layers(block):
+        for layer in block.capture_layers():
             records = state.recorder.for_layer(layer)
             incoming = state.recorder.gradients_for(layer)
             reached = [sink for sink in incoming if sink]
@@ -222,9 +223,10 @@ class CustomTrainStep:
         by_variable = {id(v): g for g, v in zip(grads, variables) if g is not None}
         block_inputs = []
         for block in self.registration.blocks:
-            if block.needs_capture:
+            source = block.statistics_source
+            if source is StatisticsSource.CAPTURES:
                 block_inputs.append((self._captures(block, state), None))
-            elif block.kind != "identity":
+            elif source is StatisticsSource.SAMPLED_GRADIENTS:
                 scale = tf.cast(state.batch_size, tf.float32)
                 sums = [scale * tf.cast(tf.convert_to_tensor(by_variable[id(v)]), tf.float32)
                         if id(v) in by_variable else tf.zeros(v.shape, tf.float32)

@@ -27,18 +27,14 @@ def decomposition_jit(setting="auto"):
     Args:
         setting: `"auto"` (default) compiles on GPU and not on CPU; `True` or
             `False` force the choice (used by tests to exercise both paths).
+            Validated by the optimizer's options.
 
     Returns:
         A Python bool.
     """
     if setting == "auto":
         return gpu_available()
-    if isinstance(setting, bool):
-        return setting
-    raise ValueError(
-        "`decomposition_jit_compile` must be 'auto', True or False; "
-        f"received {setting!r}."
-    )
+    return bool(setting)
 
 
 def symmetrize(matrix):
@@ -47,20 +43,26 @@ def symmetrize(matrix):
 
 
 def mean_diagonal(matrix):
-    """Mean of the diagonal entries, `tr(M) / dim(M)`."""
-    return tf.reduce_mean(tf.linalg.diag_part(matrix))
+    """Mean of the diagonal entries, `tr(M) / dim(M)` (per matrix of a batch)."""
+    return tf.reduce_mean(tf.linalg.diag_part(matrix), axis=-1)
+
+
+def trace_ratio_pi(input_mean_trace, output_mean_trace, min_value=1e-12):
+    """`pi = sqrt(input_mean_trace / output_mean_trace)`, both floored at
+    `min_value` so a factor that is exactly zero (dead units, an output that
+    receives no gradient) gives a finite `pi`."""
+    return tf.sqrt(tf.maximum(input_mean_trace, min_value)
+                   / tf.maximum(output_mean_trace, min_value))
 
 
 def pi_adjustment(input_factor, output_grad_factor, min_value=1e-12):
     """The factored-Tikhonov split `pi = sqrt((tr(A)/dim A) / (tr(G)/dim G))`.
 
-    Martens & Grosse 2015, section 6.3. Both traces are floored at
-    `min_value` so a factor that is exactly zero (dead units, an output that
-    receives no gradient) gives a finite `pi`.
+    Martens & Grosse 2015, section 6.3; one value per matrix of a batch. See
+    `trace_ratio_pi` for the floor.
     """
-    a_trace = tf.maximum(mean_diagonal(input_factor), min_value)
-    g_trace = tf.maximum(mean_diagonal(output_grad_factor), min_value)
-    return tf.sqrt(a_trace / g_trace)
+    return trace_ratio_pi(mean_diagonal(input_factor), mean_diagonal(output_grad_factor),
+                          min_value)
 
 
 def damped_inverse(matrix, damping, method="cholesky"):
@@ -101,10 +103,3 @@ def clipped_eigh(matrix):
     eigenvalues, eigenvectors = tf.linalg.eigh(symmetrize(matrix))
     return tf.maximum(eigenvalues, 0.0), eigenvectors
 
-
-def all_finite(tensors):
-    """A scalar bool tensor: every entry of every tensor is finite."""
-    checks = [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]
-    if not checks:
-        return tf.constant(True)
-    return tf.reduce_all(tf.stack(checks))

@@ -59,6 +59,13 @@ def _option(name, doc):
     return property(lambda self: getattr(self.options, name), doc=doc)
 
 
+def _divide_gradient(grad, divisor):
+    """`grad / divisor`, keeping a `tf.IndexedSlices` sparse."""
+    if isinstance(grad, tf.IndexedSlices):
+        return tf.IndexedSlices(grad.values / divisor, grad.indices, grad.dense_shape)
+    return grad / divisor
+
+
 @keras.saving.register_keras_serializable(package="kfac_keras")
 class KFAC(keras.optimizers.Optimizer):
     """K-FAC: natural-gradient steps with a Kronecker-factored Fisher.
@@ -512,11 +519,10 @@ class KFAC(keras.optimizers.Optimizer):
         # IndexedSlices (Embedding) reach `precondition` as they are: blocks
         # that precondition row by row then touch only the rows present.
         raw_grads = [g for g, _ in pairs]
-        grads = [tf.convert_to_tensor(g) for g in raw_grads]
         variables = [v for _, v in pairs]
         if self.loss_scale_factor is not None:
-            grads = [g / self.loss_scale_factor for g in grads]
-            raw_grads = grads
+            raw_grads = [_divide_gradient(g, self.loss_scale_factor) for g in raw_grads]
+        grads = [tf.convert_to_tensor(g) for g in raw_grads]  # dense, for the step rules
         full_grads = ([g + self.l2_reg * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
                       if self.l2_reg else grads)
         preconditioned = keras_internals.clip_gradients(

@@ -9,12 +9,17 @@ Registration happens once per (model, optimizer) pair, usually from
 2. gives each trainable layer a block: a Kronecker block for the layer kinds
    in `KRONECKER_BLOCKS`, otherwise a diagonal block (`"diagonal"`), or no
    curvature at all (`"identity"`: the plain gradient, for excluded layers);
-3. wraps the `call` of every layer with a Kronecker block. The wrapper is
-   inert (it calls the original `call`) except inside
-   `Registration.capture()`, where it runs the layer with its activation
-   switched off to obtain the pre-activation `s`, records `(inputs, s)`, and
-   returns `activation(s)`; so `evaluate`/`predict` are unaffected and the
-   captured tensors come from the same forward pass as the loss.
+3. with `approximation="tridiagonal"`, replaces the blocks of Dense chains
+   by chain blocks (`kfac_keras.chains`);
+4. wraps the `call` of every layer whose block reads captured activations
+   (`kfac_keras.capture`). The wrapper is inert except inside
+   `Registration.capture()`, where it records what the block declares (e.g.
+   `(inputs, s)` with `s` the pre-activation) and returns the layer's usual
+   output; so `evaluate`/`predict` are unaffected and the captured tensors
+   come from the same forward pass as the loss.
+
+The options are validated by the optimizer; `register` assumes valid
+`inverse_method`, `approximation` and `layer_blocks` values.
 
 Block choice per layer is controlled by `KFAC(layer_blocks=..., exclude_layers=...)`,
 keyed by layer name or class name.
@@ -23,21 +28,25 @@ keyed by layer name or class name.
 import contextlib
 
 import keras
-import tensorflow as tf
 from absl import logging
 
+from kfac_keras import capture, chains
+from kfac_keras.blocks.base import StatisticsSource, layer_name
 from kfac_keras.blocks.conv import conv_unsupported_reason, make_conv_block
 from kfac_keras.blocks.conv_transpose import (conv_transpose_unsupported_reason,
                                               make_conv_transpose_block)
-from kfac_keras.blocks.dense import DenseBlock
-from kfac_keras.blocks.depthwise import (depthwise_unsupported_reason, make_depthwise_block,
-                                         make_separable_block)
+from kfac_keras.blocks.dense import dense_unsupported_reason, make_dense_block
+from kfac_keras.blocks.depthwise import make_depthwise_block, make_separable_block
 from kfac_keras.blocks.diagonal import DiagonalBlock
 from kfac_keras.blocks.einsum_dense import einsum_unsupported_reason, make_einsum_dense_block
 from kfac_keras.blocks.embedding import embedding_unsupported_reason, make_embedding_block
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks import recurrent
+from kfac_keras.blocks.identity import IdentityBlock
 from kfac_keras.blocks.scale_shift import make_scale_shift_block, scale_shift_unsupported_reason
+
+#: A capture block's records of one forward pass (see `kfac_keras.capture`).
+block_captures = capture.block_captures
 
 #: Block kinds a user may ask for per layer.
 BLOCK_KINDS = ("auto", "kronecker", "diagonal", "identity")
@@ -46,18 +55,6 @@ BLOCK_KINDS = ("auto", "kronecker", "diagonal", "identity")
 def _is_plain(layer, cls):
     """True for `cls` itself or a subclass that does not override `call`."""
     return isinstance(layer, cls) and type(layer).call is cls.call
-
-
-def _dense_unsupported_reason(layer):
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA-enabled Dense layers are not Kronecker-factored"
-    if getattr(layer, "quantization_mode", None):
-        return "quantized Dense layers are not Kronecker-factored"
-    return None
-
-
-def _make_dense_block(layer, inverse_method):
-    return DenseBlock(layer, inverse_method=inverse_method)
 
 
 def _optional_layer_classes(*names):
@@ -69,7 +66,7 @@ def _optional_layer_classes(*names):
 #: (e.g. for an equation or inverse method it cannot handle); either way the
 #: layer then gets a diagonal block and the report gives the reason.
 KRONECKER_BLOCKS = [
-    (keras.layers.Dense, _make_dense_block, _dense_unsupported_reason),
+    (keras.layers.Dense, make_dense_block, dense_unsupported_reason),
     (keras.layers.EinsumDense, make_einsum_dense_block, einsum_unsupported_reason),
     (keras.layers.Conv1D, make_conv_block, conv_unsupported_reason),
     (keras.layers.Conv2D, make_conv_block, conv_unsupported_reason),
@@ -77,10 +74,10 @@ KRONECKER_BLOCKS = [
     (keras.layers.Conv1DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
     (keras.layers.Conv2DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
     (keras.layers.Conv3DTranspose, make_conv_transpose_block, conv_transpose_unsupported_reason),
-    (keras.layers.DepthwiseConv1D, make_depthwise_block, depthwise_unsupported_reason),
-    (keras.layers.DepthwiseConv2D, make_depthwise_block, depthwise_unsupported_reason),
-    (keras.layers.SeparableConv1D, make_separable_block, depthwise_unsupported_reason),
-    (keras.layers.SeparableConv2D, make_separable_block, depthwise_unsupported_reason),
+    (keras.layers.DepthwiseConv1D, make_depthwise_block, conv_unsupported_reason),
+    (keras.layers.DepthwiseConv2D, make_depthwise_block, conv_unsupported_reason),
+    (keras.layers.SeparableConv1D, make_separable_block, conv_unsupported_reason),
+    (keras.layers.SeparableConv2D, make_separable_block, conv_unsupported_reason),
     (keras.layers.Embedding, make_embedding_block, embedding_unsupported_reason),
 ] + [
     (cls, recurrent.make_recurrent_block, recurrent.recurrent_unsupported_reason)
@@ -90,211 +87,6 @@ KRONECKER_BLOCKS = [
     for cls in _optional_layer_classes("BatchNormalization", "LayerNormalization",
                                        "GroupNormalization", "RMSNormalization")
 ]
-
-
-class IdentityBlock:
-    """Marks variables trained with the plain (un-preconditioned) gradient."""
-
-    kind = "identity"
-    needs_capture = False
-    built = True
-
-    def __init__(self, name, variables, layer=None):
-        self.name = name
-        self.variables = list(variables)
-        self.layer = layer
-
-    def build(self, optimizer):
-        """No state."""
-        return None
-
-    def state_variables(self):
-        return []
-
-    def update_statistics(self, captures, sampled_grads, num_examples, decay):
-        """No statistics."""
-        return None
-
-    def update_inverses(self, damping):
-        """Nothing to decompose."""
-        return None
-
-    def multiply_damped_inverse(self, grads, damping):
-        # New tensors, not the incoming ones: the caller may run this inside a
-        # tf.cond branch, where Keras's apply needs branch-local tensors.
-        return [tf.identity(g) for g in grads]
-
-    def describe(self):
-        return {
-            "block": self.name, "kind": self.kind,
-            "layer_class": type(self.layer).__name__ if self.layer is not None else "-",
-            "variables": [v.path for v in self.variables],
-            "factor_shapes": {}, "bytes": 0,
-        }
-
-
-class _Recorder:
-    """Collects `(inputs, pre-activation)` pairs during one forward pass."""
-
-    def __init__(self):
-        self.records = {}
-        self.outputs = {}
-        # Forward accumulators of "output_tangent" captures. In eager mode a
-        # gradient tape loses the ops run under an accumulator once the
-        # accumulator is garbage-collected, so they live as long as the
-        # recorder (i.e. through the training step's backward passes).
-        self.forward_accumulators = []
-
-    def watch(self, layer, tensor):
-        """The tensor the layer passes on in place of `tensor`, the one its
-        record differentiates against; a recorder that also collects incoming
-        gradients (`kfac_keras.custom_step`) wraps it here."""
-        return tensor
-
-    def record(self, layer, inputs, preactivation):
-        self.records.setdefault(id(layer), []).append((inputs, preactivation))
-
-    def record_output(self, layer, output):
-        self.outputs.setdefault(id(layer), []).append(output)
-
-    def outputs_for(self, layer):
-        """The tensors `layer` returned in this pass, one per call."""
-        return self.outputs.get(id(layer), [])
-
-    def for_layer(self, layer):
-        records = self.records.get(id(layer))
-        if not records:
-            raise RuntimeError(
-                f"K-FAC registered layer {layer.name!r} but it was not called in "
-                "the forward pass; a model whose layers are used conditionally "
-                "needs those layers excluded (exclude_layers=[...])."
-            )
-        return records
-
-
-#: What a capture wrapper records (a block's `capture_mode`, default
-#: "preactivation"); the second element of each record is the tensor the
-#: sampled objective is differentiated against.
-#: * "preactivation": `(inputs, s)` with the layer's activation switched off.
-#: * "output": `(inputs, output)`, the layer run unchanged (e.g. Embedding:
-#:   token ids and looked-up vectors).
-#: * "output_tangent": `(d output / d v, output)`, the forward-mode derivative
-#:   of the output w.r.t. the block's `capture_tangent_variable` `v` in the
-#:   direction of ones (normalization layers: `x_hat`); `(output, output)`
-#:   when the block has no such variable.
-CAPTURE_MODES = ("preactivation", "output", "output_tangent")
-
-
-def _backend_variable(variable):
-    """The `tf.Variable` behind a Keras variable (what the layer reads)."""
-    inner = getattr(variable, "_value", None)
-    if isinstance(inner, tf.Variable):
-        return inner
-    if isinstance(variable, tf.Variable):
-        return variable
-    raise TypeError(f"Cannot find the TensorFlow variable behind {variable!r}.")
-
-
-class _CaptureWrapper:
-    """Replaces a layer's `call`; records only while a recorder is active."""
-
-    def __init__(self, layer):
-        self.layer = layer
-        self.original_call = layer.call
-        self.recorder = None
-        self.mode = "preactivation"
-        self.tangent_variable = None
-        self.block = None
-
-    def configure(self, mode="preactivation", tangent_variable=None):
-        """Sets what the wrapper records (see `CAPTURE_MODES`)."""
-        if mode not in CAPTURE_MODES:
-            raise ValueError(f"capture mode must be one of {CAPTURE_MODES}; "
-                             f"received {mode!r}.")
-        self.mode = mode
-        self.tangent_variable = (None if tangent_variable is None
-                                 else _backend_variable(tangent_variable))
-
-    def _record_output(self, recorder, inputs, args, kwargs):
-        layer = self.layer
-        if self.mode == "output" or self.tangent_variable is None:
-            output = recorder.watch(layer, self.original_call(*args, **kwargs))
-            recorder.record(layer, output if self.mode == "output_tangent" else inputs,
-                            output)
-        else:
-            variable = self.tangent_variable
-            with tf.autodiff.ForwardAccumulator(
-                    primals=[variable],
-                    tangents=[tf.ones(variable.shape, variable.dtype)]) as accumulator:
-                output = self.original_call(*args, **kwargs)
-            recorder.forward_accumulators.append(accumulator)
-            tangent = accumulator.jvp(output)
-            output = recorder.watch(layer, output)
-            if tangent is None:
-                raise RuntimeError(
-                    f"K-FAC could not differentiate the output of layer "
-                    f"{layer.name!r} w.r.t. {variable.name}: the layer does not "
-                    "read that variable in its call.")
-            recorder.record(layer, tf.stop_gradient(tangent), output)
-        recorder.record_output(layer, output)
-        return output
-
-    def __call__(self, *args, **kwargs):
-        recorder = self.recorder
-        if recorder is None:
-            return self.original_call(*args, **kwargs)
-        inputs = args[0] if args else kwargs["inputs"]
-        if hasattr(self.block, "captured_call"):
-            return self.block.captured_call(self.original_call, recorder, args, kwargs)
-        if self.mode != "preactivation":
-            return self._record_output(recorder, inputs, args, kwargs)
-        layer = self.layer
-        activation = layer.activation
-        layer.activation = keras.activations.linear
-        try:
-            preactivation = self.original_call(*args, **kwargs)
-        finally:
-            layer.activation = activation
-        preactivation = recorder.watch(layer, preactivation)
-        recorder.record(layer, inputs, preactivation)
-        output = preactivation if activation is None else activation(preactivation)
-        recorder.record_output(layer, output)
-        return output
-
-
-def _capture_wrapper(layer, block=None):
-    """The layer's capture wrapper (installed once), set up for `block` (a
-    new wrapper records pre-activations; without `block` the current setup
-    is kept)."""
-    wrapper = layer.__dict__.get("_kfac_capture_wrapper")
-    if wrapper is None:
-        wrapper = _CaptureWrapper(layer)
-        layer._kfac_capture_wrapper = wrapper
-        layer.call = wrapper
-    if block is not None:
-        wrapper.block = block
-        wrapper.configure(getattr(block, "capture_mode", "preactivation"),
-                          getattr(block, "capture_tangent_variable", None))
-    return wrapper
-
-
-def _layer_name(layer):
-    return getattr(layer, "path", None) or layer.name
-
-
-def capture_layers(block):
-    """The layers whose calls a capture block reads, in the order its
-    `update_statistics` expects them (`block.capture_layers` for multi-layer
-    blocks such as Dense chains, else `[block.layer]`)."""
-    layers = getattr(block, "capture_layers", None)
-    return list(layers) if layers else [block.layer]
-
-
-def block_captures(block, recorder):
-    """A capture block's `(inputs, pre-activation)` records of one pass: all
-    calls of each of its `capture_layers`, concatenated in layer order."""
-    return [record for layer in capture_layers(block)
-            for record in recorder.for_layer(layer)]
 
 
 class Registration:
@@ -310,11 +102,10 @@ class Registration:
     def __init__(self, model, blocks):
         self.model = model
         self.blocks = list(blocks)
-        self.capture_blocks = [b for b in self.blocks if b.needs_capture]
-        self.statistics_blocks = [
-            b for b in self.blocks if not b.needs_capture and b.kind != "identity"]
-        self._wrappers = [_capture_wrapper(layer, b) for b in self.capture_blocks
-                          for layer in capture_layers(b)]
+        self.capture_blocks = [b for b in self.blocks
+                               if b.statistics_source is StatisticsSource.CAPTURES]
+        self._wrappers = [capture.capture_wrapper(layer, b) for b in self.capture_blocks
+                          for layer in b.capture_layers()]
         #: Chains of Dense layers given block-tridiagonal blocks (layer names).
         self.chains = []
         self._block_of_variable = {}
@@ -339,7 +130,7 @@ class Registration:
             A recorder; `recorder.for_layer(layer)` lists the `(inputs,
             pre-activation)` pairs of each call of `layer`.
         """
-        recorder = _Recorder() if recorder is None else recorder
+        recorder = capture.Recorder() if recorder is None else recorder
         for wrapper in self._wrappers:
             if wrapper.recorder is not None:
                 raise RuntimeError("K-FAC captures cannot be nested.")
@@ -359,7 +150,7 @@ class Registration:
         infos = []
         for block in self.blocks:
             info = dict(block.describe())
-            info["note"] = getattr(block, "registration_note", "")
+            info["note"] = block.registration_note
             infos.append(info)
         return infos
 
@@ -491,18 +282,12 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
         A `Registration`.
 
     Raises:
-        ValueError: for unknown names or block kinds (the message lists the
+        ValueError: for names that match no layer (the message lists the
             valid names), a name in both options, a `"kronecker"` request on
             a layer without a Kronecker block, or an unbuilt model.
     """
     layer_blocks = dict(layer_blocks or {})
     exclude_layers = list(exclude_layers or [])
-    for name, kind in layer_blocks.items():
-        if kind not in BLOCK_KINDS:
-            raise ValueError(
-                f"`layer_blocks[{name!r}]` must be one of {BLOCK_KINDS}; "
-                f"received {kind!r}."
-            )
     sublayers = model._flatten_layers(include_self=False, recursive=True)
     if not model.built and not (sublayers and all(l.built for l in sublayers)):
         # (A model without `call`, e.g. a custom train_step's container of
@@ -541,7 +326,7 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
         if not own:
             continue
         cls = IdentityBlock if choice == "identity" else DiagonalBlock
-        fallback = cls(_layer_name(layer), own, layer)
+        fallback = cls(layer_name(layer), own, layer)
         if cls is DiagonalBlock:
             fallback.registration_note = note or "diagonal (requested)"
         else:
@@ -554,16 +339,10 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
         block = DiagonalBlock("unowned variables", leftovers, None)
         block.registration_note = "diagonal fallback: variables owned by no sub-layer"
         blocks.append(block)
-    chains = []
+    chain_names = []
     if approximation == "tridiagonal":
-        from kfac_keras.blocks import tridiagonal
-
-        blocks, chains, _ = tridiagonal.group_dense_chains(
+        blocks, chain_names = chains.group_dense_chains(
             model, blocks, inverse_method=inverse_method)
-    elif approximation != "block_diagonal":
-        raise ValueError(
-            "`approximation` must be 'block_diagonal' or 'tridiagonal'; "
-            f"received {approximation!r}.")
     registration = Registration(model, blocks)
-    registration.chains = chains
+    registration.chains = chain_names
     return registration

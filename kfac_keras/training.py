@@ -53,6 +53,7 @@ from kfac_keras import guards
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
 from kfac_keras import registration as registration_lib
+from kfac_keras.blocks.base import StatisticsSource
 from kfac_keras.optimizer import KFAC
 
 
@@ -256,8 +257,7 @@ class KFACTrainStep:
         records = {id(b): registration_lib.block_captures(b, recorder)
                    for b in registration.capture_blocks}
         for block in registration.capture_blocks:
-            if hasattr(block, "verify_captures"):  # multi-layer blocks (Dense chains)
-                block.verify_captures(recorder)
+            block.verify_captures(recorder)
         return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
 
     def _block_inputs(self, forward):
@@ -266,9 +266,9 @@ class KFACTrainStep:
         registration = self.registration
         sources = []
         for block in registration.blocks:
-            if block.needs_capture:
+            if block.statistics_source is StatisticsSource.CAPTURES:
                 sources.extend(pre for _, pre in forward.records[id(block)])
-            elif block.kind != "identity":
+            elif block.statistics_source is StatisticsSource.SAMPLED_GRADIENTS:
                 sources.extend(block.variables)
         sampled = forward.tape.gradient(forward.objective, sources,
                                         unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -276,13 +276,13 @@ class KFACTrainStep:
         position = 0
         block_inputs = []
         for block in registration.blocks:
-            if block.needs_capture:
+            if block.statistics_source is StatisticsSource.CAPTURES:
                 uses = forward.records[id(block)]
                 captures = [(inputs[:subset], g[:subset])
                             for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
                 position += len(uses)
                 block_inputs.append((captures, None))
-            elif block.kind != "identity":
+            elif block.statistics_source is StatisticsSource.SAMPLED_GRADIENTS:
                 count = len(block.variables)
                 block_inputs.append((None, sampled[position:position + count]))
                 position += count

@@ -146,3 +146,72 @@ def test_optimizer_preconditions_sparse_embedding_gradient():
     assert not isinstance(from_sparse, tf.IndexedSlices)
     np.testing.assert_allclose(from_sparse.numpy(), from_dense.numpy(), rtol=1e-5, atol=1e-7)
     assert np.abs(from_dense.numpy()).max() > 0
+
+
+def test_ekfac_scalings_and_sparse_rows_match_one_hot_oracle():
+    """EKFAC on the diagonal input factor: `S = mean_n (dW_n Q_G)^2` with
+    `dW_n = onehot_n^T grads_n` (NumPy, one-hot rows), and the damped inverse
+    `(kron(I, Q) diag(S) kron(I, Q)^T + damping I)^{-1}`, dense and sparse."""
+    rng = np.random.default_rng(7)
+    ids = rng.integers(0, VOCAB - 1, size=(6, 4))
+    ids[0, :2] = 2  # a token twice in one example: its rows add before squaring
+    grads = rng.normal(size=(6, 4, DIM)).astype("float32")
+    block = built(EmbeddingBlock(_embedding(), inverse_method="ekfac"))
+    captures = [(ids, grads)]
+    block.update_statistics(captures, None, tf.constant(6.0), 0.0)
+    block.update_inverses(tf.constant(0.0))
+    block.update_scalings(captures, tf.constant(6.0), 0.95)
+    _, g_np = _one_hot_factors([ids], [grads], 6)
+    _, q = np.linalg.eigh(g_np)
+    onehot = np.eye(VOCAB)[ids]  # (m, T, vocab)
+    per_example = np.einsum("ntv,ntd->nvd", onehot, grads.astype(np.float64))
+    scalings = np.mean((per_example @ q) ** 2, axis=0)
+    assert relative_error(block.eigenbasis_scalings.numpy(), scalings) < 1e-4
+    damping = 0.03
+    basis = np.kron(np.eye(VOCAB), q)
+    matrix = basis @ np.diag(scalings.reshape(-1)) @ basis.T + damping * np.eye(VOCAB * DIM)
+    v = rng.normal(size=(VOCAB, DIM)).astype("float32")
+    expected = np.linalg.solve(matrix, v.reshape(-1).astype(np.float64)).reshape(v.shape)
+    actual = block.multiply_damped_inverse([tf.constant(v)], damping)[0].numpy()
+    assert relative_error(actual, expected) < 1e-4
+    indices = tf.constant([3, 2, 3])
+    values = tf.constant(rng.normal(size=(3, DIM)).astype("float32"))
+    result, = block.multiply_damped_inverse(
+        [tf.IndexedSlices(values, indices, tf.constant([VOCAB, DIM]))], damping)
+    assert isinstance(result, tf.IndexedSlices)
+    dense = np.zeros((VOCAB, DIM))
+    np.add.at(dense, indices.numpy(), values.numpy())
+    expected = np.linalg.solve(matrix, dense.reshape(-1)).reshape(dense.shape)
+    assert relative_error(tf.convert_to_tensor(result).numpy(), expected) < 1e-4
+
+
+def test_loss_scale_factor_keeps_the_embedding_gradient_sparse():
+    """With `loss_scale_factor` the block still receives the IndexedSlices
+    gradient (divided by the factor), and the step equals the unscaled one."""
+    rng = np.random.default_rng(8)
+    ids = rng.integers(0, VOCAB, size=(8, 3)).astype("int32")
+    y = rng.integers(0, 2, size=(8,)).astype("int32")
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    weights, received = [], []
+    for scale in (None, 8.0):
+        keras.utils.set_random_seed(0)
+        layer = _embedding("tokens")
+        model = keras.Sequential([keras.Input((3,), dtype="int32"), layer,
+                                  keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(2)])
+        optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.1,
+                                    damping=0.1, seed=0, cov_update_every=1,
+                                    loss_scale_factor=scale)
+        step = kfac_keras.make_train_step(model, optimizer, loss)
+        block = optimizer.registration.block_of(layer.embeddings)
+        original = block.multiply_damped_inverse
+
+        def spy(grads, damping, original=original):
+            received.append(type(grads[0]))
+            return original(grads, damping)
+
+        block.multiply_damped_inverse = spy
+        step(ids, y)
+        weights.append([v.numpy() for v in model.trainable_variables])
+    assert received == [tf.IndexedSlices, tf.IndexedSlices]
+    for unscaled, scaled in zip(*weights):
+        np.testing.assert_allclose(scaled, unscaled, rtol=1e-5, atol=1e-7)

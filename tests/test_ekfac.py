@@ -66,13 +66,16 @@ def test_corrected_diagonal_is_mean_of_rotated_squared_per_example_gradients(seq
         scale_update_every=1, factor_decay=0.9, seed=1)
     step = kfac_keras.make_train_step(
         model, optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    step(x, y)  # statistics, a scale estimate, then the eigenbasis (scalings reset)
-    for layer in (model.get_layer("hidden"), model.get_layer("out")):
+    layers = (model.get_layer("hidden"), model.get_layer("out"))
+    # Step 1 decomposes and estimates: the estimate is made in the new basis.
+    matrices = {layer.name: _per_example_matrices(model, layer, x, y) for layer in layers}
+    step(x, y)
+    expected = {}
+    for layer in layers:
         block = block_for_layer(optimizer, layer)
-        d_in = block.input_eigenvalues.numpy()
-        d_out = block.output_grad_eigenvalues.numpy()
-        np.testing.assert_allclose(block.eigenbasis_scalings.numpy(),
-                                   np.outer(d_in, d_out), rtol=1e-6)
+        expected[layer.name] = _rotated_square_mean(matrices[layer.name], block)
+        np.testing.assert_allclose(block.eigenbasis_scalings.numpy(), expected[layer.name],
+                                   rtol=1e-4, atol=1e-6 * np.abs(expected[layer.name]).max())
 
     # The eigenbasis diagonalizes A computed in NumPy from the layer inputs.
     hidden = model.get_layer("hidden")
@@ -85,29 +88,70 @@ def test_corrected_diagonal_is_mean_of_rotated_squared_per_example_gradients(seq
     off = rotated_a - np.diag(np.diag(rotated_a))
     assert np.abs(off).max() < 1e-4 * np.abs(a).max()
 
-    # Step 2: the first estimate in this basis replaces the reset value.
-    expected = {}
-    for layer in (hidden, model.get_layer("out")):
-        matrices = _per_example_matrices(model, layer, x, y)
-        expected[layer.name] = _rotated_square_mean(matrices, block_for_layer(optimizer, layer))
-    step(x, y)
-    for layer in (hidden, model.get_layer("out")):
-        actual = block_for_layer(optimizer, layer).eigenbasis_scalings.numpy()
-        np.testing.assert_allclose(actual, expected[layer.name], rtol=1e-4,
-                                   atol=1e-6 * np.abs(expected[layer.name]).max())
+    # Steps 2 and 3 keep the basis: moving average with weight
+    # min(1 - 1/k, factor_decay), k = 2 then 3.
+    for weight in (0.5, 2.0 / 3.0):
+        for layer in layers:
+            block = block_for_layer(optimizer, layer)
+            fresh = _rotated_square_mean(_per_example_matrices(model, layer, x, y), block)
+            expected[layer.name] = (weight * block.eigenbasis_scalings.numpy()
+                                    + (1.0 - weight) * fresh)
+        step(x, y)
+        for layer in layers:
+            actual = block_for_layer(optimizer, layer).eigenbasis_scalings.numpy()
+            np.testing.assert_allclose(actual, expected[layer.name], rtol=1e-4,
+                                       atol=1e-6 * np.abs(expected[layer.name]).max())
 
-    # Step 3: moving average with weight min(1 - 1/2, factor_decay) = 0.5.
-    previous = {l.name: block_for_layer(optimizer, l).eigenbasis_scalings.numpy()
-                for l in (hidden, model.get_layer("out"))}
-    for layer in (hidden, model.get_layer("out")):
-        matrices = _per_example_matrices(model, layer, x, y)
-        fresh = _rotated_square_mean(matrices, block_for_layer(optimizer, layer))
-        expected[layer.name] = 0.5 * previous[layer.name] + 0.5 * fresh
+
+def _dense_ekfac_update(matrices, inputs, grad, damping, lr, corrected):
+    """`-lr (Q diag(S) Q^T + damping I)^{-1} vec(grad)` in float64 NumPy, with
+    `Q = kron(Q_A, Q_G)` from `A = mean abar abar^T`, `G = mean g g^T`, and
+    `S = mean_n (Q_A^T dW_n Q_G)^2` (EKFAC) or `outer(d_A, d_G)` (eigh)."""
+    abar = np.concatenate([inputs, np.ones((len(inputs), 1))], 1)
+    g = matrices[:, -1, :]  # the bias row of dW_n = abar_n g_n^T is g_n
+    d_a, q_a = np.linalg.eigh(abar.T @ abar / len(abar))
+    d_g, q_g = np.linalg.eigh(g.T @ g / len(g))
+    if corrected:
+        scalings = np.mean(np.einsum("ai,nab,bj->nij", q_a, matrices, q_g) ** 2, axis=0)
+    else:
+        scalings = np.outer(np.maximum(d_a, 0), np.maximum(d_g, 0))
+    q = np.kron(q_a, q_g)
+    matrix = q @ np.diag(scalings.reshape(-1)) @ q.T + damping * np.eye(q.shape[0])
+    return (-lr * np.linalg.solve(matrix, grad.reshape(-1))).reshape(grad.shape)
+
+
+def test_ekfac_step_that_decomposes_uses_scalings_estimated_in_the_new_basis():
+    """With inv_update_every = scale_update_every = 1 every step decomposes and
+    re-estimates; the update is EKFAC's with S from the fresh basis, not eigh's."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(32, 3)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    model = _model(False)
+    lr, damping = 0.2, 0.003
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    optimizer = kfac_keras.KFAC(
+        adaptive=None, norm_constraint=None, learning_rate=lr, momentum=0.0,
+        damping=damping, inverse_method="ekfac", estimation_mode="empirical",
+        cov_update_every=1, inv_update_every=1, scale_update_every=1, seed=6)
+    step = kfac_keras.make_train_step(model, optimizer, loss)
+    hidden_outputs = keras.Model(model.inputs, model.get_layer("hidden").output)
+    layer_inputs = {"hidden": x.astype(np.float64),
+                    "out": hidden_outputs(x).numpy().astype(np.float64)}
+    layers = (model.get_layer("hidden"), model.get_layer("out"))
+    matrices = {l.name: _per_example_matrices(model, l, x, y) for l in layers}
+    before = {l.name: np.concatenate([l.kernel.numpy(), l.bias.numpy()[None]], 0)
+              .astype(np.float64) for l in layers}
     step(x, y)
-    for layer in (hidden, model.get_layer("out")):
-        actual = block_for_layer(optimizer, layer).eigenbasis_scalings.numpy()
-        np.testing.assert_allclose(actual, expected[layer.name], rtol=1e-4,
-                                   atol=1e-6 * np.abs(expected[layer.name]).max())
+    for layer in layers:
+        grad = matrices[layer.name].mean(axis=0)  # the batch-mean loss gradient
+        change = np.concatenate([layer.kernel.numpy(), layer.bias.numpy()[None]], 0) \
+            - before[layer.name]
+        ekfac = _dense_ekfac_update(matrices[layer.name], layer_inputs[layer.name], grad,
+                                    damping, lr, corrected=True)
+        eigh = _dense_ekfac_update(matrices[layer.name], layer_inputs[layer.name], grad,
+                                   damping, lr, corrected=False)
+        assert np.linalg.norm(change - ekfac) <= 2e-3 * np.linalg.norm(ekfac), layer.name
+        assert np.linalg.norm(change - eigh) > 0.03 * np.linalg.norm(ekfac), layer.name
 
 
 def test_ekfac_update_inverts_the_corrected_kronecker_eigenbasis_matrix():
@@ -155,6 +199,47 @@ def test_ekfac_needs_per_example_rows_and_validates_options():
         kfac_keras.KFAC(inverse_method="ekfac", scale_update_every=0)
     config = kfac_keras.KFAC(inverse_method="ekfac", scale_update_every=3).get_config()
     assert kfac_keras.KFAC.from_config(config).scale_update_every == 3
+
+
+def test_every_kronecker_kind_gets_ekfac():
+    """Grouped and depthwise convolutions, separable convolutions and
+    Embedding keep their Kronecker blocks under EKFAC, and a training step
+    estimates their scalings (the first estimate replaces `outer(d_A, d_G)`,
+    checked against the NumPy oracle for the embedding)."""
+    tokens = keras.Input((5,), dtype="int32")
+    s = keras.layers.Embedding(9, 4, name="embedding")(tokens)
+    s = keras.layers.Reshape((5, 4, 1))(s)
+    s = keras.layers.Conv2D(4, 2, name="conv")(s)
+    s = keras.layers.Conv2D(4, 1, groups=2, name="grouped")(s)
+    s = keras.layers.DepthwiseConv2D(2, name="dw")(s)
+    s = keras.layers.SeparableConv2D(2, 1, name="sep")(s)
+    out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(s))
+    model = keras.Model(tokens, out)
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.01,
+                                momentum=0.0, seed=0, inverse_method="ekfac",
+                                cov_update_every=1, estimation_mode="empirical")
+    step = kfac_keras.make_train_step(model, optimizer, "mse")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 9, size=(6, 5)).astype("int32")
+    y = rng.normal(size=(6, 2)).astype("float32")
+    embedding = model.get_layer("embedding")
+    per_example = []
+    for n in range(len(ids)):  # sqrt(c) NLL: c = 1/2 outputs, NLL = squared error
+        with tf.GradientTape() as tape:
+            nll = tf.reduce_sum(tf.square(y[n:n + 1] - model(ids[n:n + 1]))) / np.sqrt(2.0)
+        per_example.append(tf.convert_to_tensor(
+            tape.gradient(nll, embedding.embeddings)).numpy().astype(np.float64))
+    assert np.isfinite(float(step(ids, y)["loss"]))
+    for layer in model.layers:
+        if not layer.trainable_variables:
+            continue
+        block = block_for_layer(optimizer, layer)
+        assert block.uses_eigenbasis_scalings, layer.name
+    block = block_for_layer(optimizer, embedding)
+    q = block.output_grad_eigenvectors.numpy().astype(np.float64)
+    expected = np.mean(np.einsum("nvb,bj->nvj", np.stack(per_example), q) ** 2, axis=0)
+    np.testing.assert_allclose(block.eigenbasis_scalings.numpy(), expected,
+                               rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 
 
 def test_ekfac_trains_in_fit():

@@ -69,5 +69,7 @@ def test_optimizer_inverses_same_with_and_without_xla(method):
 def test_decomposition_jit_setting():
     assert linalg.decomposition_jit("auto") == bool(tf.config.list_logical_devices("GPU"))
     assert linalg.decomposition_jit(True) is True
+    assert linalg.decomposition_jit(False) is False
+    # The optimizer's options validate the setting (not linalg a second time).
     with pytest.raises(ValueError, match="decomposition_jit_compile"):
-        linalg.decomposition_jit("yes")
+        kfac_keras.KFAC(decomposition_jit_compile="yes")

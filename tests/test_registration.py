@@ -224,8 +224,9 @@ def test_bad_names_and_kinds_raise():
         kfac_keras.register(model, layer_blocks={"hiden": "diagonal"})
     with pytest.raises(ValueError, match=r"`exclude_layers` names \['Conv2D'\]"):
         kfac_keras.register(model, exclude_layers=["Conv2D"])
+    # Block kinds are validated once, by the optimizer's options.
     with pytest.raises(ValueError, match="must be one of"):
-        kfac_keras.register(model, layer_blocks={"hidden": "kfac"})
+        kfac_keras.KFAC(layer_blocks={"hidden": "kfac"})
     with pytest.raises(ValueError, match="must be one of"):
         kfac_keras.KFAC(layer_blocks={"hidden": "full"})
     with pytest.raises(TypeError):
@@ -261,10 +262,9 @@ def test_subclass_overriding_call_falls_back_with_reason():
     assert "overrides `call`" in info["note"]
 
 
-def test_inverse_method_a_block_cannot_do_falls_back_with_reason():
-    """EKFAC needs per-example rows: conv and Dense blocks provide them;
-    grouped (depthwise) and embedding blocks do not implement it and fall
-    back to diagonal blocks, and the report says why."""
+def test_every_kronecker_kind_keeps_its_block_under_ekfac():
+    """EKFAC needs per-example rows; every Kronecker kind (embedding, conv,
+    depthwise, Dense) provides them, so none falls back to a diagonal block."""
     tokens = keras.Input((5,), dtype="int32")
     s = keras.layers.Embedding(9, 4, name="embedding")(tokens)
     s = keras.layers.Reshape((5, 4, 1))(s)
@@ -274,11 +274,9 @@ def test_inverse_method_a_block_cannot_do_falls_back_with_reason():
     model = keras.Model(tokens, out)
     registration = kfac_keras.register(model, inverse_method="ekfac")
     kinds = _kind_by_layer(model, registration)
-    assert kinds == {"embedding": "diagonal", "conv": ConvBlock.kind, "dw": "diagonal",
-                     "head": DenseBlock.kind}
-    notes = " ".join(info["note"] for info in registration.describe())
-    assert "not implemented for embedding blocks" in notes
-    assert "not implemented for grouped Kronecker blocks" in notes
+    assert kinds == {"embedding": EmbeddingBlock.kind, "conv": ConvBlock.kind,
+                     "dw": DepthwiseConvBlock.kind, "head": DenseBlock.kind}
+    assert all(b.uses_eigenbasis_scalings for b in registration.blocks)
     optimizer = kfac_keras.KFAC(learning_rate=0.01, seed=0, inverse_method="ekfac",
                                 cov_update_every=1)
     step = kfac_keras.make_train_step(model, optimizer, "mse")
@@ -313,3 +311,103 @@ def test_shared_encoder_records_every_use_in_one_block():
     optimizer = kfac_keras.KFAC(learning_rate=0.01, seed=0, cov_update_every=1)
     step = kfac_keras.make_train_step(model, optimizer, "mse")
     assert np.isfinite(float(step(x, rng.normal(size=(3, 1)).astype("float32"))["loss"]))
+
+
+def test_block_contract_is_abstract_and_identity_is_a_block():
+    """`FisherBlock` declares the pipeline abstractly; `IdentityBlock` is a
+    real block (no state, plain gradient, no statistics)."""
+    from kfac_keras.blocks.base import FisherBlock, StatisticsSource
+    from kfac_keras.blocks.identity import IdentityBlock
+
+    with pytest.raises(TypeError):
+        FisherBlock("x", [])
+    variable = keras.Variable(np.ones((2,), "float32"))
+    block = IdentityBlock("x", [variable])
+    assert isinstance(block, FisherBlock)
+    assert block.statistics_source is StatisticsSource.NONE
+    assert block.state_variables() == [] and not block.uses_eigenbasis_scalings
+    grad = tf.constant([1.5, -2.0])
+    np.testing.assert_array_equal(block.multiply_damped_inverse([grad], 0.1)[0].numpy(),
+                                  grad.numpy())
+
+
+def test_captured_call_hook_runs_the_layer_for_its_block():
+    """A block that defines `captured_call` runs the layer's forward pass
+    itself during capture; its records and output are what the wrapper uses."""
+    from kfac_keras import capture
+
+    layer = keras.layers.Dense(3, activation="relu", name="looped")
+    layer.build((None, 2))
+
+    class SelfCapturingDense(DenseBlock):
+        def captured_call(self, original_call, recorder, args, kwargs):
+            inputs = args[0]
+            preactivation = tf.matmul(inputs, self.layer.kernel) + self.layer.bias
+            recorder.record(self.layer, inputs, preactivation)
+            return 10.0 * tf.nn.relu(preactivation)
+
+    block = SelfCapturingDense(layer)
+    wrapper = capture.capture_wrapper(layer, block)
+    x = tf.constant(np.random.default_rng(0).normal(size=(4, 2)).astype("float32"))
+    expected_pre = x.numpy() @ layer.kernel.numpy() + layer.bias.numpy()
+    wrapper.recorder = recorder = capture.Recorder()
+    try:
+        output = layer(x)
+    finally:
+        wrapper.recorder = None
+    np.testing.assert_allclose(output.numpy(), 10.0 * np.maximum(expected_pre, 0), rtol=1e-6)
+    (inputs, pre), = recorder.for_layer(layer)
+    np.testing.assert_allclose(pre.numpy(), expected_pre, rtol=1e-6)
+    recorded, = recorder.outputs_for(layer)
+    np.testing.assert_array_equal(recorded.numpy(), output.numpy())
+    # Outside a capture the layer runs unchanged.
+    np.testing.assert_allclose(layer(x).numpy(), np.maximum(expected_pre, 0), rtol=1e-6)
+
+
+def test_layering_has_no_import_cycle():
+    """optimizer -> registration -> {chains -> capture, blocks}: blocks import
+    only blocks and linalg, capture imports no package module, and the
+    package's module graph has no cycle."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(kfac_keras.__file__).parent
+    graph = {}
+    for path in root.rglob("*.py"):
+        if "examples" in path.parts:
+            continue
+        module = ".".join(("kfac_keras",) + path.relative_to(root).with_suffix("").parts)
+        module = module.removesuffix(".__init__")
+        imports = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "kfac_keras"):
+                for alias in node.names:
+                    full = f"{node.module}.{alias.name}"
+                    imports.add(full if (root / (full.replace(".", "/")[11:] + ".py")).exists()
+                                else node.module)
+            elif isinstance(node, ast.Import):
+                imports.update(a.name for a in node.names if a.name.startswith("kfac_keras"))
+        graph[module] = imports - {module}
+    for module, imports in graph.items():
+        if module.startswith("kfac_keras.blocks"):
+            assert all(i.startswith("kfac_keras.blocks") or i == "kfac_keras.linalg"
+                       for i in imports), (module, imports)
+    assert graph["kfac_keras.capture"] == set()
+    assert "kfac_keras.registration" not in graph["kfac_keras.chains"]
+
+    state = {}
+
+    def visit(module, stack):
+        state[module] = "open"
+        for target in graph.get(module, ()):
+            if target == "kfac_keras" or target not in graph:
+                continue
+            assert state.get(target) != "open", f"import cycle: {stack + [target]}"
+            if target not in state:
+                visit(target, stack + [target])
+        state[module] = "done"
+
+    for module in graph:
+        if module != "kfac_keras" and module not in state:
+            visit(module, [module])

@@ -6,35 +6,101 @@ Fisher restricted to them. The curvature pipeline calls, in order:
 1. `build(optimizer)` once: create the block's state (factors, inverses) as
    optimizer variables, so checkpoints and `model.save` include them.
 2. `update_statistics(captures, sampled_grads, num_examples, decay)` every
-   `T_cov` steps:
-   fold a new estimate into the factors with an exponential moving average.
+   `T_cov` steps: fold a new estimate into the factors with an exponential
+   moving average.
 3. `update_inverses(damping)` every `T_inv` steps: decompose the factors.
-4. `multiply_damped_inverse(grads, damping)` every step: return
+4. `update_scalings(captures, num_examples, factor_decay)`, only for blocks
+   whose `uses_eigenbasis_scalings` is True (EKFAC), every
+   `scale_update_every` steps, after the decomposition when both are due.
+5. `multiply_damped_inverse(grads, damping)` every step: return
    `(F_block + damping I)^{-1} grads` (in the block's approximation).
 
 `damping` is always the total `lambda + eta` (damping plus the L2
 coefficient), so blocks never need to know where it came from.
+
+Every capability the rest of the package relies on is declared here with a
+default (class attributes and overridable methods), so callers never probe a
+block with `getattr`/`hasattr`:
+
+* `statistics_source`: where the statistics come from (`StatisticsSource`).
+* `capture_mode`, `capture_tangent_variable`, `capture_layers()`,
+  `captured_call(...)`, `verify_captures(recorder)`: what the capture wrapper
+  records for the block (see `kfac_keras.capture`).
+* `accepts_indexed_slices`: `multiply_damped_inverse` takes and returns
+  `tf.IndexedSlices` (sparse rows) for its single variable.
+* `uses_eigenbasis_scalings`: the block runs `update_scalings` (EKFAC).
+* `registration_note`: why registration chose this block (report column).
 """
+
+import abc
+import enum
 
 import numpy as np
 
 
-class FisherBlock:
-    """Base class for Fisher blocks.
+class StatisticsSource(enum.Enum):
+    """Where a block's curvature statistics come from."""
+
+    #: Layer inputs and pre-activation (or output) gradients recorded in the
+    #: forward pass by the capture wrappers.
+    CAPTURES = "captures"
+    #: Gradients of the sampled objective w.r.t. the block's variables.
+    SAMPLED_GRADIENTS = "sampled_gradients"
+    #: No statistics (the plain gradient).
+    NONE = "none"
+
+
+def layer_name(layer):
+    """The name blocks and reports use for `layer`: its path, else its name."""
+    return getattr(layer, "path", None) or layer.name
+
+
+def trainable_bias(layer):
+    """The layer's `bias` variable if it exists and is trainable, else None."""
+    bias = getattr(layer, "bias", None)
+    return bias if bias is not None and bias.trainable else None
+
+
+def keras_variant_reason(layer, layers_label):
+    """Why a LoRA-enabled or quantized Keras layer gets no Kronecker block.
+
+    Args:
+        layer: a Keras layer.
+        layers_label: plural label for the message, e.g. `"Dense layers"`.
+
+    Returns:
+        The reason as a string, or None when the layer is a plain one.
+    """
+    if getattr(layer, "lora_enabled", False):
+        return f"LoRA-enabled {layers_label} are not Kronecker-factored"
+    if getattr(layer, "quantization_mode", None):
+        return f"quantized {layers_label} are not Kronecker-factored"
+    return None
+
+
+class FisherBlock(abc.ABC):
+    """Abstract base class of Fisher blocks.
 
     Args:
         name: a readable name (usually the layer's path).
         variables: the model variables this block covers, in a fixed order;
             `multiply_damped_inverse` takes and returns gradients in this order.
-        layer: the Keras layer the block belongs to, or None.
+        layer: the Keras layer the block belongs to, or None. Defaults to None.
     """
 
-    #: Short name shown in the registration report.
+    #: Short label shown in the registration report (not a type tag).
     kind = "base"
-    #: True if the block needs the layer's inputs and pre-activation
-    #: gradients captured in the forward pass; False if it uses the sampled
-    #: loss's gradients w.r.t. its variables instead.
-    needs_capture = False
+    #: Where `update_statistics` gets its inputs from.
+    statistics_source = StatisticsSource.SAMPLED_GRADIENTS
+    #: What the capture wrapper records, one of `kfac_keras.capture.CAPTURE_MODES`.
+    capture_mode = "preactivation"
+    #: Variable whose forward-mode tangent an `"output_tangent"` capture
+    #: records (normalization layers' scale), or None.
+    capture_tangent_variable = None
+    #: `multiply_damped_inverse` accepts and returns `tf.IndexedSlices`.
+    accepts_indexed_slices = False
+    #: Why registration chose this block; shown in the report.
+    registration_note = ""
 
     def __init__(self, name, variables, layer=None):
         self.name = name
@@ -42,11 +108,55 @@ class FisherBlock:
         self.layer = layer
         self.built = False
 
+    # -- capture ------------------------------------------------------------
+    @property
+    def needs_capture(self):
+        """True if the block reads captured activations."""
+        return self.statistics_source is StatisticsSource.CAPTURES
+
+    def capture_layers(self):
+        """The layers whose calls the block reads, in the order its
+        `update_statistics` expects their records."""
+        return [self.layer]
+
+    def captured_call(self, original_call, recorder, args, kwargs):
+        """Optional hook: run the layer's forward pass during capture.
+
+        A block whose statistics live inside the layer's computation (e.g. the
+        per-time-step pre-activations of a recurrent layer) overrides this,
+        records what it needs with `recorder.record(layer, inputs, tensor)`
+        and returns the layer's output.
+
+        Args:
+            original_call: the layer's own `call`.
+            recorder: the active `kfac_keras.capture.Recorder`.
+            args: positional arguments of the call.
+            kwargs: keyword arguments of the call.
+
+        Returns:
+            The layer output, or None (the default) to record according to
+            `capture_mode`.
+        """
+        del original_call, recorder, args, kwargs
+        return None
+
+    def verify_captures(self, recorder):
+        """Checks, at trace time, that a forward pass's records fit the block.
+
+        The default accepts every pass; multi-layer blocks (Dense chains)
+        raise a RuntimeError when the pass no longer has their structure.
+
+        Args:
+            recorder: the capture recorder of the current forward pass.
+        """
+        del recorder
+
     # -- lifecycle ----------------------------------------------------------
+    @abc.abstractmethod
     def build(self, optimizer):
         """Creates the block's state through `optimizer.add_variable`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
         """Folds one estimate into the running factors.
 
@@ -56,7 +166,7 @@ class FisherBlock:
                 pairs restricted to the statistics subset of the batch, where
                 the gradients are those of the sampled objective (see
                 `kfac_keras.losses`); None for other blocks.
-            sampled_grads: for non-capture blocks, the gradients of the
+            sampled_grads: for `SAMPLED_GRADIENTS` blocks, the gradients of the
                 sampled objective (summed, not averaged, over the statistics
                 subset) w.r.t. `self.variables`; None otherwise.
             num_examples: float32 scalar, the number of examples in the
@@ -67,31 +177,38 @@ class FisherBlock:
                 multi-replica step can average the estimates over replicas
                 before folding them in; see `kfac_keras.distributed`).
         """
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def update_inverses(self, damping):
         """Recomputes the decompositions used by `multiply_damped_inverse`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def multiply_damped_inverse(self, grads, damping):
         """Returns the preconditioned gradients, same structure as `grads`."""
-        raise NotImplementedError
+
+    @property
+    def uses_eigenbasis_scalings(self):
+        """True if the block re-estimates an eigenbasis diagonal (EKFAC)."""
+        return False
+
+    def update_scalings(self, captures, num_examples, factor_decay):
+        """EKFAC: folds one estimate of the eigenbasis diagonal (see
+        `kfac_keras.blocks.kronecker`). Blocks without scalings raise."""
+        del captures, num_examples, factor_decay
+        raise ValueError(f"Block {self.name!r} ({self.kind}) has no eigenbasis scalings.")
 
     # -- introspection ------------------------------------------------------
+    @abc.abstractmethod
     def state_variables(self):
         """All optimizer variables holding this block's state."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def factor_shapes(self):
         """Shapes of the block's curvature factors, for the report."""
-        raise NotImplementedError
 
     def state_bytes(self):
         """Bytes held by the block's state variables."""
-        total = 0
-        for variable in self.state_variables():
-            total += int(np.prod(variable.shape)) * 4
-        return total
+        return sum(int(np.prod(variable.shape)) * 4 for variable in self.state_variables())
 
     def describe(self):
         """One row of the registration report."""

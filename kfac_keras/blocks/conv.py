@@ -31,7 +31,7 @@ Groups: a convolution with `groups > 1` is `groups` independent convolutions
 (group `g` maps input channels `g*C_in/groups ...` to output channels
 `g*filters/groups ...`), each exactly a KFC layer; it gets a
 `GroupedConvBlock`, `blockdiag_g(A_g (x) G_g)` with one Kronecker pair per
-group (`kfac_keras.blocks.grouped_kronecker`). The same block serves depthwise
+group (a leading group axis on the factors of `KroneckerBlock`). The same block serves depthwise
 convolutions (`kfac_keras.blocks.depthwise`).
 
 Memory: the persistent state is `A` (`(k C_in + 1)^2` floats, `k =
@@ -48,66 +48,124 @@ import math
 
 import tensorflow as tf
 
+from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.grouped_kronecker import GroupedKroneckerBlock, location_factors
 from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
-from kfac_keras.blocks.patches import extract_patches, to_channels_last
+from kfac_keras.blocks.patches import ConvGeometry
 
 
 def conv_unsupported_reason(layer):
-    """Why a Keras convolution cannot get a KFC block, or None."""
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA-enabled convolutions are not Kronecker-factored"
-    if getattr(layer, "quantization_mode", None):
-        return "quantized convolutions are not Kronecker-factored"
-    return None
+    """Why a Keras convolution (plain, depthwise or separable) cannot get a
+    KFC block, or None."""
+    return keras_variant_reason(layer, "convolutions")
 
 
-def _layer_name(layer):
-    return getattr(layer, "path", None) or layer.name
+class GroupedConvBlock(KroneckerBlock):
+    """KFC per group: `blockdiag_g(A_g (x) G_g)` for grouped/depthwise convs.
+
+    Group `g` reads input channels `[g c_in, (g+1) c_in)` and writes output
+    channels `[g c_out, (g+1) c_out)` (`c_in`, `c_out` per group). Its kernel
+    `K_g` has shape `(k c_in, c_out)` (`k = prod(kernel_size)`), offsets major
+    and channels minor, like the patches. The factors have a leading group
+    axis: `(groups, k c_in + 1, k c_in + 1)` and `(groups, c_out, c_out)`.
+
+    Args:
+        layer: a built Keras convolution.
+        kernel: the kernel variable; its row-major flattening must index as
+            `(offset, c_in index, group, c_out index)`: true for a grouped
+            `Conv*D` kernel `(*kernel_size, c_in, groups * c_out)` and for a
+            depthwise kernel `(*kernel_size, channels, depth_multiplier)` (a
+            grouped conv with `groups = channels`, `c_in = 1`).
+        groups: number of groups.
+        group_in_channels: `c_in`.
+        group_out_channels: `c_out`.
+        bias: the trainable bias variable of length `groups * c_out`, or None.
+            Defaults to None.
+        inverse_method: see `KroneckerBlock`. Defaults to `"cholesky"`.
+        grouped: keep the group axis. Defaults to True; `ConvBlock` passes
+            False for its single group.
+    """
+
+    kind = "kronecker (grouped conv, KFC per group)"
+
+    def __init__(self, layer, kernel, groups, group_in_channels, group_out_channels,
+                 bias=None, inverse_method="cholesky", grouped=True):
+        self.geometry = ConvGeometry(layer)
+        self.has_bias = bias is not None
+        self.kernel_shape = tuple(kernel.shape)
+        self.groups = int(groups)
+        self.group_in_channels = int(group_in_channels)
+        if math.prod(self.kernel_shape) != (self.geometry.num_offsets * group_in_channels
+                                            * groups * group_out_channels):
+            raise ValueError(
+                f"Kernel shape {self.kernel_shape} does not match "
+                f"{groups} groups of {group_in_channels} -> {group_out_channels} "
+                f"channels with kernel_size {self.geometry.kernel_size}.")
+        super().__init__(
+            name=layer_name(layer),
+            variables=[kernel] + ([bias] if self.has_bias else []),
+            layer=layer,
+            input_dim=self.geometry.num_offsets * group_in_channels + int(self.has_bias),
+            output_dim=group_out_channels,
+            inverse_method=inverse_method,
+            num_groups=self.groups if grouped else None,
+        )
+
+    def _matrix_shape(self):
+        return [self.groups] if self.num_groups is not None else []
+
+    def grads_to_matrix(self, grads):
+        if self.groups == 1:  # no group axis to move
+            kernel = tf.reshape(grads[0], [-1, self.output_dim])
+            if self.has_bias:
+                kernel = tf.concat([kernel, tf.reshape(grads[1], [1, -1])], axis=0)
+            return tf.reshape(kernel, self._matrix_shape() + [self.input_dim, self.output_dim])
+        k, c_in = self.geometry.num_offsets, self.group_in_channels
+        kernel = tf.reshape(grads[0], [k, c_in, self.groups, self.output_dim])
+        kernel = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]),
+                            [self.groups, k * c_in, self.output_dim])
+        if self.has_bias:
+            bias = tf.reshape(grads[1], [self.groups, 1, self.output_dim])
+            kernel = tf.concat([kernel, tf.cast(bias, kernel.dtype)], axis=1)
+        return tf.reshape(kernel, self._matrix_shape() + [self.input_dim, self.output_dim])
+
+    def matrix_to_grads(self, matrix):
+        if self.groups == 1:
+            matrix = tf.reshape(matrix, [self.input_dim, self.output_dim])
+            kernel = tf.reshape(matrix[:self.input_dim - int(self.has_bias)], self.kernel_shape)
+            return [kernel, matrix[-1]] if self.has_bias else [kernel]
+        k, c_in = self.geometry.num_offsets, self.group_in_channels
+        matrix = tf.reshape(matrix, [self.groups, self.input_dim, self.output_dim])
+        kernel = tf.reshape(matrix[:, :k * c_in], [self.groups, k, c_in, self.output_dim])
+        kernel = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3]), self.kernel_shape)
+        if self.has_bias:
+            return [kernel, tf.reshape(matrix[:, -1], [-1])]
+        return [kernel]
+
+    def group_rows(self, patch_rows, grad_rows):
+        """Per-group per-example rows from `ConvGeometry.example_rows`:
+        `([groups,] m, T, input_dim)` and `([groups,] m, T, c_out)`."""
+        k, c_in, groups = self.geometry.num_offsets, self.group_in_channels, self.groups
+        examples = tf.shape(patch_rows)[0]
+        if groups == 1 and self.num_groups is None:
+            inputs = tf.reshape(patch_rows, [examples, -1, k * c_in])
+            return (append_homogeneous(inputs) if self.has_bias else inputs), grad_rows
+        patches = tf.reshape(patch_rows, [examples, -1, k, groups, c_in])
+        inputs = tf.reshape(tf.transpose(patches, [3, 0, 1, 2, 4]),
+                            [groups, examples, -1, k * c_in])
+        grads = tf.reshape(grad_rows, [examples, -1, groups, self.output_dim])
+        grads = tf.transpose(grads, [2, 0, 1, 3])
+        if self.has_bias:
+            inputs = append_homogeneous(inputs)
+        if self.num_groups is None:
+            return inputs[0], grads[0]
+        return inputs, grads
+
+    def per_example_rows(self, captures):
+        return self.group_rows(*self.geometry.example_rows(captures))
 
 
-def _trainable_bias(layer):
-    bias = getattr(layer, "bias", None)
-    return bias if bias is not None and bias.trainable else None
-
-
-class _ConvGeometry:
-    """The layer's patch geometry, read once at registration."""
-
-    def __init__(self, layer):
-        self.kernel_size = tuple(int(k) for k in layer.kernel_size)
-        self.strides = tuple(int(s) for s in layer.strides)
-        self.dilation_rate = tuple(int(d) for d in layer.dilation_rate)
-        self.padding = layer.padding
-        self.data_format = layer.data_format
-        self.num_offsets = math.prod(self.kernel_size)
-
-    def example_rows(self, captures):
-        """Per-example patch rows `(m, T, num_offsets, C_in)` and gradient rows
-        `(m, T, C_out)`; the uses of a shared layer are concatenated along the
-        location axis `T`."""
-        patch_rows, grad_rows = [], []
-        for inputs, grads in captures:
-            patches = extract_patches(
-                tf.cast(inputs, tf.float32), self.kernel_size, self.strides,
-                self.dilation_rate, self.padding, self.data_format)
-            examples = tf.shape(patches)[0]
-            patch_rows.append(tf.reshape(
-                patches, [examples, -1, self.num_offsets, patches.shape[-1]]))
-            grads = to_channels_last(tf.cast(grads, tf.float32), self.data_format)
-            grad_rows.append(tf.reshape(grads, [examples, -1, grads.shape[-1]]))
-        return tf.concat(patch_rows, axis=1), tf.concat(grad_rows, axis=1)
-
-    def rows(self, captures):
-        """Patch rows `(R, num_offsets, C_in)` and gradient rows `(R, C_out)`,
-        `R` = examples x locations (all uses)."""
-        patch_rows, grad_rows = self.example_rows(captures)
-        return (tf.reshape(patch_rows, [-1] + patch_rows.shape[-2:].as_list()),
-                tf.reshape(grad_rows, [-1, grad_rows.shape[-1]]))
-
-
-class ConvBlock(KroneckerBlock):
+class ConvBlock(GroupedConvBlock):
     """KFC block of a `Conv1D`/`Conv2D`/`Conv3D` kernel and bias (groups=1).
 
     Args:
@@ -122,134 +180,12 @@ class ConvBlock(KroneckerBlock):
             raise ValueError(
                 f"ConvBlock covers convolutions with groups=1; layer "
                 f"{layer.name!r} has groups={layer.groups} (use GroupedConvBlock).")
-        self.geometry = _ConvGeometry(layer)
-        bias = _trainable_bias(layer)
-        self.has_bias = bias is not None
         kernel = layer.kernel
-        self.kernel_shape = tuple(kernel.shape)
-        self.in_channels = int(kernel.shape[-2])
-        filters = int(kernel.shape[-1])
-        super().__init__(
-            name=_layer_name(layer),
-            variables=[kernel] + ([bias] if self.has_bias else []),
-            layer=layer,
-            input_dim=self.geometry.num_offsets * self.in_channels + int(self.has_bias),
-            output_dim=filters,
-            inverse_method=inverse_method,
-        )
-
-    def grads_to_matrix(self, grads):
-        kernel = tf.reshape(grads[0], [-1, self.output_dim])
-        if self.has_bias:
-            return tf.concat([kernel, tf.reshape(grads[1], [1, -1])], axis=0)
-        return kernel
-
-    def matrix_to_grads(self, matrix):
-        kernel = tf.reshape(matrix[:self.input_dim - int(self.has_bias)], self.kernel_shape)
-        if self.has_bias:
-            return [kernel, matrix[-1]]
-        return [kernel]
-
-    def per_example_rows(self, captures):
-        """`(m, T, input_dim)` patch rows (with the homogeneous coordinate) and
-        `(m, T, filters)` gradient rows, for EKFAC (see `KroneckerBlock`)."""
-        patch_rows, grad_rows = self.geometry.example_rows(captures)
-        examples = tf.shape(patch_rows)[0]
-        inputs = tf.reshape(patch_rows, [examples, -1,
-                                         self.geometry.num_offsets * self.in_channels])
-        if self.has_bias:
-            inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
-        return inputs, grad_rows
-
-    def compute_factors(self, captures, num_examples):
-        patch_rows, grad_rows = self.geometry.rows(captures)
-        inputs = tf.reshape(patch_rows, [-1, self.geometry.num_offsets * self.in_channels])
-        if self.has_bias:
-            inputs = append_homogeneous(inputs)
-        return location_factors(inputs, grad_rows, num_examples)
-
-
-class GroupedConvBlock(GroupedKroneckerBlock):
-    """KFC per group: `blockdiag_g(A_g (x) G_g)` for grouped/depthwise convs.
-
-    Group `g` reads input channels `[g c_in, (g+1) c_in)` and writes output
-    channels `[g c_out, (g+1) c_out)` (`c_in`, `c_out` per group). Its kernel
-    `K_g` has shape `(k c_in, c_out)` (`k = prod(kernel_size)`), offsets major
-    and channels minor, like the patches.
-
-    Args:
-        layer: a built Keras convolution.
-        kernel: the kernel variable; its row-major flattening must index as
-            `(offset, c_in index, group, c_out index)`: true for a grouped
-            `Conv*D` kernel `(*kernel_size, c_in, groups * c_out)` and for a
-            depthwise kernel `(*kernel_size, channels, depth_multiplier)` (a
-            grouped conv with `groups = channels`, `c_in = 1`).
-        groups: number of groups.
-        group_in_channels: `c_in`.
-        group_out_channels: `c_out`.
-        bias: the trainable bias variable of length `groups * c_out`, or None.
-        inverse_method: one of `GROUPED_INVERSE_METHODS`. Defaults to
-            `"cholesky"`.
-    """
-
-    kind = "kronecker (grouped conv, KFC per group)"
-
-    def __init__(self, layer, kernel, groups, group_in_channels, group_out_channels,
-                 bias=None, inverse_method="cholesky"):
-        self.geometry = _ConvGeometry(layer)
-        self.has_bias = bias is not None
-        self.kernel_shape = tuple(kernel.shape)
-        self.group_in_channels = int(group_in_channels)
-        if math.prod(self.kernel_shape) != (self.geometry.num_offsets * group_in_channels
-                                            * groups * group_out_channels):
-            raise ValueError(
-                f"Kernel shape {self.kernel_shape} does not match "
-                f"{groups} groups of {group_in_channels} -> {group_out_channels} "
-                f"channels with kernel_size {self.geometry.kernel_size}.")
-        super().__init__(
-            name=_layer_name(layer),
-            variables=[kernel] + ([bias] if self.has_bias else []),
-            layer=layer,
-            num_groups=groups,
-            input_dim=self.geometry.num_offsets * group_in_channels + int(self.has_bias),
-            output_dim=group_out_channels,
-            inverse_method=inverse_method,
-        )
-
-    def grads_to_matrices(self, grads):
-        k, c_in = self.geometry.num_offsets, self.group_in_channels
-        kernel = tf.reshape(grads[0], [k, c_in, self.num_groups, self.output_dim])
-        kernel = tf.reshape(tf.transpose(kernel, [2, 0, 1, 3]),
-                            [self.num_groups, k * c_in, self.output_dim])
-        if self.has_bias:
-            bias = tf.reshape(grads[1], [self.num_groups, 1, self.output_dim])
-            return tf.concat([kernel, tf.cast(bias, kernel.dtype)], axis=1)
-        return kernel
-
-    def matrices_to_grads(self, matrices):
-        k, c_in = self.geometry.num_offsets, self.group_in_channels
-        kernel = tf.reshape(matrices[:, :k * c_in],
-                            [self.num_groups, k, c_in, self.output_dim])
-        kernel = tf.reshape(tf.transpose(kernel, [1, 2, 0, 3]), self.kernel_shape)
-        if self.has_bias:
-            return [kernel, tf.reshape(matrices[:, -1], [-1])]
-        return [kernel]
-
-    def group_rows(self, patch_rows, grad_rows):
-        """Per-group rows: `(groups, R, input_dim)` and `(groups, R, c_out)`."""
-        k, c_in = self.geometry.num_offsets, self.group_in_channels
-        patches = tf.reshape(patch_rows, [-1, k, self.num_groups, c_in])
-        inputs = tf.reshape(tf.transpose(patches, [2, 0, 1, 3]),
-                            [self.num_groups, -1, k * c_in])
-        if self.has_bias:
-            inputs = tf.concat([inputs, tf.ones_like(inputs[:, :, :1])], axis=2)
-        grads = tf.reshape(grad_rows, [-1, self.num_groups, self.output_dim])
-        return inputs, tf.transpose(grads, [1, 0, 2])
-
-    def compute_factors(self, captures, num_examples):
-        patch_rows, grad_rows = self.geometry.rows(captures)
-        inputs, grads = self.group_rows(patch_rows, grad_rows)
-        return location_factors(inputs, grads, num_examples)
+        super().__init__(layer, kernel, groups=1, group_in_channels=int(kernel.shape[-2]),
+                         group_out_channels=int(kernel.shape[-1]),
+                         bias=trainable_bias(layer), inverse_method=inverse_method,
+                         grouped=False)
+        self.in_channels = self.group_in_channels
 
 
 def make_conv_block(layer, inverse_method="cholesky"):
@@ -262,10 +198,6 @@ def make_conv_block(layer, inverse_method="cholesky"):
 
     Returns:
         The block.
-
-    Raises:
-        UnsupportedLayerError: for a grouped convolution with an inverse
-            method grouped blocks do not implement.
     """
     groups = int(getattr(layer, "groups", 1))
     if groups == 1:
@@ -274,7 +206,7 @@ def make_conv_block(layer, inverse_method="cholesky"):
     filters = int(kernel.shape[-1])
     return GroupedConvBlock(
         layer, kernel, groups=groups, group_in_channels=int(kernel.shape[-2]),
-        group_out_channels=filters // groups, bias=_trainable_bias(layer),
+        group_out_channels=filters // groups, bias=trainable_bias(layer),
         inverse_method=inverse_method)
 
 

@@ -72,6 +72,7 @@ import math
 
 import tensorflow as tf
 
+from kfac_keras.blocks.base import layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.kronecker import KroneckerBlock
 from kfac_keras.blocks.patches import extract_patches, to_channels_last
@@ -176,7 +177,7 @@ class ConvTransposeBlock(KroneckerBlock):
         self.filters = self.kernel_shape[-2]
         self.in_channels = self.kernel_shape[-1]
         super().__init__(
-            name=getattr(layer, "path", None) or layer.name,
+            name=layer_name(layer),
             variables=[kernel],
             layer=layer,
             input_dim=self.in_channels,

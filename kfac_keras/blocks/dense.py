@@ -19,7 +19,13 @@ for their inverses (or eigenvectors).
 
 import tensorflow as tf
 
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous, location_rows
+from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
+from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous, example_rows
+
+
+def dense_unsupported_reason(layer):
+    """Why a Dense layer cannot get a Kronecker block, or None."""
+    return keras_variant_reason(layer, "Dense layers")
 
 
 class DenseBlock(KroneckerBlock):
@@ -27,20 +33,20 @@ class DenseBlock(KroneckerBlock):
 
     Args:
         layer: a built `keras.layers.Dense`.
-        inverse_method: see `KroneckerBlock`.
+        inverse_method: see `KroneckerBlock`. Defaults to `"cholesky"`.
     """
 
     kind = "kronecker (dense)"
 
     def __init__(self, layer, inverse_method="cholesky"):
-        self.has_bias = layer.bias is not None and layer.bias.trainable
-        variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
+        bias = trainable_bias(layer)
+        self.has_bias = bias is not None
         input_units, units = layer.kernel.shape
         super().__init__(
-            name=layer.path if hasattr(layer, "path") else layer.name,
-            variables=variables,
+            name=layer_name(layer),
+            variables=[layer.kernel] + ([bias] if self.has_bias else []),
             layer=layer,
-            input_dim=input_units + (1 if self.has_bias else 0),
+            input_dim=input_units + int(self.has_bias),
             output_dim=units,
             inverse_method=inverse_method,
         )
@@ -57,36 +63,15 @@ class DenseBlock(KroneckerBlock):
         return [matrix]
 
     def per_example_rows(self, captures):
-        """`(examples, positions * uses, d)` rows for EKFAC's per-example gradients."""
-        inputs = tf.concat(
-            [_example_rows(x, self.input_units) for x, _ in captures], axis=1)
-        grads = tf.concat(
-            [_example_rows(g, self.output_dim) for _, g in captures], axis=1)
-        if self.has_bias:
-            inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
-        return inputs, grads
-
-    def compute_factors(self, captures, num_examples):
-        inputs = tf.concat(
-            [location_rows(x, self.input_units) for x, _ in captures], axis=0)
-        grads = tf.concat(
-            [location_rows(g, self.output_dim) for _, g in captures], axis=0)
+        """`(examples, positions * uses, d)` rows; uses of a shared layer are
+        concatenated along the location axis."""
+        inputs = tf.concat([example_rows(x, self.input_units) for x, _ in captures], axis=1)
+        grads = tf.concat([example_rows(g, self.output_dim) for _, g in captures], axis=1)
         if self.has_bias:
             inputs = append_homogeneous(inputs)
-        rows = tf.cast(tf.shape(grads)[0], tf.float32)
-        locations = rows / num_examples
-        input_factor = tf.matmul(inputs, inputs, transpose_a=True) / num_examples
-        output_grad_factor = tf.matmul(grads, grads, transpose_a=True) / (
-            num_examples * locations)
-        return input_factor, output_grad_factor
+        return inputs, grads
 
 
-def _example_rows(tensor, width):
-    """Reshapes `(batch, ..., width)` to `(batch, locations, width)`, float32."""
-    tensor = tf.cast(tensor, tf.float32)
-    locations = 1
-    for size in tensor.shape[1:-1]:
-        locations = None if (locations is None or size is None) else locations * size
-    if locations is None:
-        locations = -1
-    return tf.reshape(tensor, [tf.shape(tensor)[0], locations, width])
+def make_dense_block(layer, inverse_method="cholesky"):
+    """`DenseBlock` for `layer`."""
+    return DenseBlock(layer, inverse_method)

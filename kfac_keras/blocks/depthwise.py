@@ -30,19 +30,10 @@ Shared layers: uses are pooled as extra locations, as for `ConvBlock`.
 
 import tensorflow as tf
 
-from kfac_keras.blocks.base import FisherBlock
-from kfac_keras.blocks.conv import GroupedConvBlock, _ConvGeometry, _layer_name, _trainable_bias
-from kfac_keras.blocks.grouped_kronecker import location_factors
+from kfac_keras.blocks.base import FisherBlock, StatisticsSource, layer_name, trainable_bias
+from kfac_keras.blocks.conv import GroupedConvBlock, conv_unsupported_reason
 from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
-
-
-def depthwise_unsupported_reason(layer):
-    """Why a depthwise/separable layer cannot get a KFC block, or None."""
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA-enabled convolutions are not Kronecker-factored"
-    if getattr(layer, "quantization_mode", None):
-        return "quantized convolutions are not Kronecker-factored"
-    return None
+from kfac_keras.blocks.patches import ConvGeometry
 
 
 class DepthwiseConvBlock(GroupedConvBlock):
@@ -50,8 +41,7 @@ class DepthwiseConvBlock(GroupedConvBlock):
 
     Args:
         layer: a built `DepthwiseConv1D` or `DepthwiseConv2D`.
-        inverse_method: one of `GROUPED_INVERSE_METHODS`. Defaults to
-            `"cholesky"`.
+        inverse_method: see `KroneckerBlock`. Defaults to `"cholesky"`.
     """
 
     kind = "kronecker (depthwise conv, KFC per channel)"
@@ -60,23 +50,24 @@ class DepthwiseConvBlock(GroupedConvBlock):
         kernel = layer.kernel
         channels, multiplier = int(kernel.shape[-2]), int(kernel.shape[-1])
         super().__init__(layer, kernel, groups=channels, group_in_channels=1,
-                         group_out_channels=multiplier, bias=_trainable_bias(layer),
+                         group_out_channels=multiplier, bias=trainable_bias(layer),
                          inverse_method=inverse_method)
 
 
 class _DepthwisePart(GroupedConvBlock):
-    """The depthwise half of a separable block; captures are ready rows."""
+    """The depthwise half of a separable block; its one capture holds the
+    per-example patch rows `(m, T, k, C)` and gradient rows `(m, T, C M)`."""
 
     kind = "kronecker (depthwise part)"
 
-    def compute_factors(self, captures, num_examples):
+    def per_example_rows(self, captures):
         (patch_rows, grad_rows), = captures
-        inputs, grads = self.group_rows(patch_rows, grad_rows)
-        return location_factors(inputs, grads, num_examples)
+        return self.group_rows(patch_rows, grad_rows)
 
 
 class _PointwisePart(KroneckerBlock):
-    """The pointwise half of a separable block; captures are ready rows."""
+    """The pointwise half of a separable block; its one capture holds the
+    per-example depthwise outputs `(m, T, C M)` and gradient rows `(m, T, F)`."""
 
     kind = "kronecker (pointwise part)"
 
@@ -100,11 +91,9 @@ class _PointwisePart(KroneckerBlock):
             return [kernel, matrix[-1]]
         return [kernel]
 
-    def compute_factors(self, captures, num_examples):
+    def per_example_rows(self, captures):
         (input_rows, grad_rows), = captures
-        if self.has_bias:
-            input_rows = append_homogeneous(input_rows)
-        return location_factors(input_rows, grad_rows, num_examples)
+        return (append_homogeneous(input_rows) if self.has_bias else input_rows), grad_rows
 
 
 class SeparableConvBlock(FisherBlock):
@@ -116,19 +105,18 @@ class SeparableConvBlock(FisherBlock):
 
     Args:
         layer: a built `SeparableConv1D` or `SeparableConv2D`.
-        inverse_method: one of `GROUPED_INVERSE_METHODS` (the depthwise part
-            is a grouped block). Defaults to `"cholesky"`.
+        inverse_method: see `KroneckerBlock` (both parts use it). Defaults
+            to `"cholesky"`.
     """
 
     kind = "kronecker (separable conv: depthwise per channel + pointwise)"
-    needs_capture = True
+    statistics_source = StatisticsSource.CAPTURES
 
     def __init__(self, layer, inverse_method="cholesky"):
-        name = _layer_name(layer)
+        name = layer_name(layer)
         depthwise = layer.depthwise_kernel
         pointwise = layer.pointwise_kernel
-        bias = _trainable_bias(layer)
-        self.geometry = _ConvGeometry(layer)
+        self.geometry = ConvGeometry(layer)
         self.channels = int(depthwise.shape[-2])
         self.multiplier = int(depthwise.shape[-1])
         self.depthwise_part = _DepthwisePart(
@@ -137,15 +125,20 @@ class SeparableConvBlock(FisherBlock):
             inverse_method=inverse_method)
         self.depthwise_part.name = f"{name}/depthwise"
         self.pointwise_part = _PointwisePart(
-            f"{name}/pointwise", layer, pointwise, bias, inverse_method)
+            f"{name}/pointwise", layer, pointwise, trainable_bias(layer), inverse_method)
         super().__init__(name, [depthwise] + self.pointwise_part.variables, layer)
         self.inverse_method = inverse_method
+        self.parts = (self.depthwise_part, self.pointwise_part)
+
+    @property
+    def uses_eigenbasis_scalings(self):
+        return self.pointwise_part.uses_eigenbasis_scalings
 
     def build(self, optimizer):
         if self.built:
             return
-        self.depthwise_part.build(optimizer)
-        self.pointwise_part.build(optimizer)
+        for part in self.parts:
+            part.build(optimizer)
         self.built = True
 
     def state_variables(self):
@@ -159,35 +152,44 @@ class SeparableConvBlock(FisherBlock):
                 shapes[f"{prefix}_{key}"] = shape
         return shapes
 
-    def part_rows(self, captures):
-        """Rows for both parts: `((patches, grads_u), (u, grads_s))`.
+    def part_captures(self, captures):
+        """Each part's one capture: `([(patches, grads_u)], [(u, grads_s)])`.
 
-        `patches`: `(R, k, C)`; `u`: `(R, C M)` depthwise outputs; `grads_s`:
-        `(R, filters)` pre-activation gradients; `grads_u = grads_s P^T`.
+        `patches`: `(m, T, k, C)`; `u`: `(m, T, C M)` depthwise outputs;
+        `grads_s`: `(m, T, filters)` pre-activation gradients;
+        `grads_u = grads_s P^T`.
         """
-        patch_rows, grad_rows = self.geometry.rows(captures)
+        patch_rows, grad_rows = self.geometry.example_rows(captures)
         k = self.geometry.num_offsets
         depthwise = tf.reshape(tf.cast(self.depthwise_part.variables[0], tf.float32),
                                [k, self.channels, self.multiplier])
         pointwise = tf.reshape(tf.cast(self.pointwise_part.variables[0], tf.float32),
                                [self.channels * self.multiplier, -1])
-        middle = tf.reshape(tf.einsum("rkc,kcj->rcj", patch_rows, depthwise),
-                            [-1, self.channels * self.multiplier])
+        examples = tf.shape(patch_rows)[0]
+        middle = tf.reshape(tf.einsum("ntkc,kcj->ntcj", patch_rows, depthwise),
+                            [examples, -1, self.channels * self.multiplier])
         middle_grads = tf.matmul(grad_rows, pointwise, transpose_b=True)
-        return (patch_rows, middle_grads), (middle, grad_rows)
+        return [(patch_rows, middle_grads)], [(middle, grad_rows)]
 
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
-        depthwise_rows, pointwise_rows = self.part_rows(captures)
-        self.depthwise_part.update_statistics([depthwise_rows], None, num_examples, decay)
-        self.pointwise_part.update_statistics([pointwise_rows], None, num_examples, decay)
+        for part, part_captures in zip(self.parts, self.part_captures(captures)):
+            part.update_statistics(part_captures, None, num_examples, decay)
+
+    def update_scalings(self, captures, num_examples, factor_decay):
+        for part, part_captures in zip(self.parts, self.part_captures(captures)):
+            part.update_scalings(part_captures, num_examples, factor_decay)
 
     def update_inverses(self, damping):
-        self.depthwise_part.update_inverses(damping)
-        self.pointwise_part.update_inverses(damping)
+        for part in self.parts:
+            part.update_inverses(damping)
 
     def multiply_damped_inverse(self, grads, damping):
         return (self.depthwise_part.multiply_damped_inverse(grads[:1], damping)
                 + self.pointwise_part.multiply_damped_inverse(grads[1:], damping))
+
+
+#: Why a depthwise/separable layer cannot get a KFC block (the conv check).
+depthwise_unsupported_reason = conv_unsupported_reason
 
 
 def make_depthwise_block(layer, inverse_method="cholesky"):

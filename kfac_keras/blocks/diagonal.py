@@ -33,7 +33,6 @@ class DiagonalBlock(FisherBlock):
     """
 
     kind = "diagonal"
-    needs_capture = False
 
     def build(self, optimizer):
         if self.built:
@@ -59,7 +58,7 @@ class DiagonalBlock(FisherBlock):
 
     def update_inverses(self, damping):
         """Nothing to decompose."""
-        return None
+        del damping
 
     def multiply_damped_inverse(self, grads, damping):
         damping = tf.cast(damping, tf.float32)

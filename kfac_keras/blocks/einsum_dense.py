@@ -37,8 +37,8 @@ import string
 
 import tensorflow as tf
 
+from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.grouped_kronecker import location_factors
 from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
 
 _EQUATION = re.compile(
@@ -133,11 +133,7 @@ class EinsumStructure:
 
 def einsum_unsupported_reason(layer):
     """Why an EinsumDense cannot get a Kronecker block, or None."""
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA-enabled EinsumDense layers are not Kronecker-factored"
-    if getattr(layer, "quantization_mode", None):
-        return "quantized EinsumDense layers are not Kronecker-factored"
-    return None
+    return keras_variant_reason(layer, "EinsumDense layers")
 
 
 class EinsumDenseBlock(KroneckerBlock):
@@ -157,9 +153,9 @@ class EinsumDenseBlock(KroneckerBlock):
     def __init__(self, layer, inverse_method="cholesky"):
         kernel = layer.kernel
         self.structure = structure = EinsumStructure(layer.equation, kernel.shape)
-        bias = getattr(layer, "bias", None)
+        bias = trainable_bias(layer)
         self.has_bias = False
-        if bias is not None and bias.trainable:
+        if bias is not None:
             bias_axes = layer.bias_axes or ""
             if sorted(bias_axes) == sorted(structure.output_features):
                 self.has_bias = True
@@ -170,7 +166,7 @@ class EinsumDenseBlock(KroneckerBlock):
                                           for c in self.bias_order]
                 self.bias_shape = tuple(int(d) for d in bias.shape)
         super().__init__(
-            name=getattr(layer, "path", None) or layer.name,
+            name=layer_name(layer),
             variables=[kernel] + ([bias] if self.has_bias else []),
             layer=layer,
             input_dim=structure.input_dim + int(self.has_bias),
@@ -212,19 +208,8 @@ class EinsumDenseBlock(KroneckerBlock):
             grad_rows.append(tf.reshape(rows_grad, [examples, -1, self.output_dim]))
         inputs = tf.concat(input_rows, axis=1)
         if self.has_bias:
-            inputs = tf.concat([inputs, tf.ones_like(inputs[..., :1])], axis=-1)
-        return inputs, tf.concat(grad_rows, axis=1)
-
-    def compute_factors(self, captures, num_examples):
-        input_rows, grad_rows = [], []
-        for inputs, grads in captures:
-            rows_in, rows_grad = self.structure.rows(inputs, grads)
-            input_rows.append(rows_in)
-            grad_rows.append(rows_grad)
-        inputs = tf.concat(input_rows, axis=0)
-        if self.has_bias:
             inputs = append_homogeneous(inputs)
-        return location_factors(inputs, tf.concat(grad_rows, axis=0), num_examples)
+        return inputs, tf.concat(grad_rows, axis=1)
 
 
 def make_einsum_dense_block(layer, inverse_method="cholesky"):

@@ -11,19 +11,24 @@ Martens & Grosse 2015 with positions as locations, as in `DenseBlock`):
 (`g` the gradient w.r.t. the looked-up vector). `A` is stored as a vector of
 length `vocab`; no `vocab x vocab` matrix is ever formed.
 
-Inverse methods (same meaning as `KroneckerBlock`):
+Inverse methods (those of `KroneckerBlock`, with a diagonal input factor,
+`kfac_keras.blocks.factors.DiagonalFactor`):
 
 * `"cholesky"` / `"inverse"`: factored Tikhonov,
   `row_v(V) (G + gamma/pi I)^{-1} / (freq_v + pi gamma)`,
   `pi = sqrt(mean(freq) / (tr G / dim G))`, `gamma = sqrt(damping)`.
 * `"eigh"`: exact damping, `G = Q diag(d) Q^T`,
   `row_v -> (row_v Q / (freq_v d + damping)) Q^T`.
+* `"ekfac"`: `row_v -> (row_v Q / (S_v + damping)) Q^T` with
+  `S_v = mean_n (sum_{t: id_{n,t} = v} g_{n,t} Q)^2` (the eigenbasis of the
+  diagonal `A` is the identity), computed from the ids without forming
+  one-hot rows.
 
 Sparse gradients: the lookup's gradient is a `tf.IndexedSlices` (only the rows
 of tokens in the batch). Both products act row by row, so the block
 preconditions just those rows (cost `O(nnz d^2)` instead of `O(vocab d^2)`) and
-returns `IndexedSlices` again; the optimizer densifies them only for the
-momentum update, which touches every row anyway.
+returns `IndexedSlices` again; the optimizer densifies the result only for
+the momentum update, which touches every row anyway.
 
 Shared layers (one Embedding called on several inputs): uses are pooled as
 locations (`|T|` counts positions of all uses; counts add up over uses).
@@ -36,144 +41,83 @@ Memory: `vocab + d^2` floats (plus `d^2`, or `d^2 + d`, for the inverse).
 
 import tensorflow as tf
 
-from kfac_keras import linalg
-from kfac_keras.blocks.base import FisherBlock, ema_assign
-from kfac_keras.blocks.errors import UnsupportedLayerError
-
-#: Inverse methods the embedding block implements.
-EMBEDDING_INVERSE_METHODS = ("cholesky", "inverse", "eigh")
+from kfac_keras.blocks.base import keras_variant_reason, layer_name
+from kfac_keras.blocks.factors import DiagonalFactor
+from kfac_keras.blocks.kronecker import KroneckerBlock
 
 
 def embedding_unsupported_reason(layer):
     """Why an Embedding cannot get a Kronecker block, or None."""
-    if getattr(layer, "lora_enabled", False):
-        return "LoRA-enabled Embedding layers are not Kronecker-factored"
-    if getattr(layer, "quantization_mode", None):
-        return "quantized Embedding layers are not Kronecker-factored"
-    return None
+    return keras_variant_reason(layer, "Embedding layers")
 
 
-class EmbeddingBlock(FisherBlock):
+class EmbeddingBlock(KroneckerBlock):
     """`diag(token frequency) (x) G` block of an Embedding table.
 
     Args:
         layer: a built `keras.layers.Embedding`.
-        inverse_method: one of `EMBEDDING_INVERSE_METHODS`. Defaults to
-            `"cholesky"`.
-
-    Raises:
-        UnsupportedLayerError: for an inverse method this block does not
-            implement.
+        inverse_method: see `KroneckerBlock`. Defaults to `"cholesky"`.
     """
 
     kind = "kronecker (embedding, diagonal A)"
-    needs_capture = True
     #: Record `(token ids, looked-up vectors)`; differentiate w.r.t. the latter.
     capture_mode = "output"
-    #: `multiply_damped_inverse` accepts and returns `tf.IndexedSlices`.
     accepts_indexed_slices = True
 
     def __init__(self, layer, inverse_method="cholesky"):
-        if inverse_method not in EMBEDDING_INVERSE_METHODS:
-            raise UnsupportedLayerError(
-                f"inverse_method={inverse_method!r} is not implemented for "
-                f"embedding blocks (available: {EMBEDDING_INVERSE_METHODS})")
         embeddings = layer.embeddings
-        super().__init__(getattr(layer, "path", None) or layer.name, [embeddings], layer)
-        self.vocabulary_size, self.output_dim = (int(d) for d in embeddings.shape)
-        self.inverse_method = inverse_method
+        vocabulary_size, dim = (int(d) for d in embeddings.shape)
+        super().__init__(layer_name(layer), [embeddings], layer, vocabulary_size, dim,
+                         inverse_method=inverse_method,
+                         input_side=DiagonalFactor("token_frequencies", vocabulary_size))
+        self.vocabulary_size = vocabulary_size
 
-    def build(self, optimizer):
-        if self.built:
-            return
-        prefix = self.name.replace("/", "_")
-        vocab, dim = self.vocabulary_size, self.output_dim
-        self.token_frequencies = optimizer.add_variable(
-            (vocab,), initializer="zeros", dtype="float32",
-            name=f"{prefix}_token_frequencies")
-        self.output_grad_factor = optimizer.add_variable(
-            (dim, dim), initializer="zeros", dtype="float32",
-            name=f"{prefix}_output_grad_factor")
-        if self.inverse_method == "eigh":
-            self.output_grad_eigenvalues = optimizer.add_variable(
-                (dim,), initializer="ones", dtype="float32",
-                name=f"{prefix}_output_grad_eigenvalues")
-            self.output_grad_eigenvectors = optimizer.add_variable(
-                (dim, dim), initializer="identity", dtype="float32",
-                name=f"{prefix}_output_grad_eigenvectors")
-        else:
-            self.frequency_damping = optimizer.add_variable(
-                (), initializer="ones", dtype="float32",
-                name=f"{prefix}_frequency_damping")
-            self.output_grad_factor_inverse = optimizer.add_variable(
-                (dim, dim), initializer="identity", dtype="float32",
-                name=f"{prefix}_output_grad_factor_inverse")
-        self.built = True
-
-    def state_variables(self):
-        names = ["token_frequencies", "output_grad_factor"]
-        if self.inverse_method == "eigh":
-            names += ["output_grad_eigenvalues", "output_grad_eigenvectors"]
-        else:
-            names += ["frequency_damping", "output_grad_factor_inverse"]
-        return [getattr(self, n) for n in names]
+    token_frequencies = property(lambda self: self.input_side.factor)
 
     def factor_shapes(self):
         return {"input_factor_diagonal": (self.vocabulary_size,),
                 "output_grad_factor": (self.output_dim, self.output_dim)}
 
+    def grads_to_matrix(self, grads):
+        return tf.convert_to_tensor(grads[0])
+
+    def matrix_to_grads(self, matrix):
+        return [matrix]
+
+    def _ids_and_grads(self, captures):
+        """Token ids `(m, L)` and gradient rows `(m, L, d)`, uses along `L`."""
+        ids = tf.concat([tf.reshape(tf.cast(i, tf.int32), [tf.shape(i)[0], -1])
+                         for i, _ in captures], axis=1)
+        grads = tf.concat([tf.reshape(tf.cast(g, tf.float32),
+                                      [tf.shape(g)[0], -1, self.output_dim])
+                           for _, g in captures], axis=1)
+        return ids, grads
+
     def compute_factors(self, captures, num_examples):
         """This estimate's `(freq, G)` from `(ids, grads)` captures."""
-        ids = tf.concat([tf.reshape(tf.cast(i, tf.int32), [-1]) for i, _ in captures], 0)
-        grads = tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1, self.output_dim])
-                           for _, g in captures], 0)
+        ids, grads = self._ids_and_grads(captures)
+        ids = tf.reshape(ids, [-1])
+        grads = tf.reshape(grads, [-1, self.output_dim])
         counts = tf.math.unsorted_segment_sum(
             tf.ones_like(ids, dtype=tf.float32), ids, self.vocabulary_size)
         rows = tf.cast(tf.shape(grads)[0], tf.float32)
         grad_factor = tf.matmul(grads, grads, transpose_a=True) / rows
         return counts / num_examples, grad_factor
 
-    def update_statistics(self, captures, sampled_grads, num_examples, decay):
-        frequencies, grad_factor = self.compute_factors(captures, num_examples)
-        ema_assign(self.token_frequencies, frequencies, decay)
-        ema_assign(self.output_grad_factor, grad_factor, decay)
-
-    def update_inverses(self, damping):
-        grad_factor = tf.convert_to_tensor(self.output_grad_factor)
-        if self.inverse_method == "eigh":
-            values, vectors = linalg.clipped_eigh(grad_factor)
-            self.output_grad_eigenvalues.assign(values)
-            self.output_grad_eigenvectors.assign(vectors)
-            return
-        frequencies = tf.convert_to_tensor(self.token_frequencies)
-        floor = 1e-12
-        pi = tf.sqrt(tf.maximum(tf.reduce_mean(frequencies), floor)
-                     / tf.maximum(linalg.mean_diagonal(grad_factor), floor))
-        gamma = tf.sqrt(tf.cast(damping, tf.float32))
-        self.frequency_damping.assign(pi * gamma)
-        self.output_grad_factor_inverse.assign(
-            linalg.damped_inverse(grad_factor, gamma / pi, self.inverse_method))
-
-    def _precondition_rows(self, rows, frequencies, damping):
-        rows = tf.cast(rows, tf.float32)
-        if self.inverse_method == "eigh":
-            q = tf.convert_to_tensor(self.output_grad_eigenvectors)
-            scale = (frequencies[:, None] * self.output_grad_eigenvalues[None, :]
-                     + tf.cast(damping, tf.float32))
-            return tf.matmul(tf.matmul(rows, q) / scale, q, transpose_b=True)
-        return tf.matmul(rows, self.output_grad_factor_inverse) / (
-            frequencies[:, None] + self.frequency_damping)
-
-    def multiply_damped_inverse(self, grads, damping):
-        grad = grads[0]
-        if isinstance(grad, tf.IndexedSlices):
-            frequencies = tf.gather(self.token_frequencies, grad.indices)
-            values = self._precondition_rows(grad.values, frequencies, damping)
-            return [tf.IndexedSlices(values, grad.indices, grad.dense_shape)]
-        return [self._precondition_rows(grad, tf.convert_to_tensor(self.token_frequencies),
-                                        damping)]
+    def scaling_estimate(self, captures, num_examples):
+        """`S_v = mean_n (sum_{t: id = v} g_{n,t} Q)^2`, via the distinct
+        `(example, token)` pairs of the subset."""
+        ids, grads = self._ids_and_grads(captures)
+        rotated = tf.reshape(self.output_side.rotate_rows(grads), [-1, self.output_dim])
+        examples = tf.range(tf.shape(ids, out_type=tf.int64)[0])[:, None]
+        keys = tf.reshape(examples * self.vocabulary_size + tf.cast(ids, tf.int64), [-1])
+        pairs, pair_of_row = tf.unique(keys)
+        per_pair = tf.math.unsorted_segment_sum(rotated, pair_of_row, tf.size(pairs))
+        tokens = tf.cast(pairs % self.vocabulary_size, tf.int32)
+        return tf.math.unsorted_segment_sum(
+            tf.square(per_pair), tokens, self.vocabulary_size) / num_examples
 
 
 def make_embedding_block(layer, inverse_method="cholesky"):
-    """`EmbeddingBlock` for `layer` (raises `UnsupportedLayerError`)."""
+    """`EmbeddingBlock` for `layer`."""
     return EmbeddingBlock(layer, inverse_method)

@@ -24,6 +24,8 @@ Memory: the patches hold `batch * |T| * prod(kernel_size) * channels` floats
 times the input. For 1x1 kernels the single slice *is* the (strided) input.
 """
 
+import math
+
 import tensorflow as tf
 
 PADDINGS = ("valid", "same", "causal")
@@ -140,3 +142,39 @@ def _row_major_offsets(kernel_size):
     for size in kernel_size:
         offsets = [o + (k,) for o in offsets for k in range(size)]
     return offsets
+
+
+class ConvGeometry:
+    """A convolution layer's patch geometry, read once at registration.
+
+    Args:
+        layer: a built Keras convolution (plain, depthwise or separable).
+    """
+
+    def __init__(self, layer):
+        self.kernel_size = tuple(int(k) for k in layer.kernel_size)
+        self.strides = tuple(int(s) for s in layer.strides)
+        self.dilation_rate = tuple(int(d) for d in layer.dilation_rate)
+        self.padding = layer.padding
+        self.data_format = layer.data_format
+        self.num_offsets = math.prod(self.kernel_size)
+
+    def example_rows(self, captures):
+        """Per-example patch rows `(m, T, num_offsets, C_in)` and gradient rows
+        `(m, T, C_out)`, float32, channels last; the uses of a shared layer are
+        concatenated along the location axis `T`.
+
+        Args:
+            captures: `(inputs, preactivation_grads)` pairs, one per call.
+        """
+        patch_rows, grad_rows = [], []
+        for inputs, grads in captures:
+            patches = extract_patches(
+                tf.cast(inputs, tf.float32), self.kernel_size, self.strides,
+                self.dilation_rate, self.padding, self.data_format)
+            examples = tf.shape(patches)[0]
+            patch_rows.append(tf.reshape(
+                patches, [examples, -1, self.num_offsets, patches.shape[-1]]))
+            grads = to_channels_last(tf.cast(grads, tf.float32), self.data_format)
+            grad_rows.append(tf.reshape(grads, [examples, -1, grads.shape[-1]]))
+        return tf.concat(patch_rows, axis=1), tf.concat(grad_rows, axis=1)

@@ -47,7 +47,7 @@ step (`B T (input_dim + units)` floats).
 import keras
 import tensorflow as tf
 
-from kfac_keras.blocks.base import FisherBlock
+from kfac_keras.blocks.base import FisherBlock, StatisticsSource, layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.kronecker import KroneckerBlock, location_rows
 
@@ -244,10 +244,9 @@ class RecurrentBlock(_SequenceKroneckerBlock):
         self.input_size, gate_units = cell.kernel.shape
         self.units = int(cell.recurrent_kernel.shape[0])
         self.has_bias = has_bias
-        super().__init__(getattr(layer, "path", layer.name), variables, layer,
+        super().__init__(layer_name(layer), variables, layer,
                          input_dim=self.input_size + self.units + int(has_bias),
                          output_dim=gate_units, inverse_method=inverse_method)
-        self.capture_layers = [layer]
 
     def grads_to_matrix(self, grads):
         rows = [grads[0], grads[1]] + ([grads[2][None, :]] if self.has_bias else [])
@@ -287,7 +286,6 @@ class RecurrentBlock(_SequenceKroneckerBlock):
         recorder.record(layer, recurrence.rows([recurrence.sequences, previous], self.has_bias),
                         projection)
         result = recurrence.layer_outputs(outputs, states)
-        recorder.record_output(layer, result)
         return result
 
 
@@ -315,7 +313,7 @@ class GRUBlock(FisherBlock):
     """
 
     kind = "kronecker (gru)"
-    needs_capture = True
+    statistics_source = StatisticsSource.CAPTURES
 
     def __init__(self, layer, inverse_method="cholesky"):
         cell = layer.cell
@@ -324,7 +322,7 @@ class GRUBlock(FisherBlock):
                 "GRUBlock needs reset_after=True")  # guarded by the reason function
         self.has_bias = cell.bias is not None
         variables = [cell.kernel, cell.recurrent_kernel] + ([cell.bias] if self.has_bias else [])
-        name = getattr(layer, "path", layer.name)
+        name = layer_name(layer)
         super().__init__(name, variables, layer)
         input_size, gate_units = cell.kernel.shape
         units = int(cell.recurrent_kernel.shape[0])
@@ -338,7 +336,6 @@ class GRUBlock(FisherBlock):
             input_dim=units + int(self.has_bias), output_dim=gate_units,
             inverse_method=inverse_method)
         self.parts = (self.input_projection, self.recurrent_projection)
-        self.capture_layers = [layer]
 
     def _part_matrices(self, grads):
         if not self.has_bias:
@@ -363,6 +360,10 @@ class GRUBlock(FisherBlock):
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
         self.input_projection.update_statistics(captures[0::2], None, num_examples, decay)
         self.recurrent_projection.update_statistics(captures[1::2], None, num_examples, decay)
+
+    @property
+    def uses_eigenbasis_scalings(self):
+        return self.inverse_method == "ekfac"
 
     def update_scalings(self, captures, num_examples, factor_decay):
         """EKFAC: see `KroneckerBlock.update_scalings`, for each projection."""
@@ -417,5 +418,4 @@ class GRUBlock(FisherBlock):
         recorder.record(layer, recurrence.rows([recurrence.sequences], self.has_bias), projection)
         recorder.record(layer, recurrence.rows([previous], self.has_bias), recurrent_slot)
         result = recurrence.layer_outputs(outputs, states)
-        recorder.record_output(layer, result)
         return result

@@ -41,7 +41,7 @@ Memory: 3 floats per entry (`gamma^2`, `gamma beta` and `beta^2` moments), or
 
 import tensorflow as tf
 
-from kfac_keras.blocks.base import FisherBlock, ema_assign
+from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign, layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
 
 
@@ -95,7 +95,7 @@ class ScaleShiftBlock(FisherBlock):
             their shape does not match the layer's axes.
     """
 
-    needs_capture = True
+    statistics_source = StatisticsSource.CAPTURES
     #: Record `(d output / d gamma, output)`; differentiate w.r.t. the output.
     capture_mode = "output_tangent"
 
@@ -105,7 +105,7 @@ class ScaleShiftBlock(FisherBlock):
             raise UnsupportedLayerError(reason)
         self.scale_variable, self.shift_variable = scale_shift_variables(layer)
         variables = [v for v in (self.scale_variable, self.shift_variable) if v is not None]
-        super().__init__(getattr(layer, "path", None) or layer.name, variables, layer)
+        super().__init__(layer_name(layer), variables, layer)
         self.parameter_shape = tuple(int(d) for d in variables[0].shape)
         self.size = 1
         for d in self.parameter_shape:
@@ -175,6 +175,7 @@ class ScaleShiftBlock(FisherBlock):
 
     def update_inverses(self, damping):
         """Nothing to decompose: the 2x2 inverses are closed-form."""
+        del damping
 
     def multiply_damped_inverse(self, grads, damping):
         damping = tf.cast(damping, tf.float32)

@@ -1,0 +1,192 @@
+"""Capture of layer activations in the forward pass.
+
+Registration wraps the `call` of every layer whose block reads captured
+activations. The wrapper is inert (it calls the original `call`) except while
+a `Recorder` is attached (`Registration.capture()`), where it records, per
+call of the layer, a pair `(inputs, tensor)`: the second element is the
+tensor the sampled objective is differentiated against. What is recorded is
+the block's `capture_mode` (`CAPTURE_MODES`), unless the block runs the
+layer's forward pass itself (`FisherBlock.captured_call`, e.g. recurrent
+layers whose pre-activations live inside a loop).
+
+This module imports nothing from the rest of the package: blocks declare
+their capture needs (`kfac_keras.blocks.base.FisherBlock`), registration
+installs the wrappers, and chain detection (`kfac_keras.chains`) reuses them.
+"""
+
+import keras
+import tensorflow as tf
+
+#: What a capture wrapper records (a block's `capture_mode`):
+#: * "preactivation": `(inputs, s)` with the layer's activation switched off.
+#: * "output": `(inputs, output)`, the layer run unchanged (e.g. Embedding:
+#:   token ids and looked-up vectors).
+#: * "output_tangent": `(d output / d v, output)`, the forward-mode derivative
+#:   of the output w.r.t. the block's `capture_tangent_variable` `v` in the
+#:   direction of ones (normalization layers: `x_hat`); `(output, output)`
+#:   when the block has no such variable.
+CAPTURE_MODES = ("preactivation", "output", "output_tangent")
+
+
+class Recorder:
+    """Collects `(inputs, tensor)` pairs and outputs during one forward pass."""
+
+    def __init__(self):
+        self.records = {}
+        self.outputs = {}
+        # Forward accumulators of "output_tangent" captures. In eager mode a
+        # gradient tape loses the ops run under an accumulator once the
+        # accumulator is garbage-collected, so they live as long as the
+        # recorder (i.e. through the training step's backward passes).
+        self.forward_accumulators = []
+
+    def watch(self, layer, tensor):
+        """The tensor the layer passes on in place of `tensor`, the one its
+        record differentiates against; a recorder that also collects incoming
+        gradients (`kfac_keras.custom_step`) wraps it here."""
+        return tensor
+
+    def record(self, layer, inputs, tensor):
+        """Records one call of `layer`: its inputs and the differentiated tensor."""
+        self.records.setdefault(id(layer), []).append((inputs, tensor))
+
+    def record_output(self, layer, output):
+        """Records the tensor `layer` returned (chain detection and checks)."""
+        self.outputs.setdefault(id(layer), []).append(output)
+
+    def outputs_for(self, layer):
+        """The tensors `layer` returned in this pass, one per call."""
+        return self.outputs.get(id(layer), [])
+
+    def uses_of(self, layer):
+        """The records of `layer` in this pass (possibly none)."""
+        return self.records.get(id(layer), [])
+
+    def for_layer(self, layer):
+        """The records of `layer`; raises if the layer was not called."""
+        records = self.records.get(id(layer))
+        if not records:
+            raise RuntimeError(
+                f"K-FAC registered layer {layer.name!r} but it was not called in "
+                "the forward pass; a model whose layers are used conditionally "
+                "needs those layers excluded (exclude_layers=[...])."
+            )
+        return records
+
+
+def _backend_variable(variable):
+    """The `tf.Variable` behind a Keras variable (what the layer reads)."""
+    inner = getattr(variable, "_value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    if isinstance(variable, tf.Variable):
+        return variable
+    raise TypeError(f"Cannot find the TensorFlow variable behind {variable!r}.")
+
+
+class CaptureWrapper:
+    """Replaces a layer's `call`; records only while a recorder is attached.
+
+    Args:
+        layer: the Keras layer whose `call` it replaces.
+    """
+
+    def __init__(self, layer):
+        self.layer = layer
+        self.original_call = layer.call
+        self.recorder = None
+        self.block = None
+        self.mode = "preactivation"
+        self.tangent_variable = None
+
+    def configure(self, block):
+        """Records what `block` declares (`capture_mode`, tangent variable,
+        `captured_call`)."""
+        if block.capture_mode not in CAPTURE_MODES:
+            raise ValueError(f"capture mode must be one of {CAPTURE_MODES}; "
+                             f"received {block.capture_mode!r} from {block.name!r}.")
+        self.block = block
+        self.mode = block.capture_mode
+        variable = block.capture_tangent_variable
+        self.tangent_variable = None if variable is None else _backend_variable(variable)
+
+    def _record_output(self, recorder, inputs, args, kwargs):
+        layer = self.layer
+        if self.mode == "output" or self.tangent_variable is None:
+            output = recorder.watch(layer, self.original_call(*args, **kwargs))
+            recorder.record(layer, output if self.mode == "output_tangent" else inputs,
+                            output)
+        else:
+            variable = self.tangent_variable
+            with tf.autodiff.ForwardAccumulator(
+                    primals=[variable],
+                    tangents=[tf.ones(variable.shape, variable.dtype)]) as accumulator:
+                output = self.original_call(*args, **kwargs)
+            recorder.forward_accumulators.append(accumulator)
+            tangent = accumulator.jvp(output)
+            output = recorder.watch(layer, output)
+            if tangent is None:
+                raise RuntimeError(
+                    f"K-FAC could not differentiate the output of layer "
+                    f"{layer.name!r} w.r.t. {variable.name}: the layer does not "
+                    "read that variable in its call.")
+            recorder.record(layer, tf.stop_gradient(tangent), output)
+        recorder.record_output(layer, output)
+        return output
+
+    def _record_preactivation(self, recorder, inputs, args, kwargs):
+        layer = self.layer
+        activation = layer.activation
+        layer.activation = keras.activations.linear
+        try:
+            preactivation = self.original_call(*args, **kwargs)
+        finally:
+            layer.activation = activation
+        preactivation = recorder.watch(layer, preactivation)
+        recorder.record(layer, inputs, preactivation)
+        output = preactivation if activation is None else activation(preactivation)
+        recorder.record_output(layer, output)
+        return output
+
+    def __call__(self, *args, **kwargs):
+        recorder = self.recorder
+        if recorder is None:
+            return self.original_call(*args, **kwargs)
+        if self.block is not None:
+            output = self.block.captured_call(self.original_call, recorder, args, kwargs)
+            if output is not None:
+                recorder.record_output(self.layer, output)
+                return output
+        inputs = args[0] if args else kwargs["inputs"]
+        if self.mode == "preactivation":
+            return self._record_preactivation(recorder, inputs, args, kwargs)
+        return self._record_output(recorder, inputs, args, kwargs)
+
+
+def capture_wrapper(layer, block=None):
+    """The layer's capture wrapper (installed once), configured for `block`.
+
+    Args:
+        layer: the Keras layer.
+        block: the block reading the layer's captures, or None (default) to
+            keep the wrapper's current setup (a new wrapper records
+            pre-activations).
+
+    Returns:
+        The `CaptureWrapper`.
+    """
+    wrapper = layer.__dict__.get("_kfac_capture_wrapper")
+    if wrapper is None:
+        wrapper = CaptureWrapper(layer)
+        layer._kfac_capture_wrapper = wrapper
+        layer.call = wrapper
+    if block is not None:
+        wrapper.configure(block)
+    return wrapper
+
+
+def block_captures(block, recorder):
+    """A capture block's records of one pass: all calls of each of its
+    `capture_layers()`, concatenated in layer order."""
+    return [record for layer in block.capture_layers()
+            for record in recorder.for_layer(layer)]

@@ -6,6 +6,7 @@ from absl import logging
 
 from kfac_keras import custom_step as custom_step_lib
 from kfac_keras import distributed
+from kfac_keras import keras_internals
 from kfac_keras.optimizer import KFAC
 from kfac_keras.training import KFACTrainStep
 
@@ -35,9 +36,7 @@ def build_from_batch(model, data):
     """Builds an unbuilt `model` from a batch's shapes, as Keras does at its
     first step, outside any `tf.function` being traced (so its variables and
     K-FAC's are created once, eagerly)."""
-    from keras.src.trainers.data_adapters import data_adapter_utils
-
-    x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+    x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
     specs = tf.nest.map_structure(
         lambda t: None if t is None else keras.KerasTensor(tuple(t.shape), t.dtype.name), x)
     with tf.init_scope():
@@ -47,7 +46,7 @@ def build_from_batch(model, data):
 def is_built(model):
     """True if K-FAC can register `model` now: it is built, or (a model
     without `call`, like keras-io's VAE) all its sub-layers are."""
-    sublayers = model._flatten_layers(include_self=False, recursive=True)
+    sublayers = keras_internals.child_layers(model)
     return model.built or bool(sublayers) and all(layer.built for layer in sublayers)
 
 

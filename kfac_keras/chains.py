@@ -16,6 +16,7 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import capture
+from kfac_keras import keras_internals
 from kfac_keras.blocks.base import layer_name
 from kfac_keras.blocks.dense import DenseBlock
 from kfac_keras.blocks.tridiagonal import DenseChainBlock
@@ -62,11 +63,8 @@ def _input_specs(model):
 
 
 def _keras_name_scopes():
-    """Keras's global name-scope stack (a list; private Keras state)."""
-    from keras.src.backend.common import global_state
-
-    return global_state.get_global_attribute(
-        "name_scope_stack", default=[], set_to_default=True)
+    """Keras's global name-scope stack (a list)."""
+    return keras_internals.name_scope_stack()
 
 
 def _trace_links(model, layers):

@@ -170,9 +170,7 @@ class CustomTrainStep:
     def train_step(self, data):
         """The model's `train_step`, run with K-FAC capture on; returns its
         logs plus `kfac_skipped_steps` and `KFAC.logged_values()`."""
-        from keras.src.trainers.data_adapters import data_adapter_utils
-
-        x, _, _ = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         first_input = next(i for i in tf.nest.flatten(x) if i is not None)
         recorder = GradientRecorder()
         state = _StepState(

@@ -36,6 +36,8 @@ inside `Bidirectional`) and `"forward"` otherwise.
 import keras
 import tensorflow as tf
 
+from kfac_keras import keras_internals
+
 #: Accepted `method` values of `jacobian_vector_product`.
 JVP_METHODS = ("auto", "forward", "double_backward")
 
@@ -51,7 +53,7 @@ def jvp_method(model):
         `While` loop forward mode cannot differentiate in graph mode), else
         `"forward"`.
     """
-    layers = model._flatten_layers(include_self=True, recursive=True)
+    layers = keras_internals.child_layers(model, include_self=True)
     if any(isinstance(layer, keras.layers.RNN) for layer in layers):
         return "double_backward"
     return "forward"

@@ -134,6 +134,14 @@ def loss_tracker(model):
     return model._loss_tracker
 
 
+def multi_output_loss(losses, model):
+    """Keras's own loss over several outputs (`CompileLoss`, what `compile`
+    builds from a list or dict of losses)."""
+    from keras.src.trainers.compile_utils import CompileLoss
+
+    return CompileLoss(losses, None, output_names=getattr(model, "output_names", None))
+
+
 def loss_function_options(loss):
     """The keyword arguments a `keras.losses.LossFunctionWrapper` passes to
     its function (`from_logits`, `axis`, ...; `_fn_kwargs`)."""

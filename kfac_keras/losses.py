@@ -52,6 +52,7 @@ import collections
 import keras
 import tensorflow as tf
 
+from kfac_keras import keras_internals
 from kfac_keras import sampling
 
 _EPSILON = 1e-7
@@ -814,7 +815,7 @@ def distribution_for_loss(loss):
         return distribution_for_loss(_FUNCTION_LOSSES[loss])
     for keras_cls, cls, kwargs in _CLASS_LOSSES:
         if type(loss) is keras_cls:
-            options = dict(loss._fn_kwargs)
+            options = keras_internals.loss_function_options(loss)
             from_logits = options.pop("from_logits", False)
             label_smoothing = options.pop("label_smoothing", 0.0)
             axis = options.pop("axis", -1)

@@ -42,6 +42,7 @@ class _Diagnostics:
         self.update_norm = tf.Variable(0.0, trainable=False, name="kfac_update_norm")
         self.rho = tf.Variable(float("nan"), trainable=False, name="kfac_rho")
         self.qmodel_change = tf.Variable(0.0, trainable=False, name="kfac_qmodel_change")
+        self.step_size = tf.Variable(0.0, trainable=False, name="kfac_step_size")
 
 
 def _delegate(name):
@@ -206,9 +207,12 @@ class KFAC(keras.optimizers.Optimizer):
             Grosse & Martens 2017, "Distributed Second-Order Optimization
             using Kronecker-Factored Approximations"). The
             preconditioned gradient `Delta = (Fhat + lambda + eta)^{-1} grad`
-            is scaled by `min(1, sqrt(c / (lr^2 Delta^T (Fhat + lambda + eta)
-            Delta)))`, so that `lr^2 Delta^T Fhat Delta <= c` (with the damped
-            `Fhat` the preconditioner inverts); momentum is added after.
+            is scaled by `min(1, sqrt(c / (Delta^T (Fhat + lambda + eta)
+            Delta)))`, so that `Delta^T Fhat Delta <= c` (with the damped
+            `Fhat` the preconditioner inverts); the learning rate multiplies
+            the clipped `Delta` (so it scales the step whether or not the
+            bound binds; the logged `step_size` is their product), and
+            momentum is added after.
             Not available with `quadratic_model_step`. `"auto"` means 1e-4
             with a learning-rate step and None with `quadratic_model_step`;
             None turns the constraint off (the plain `learning_rate` step).
@@ -426,7 +430,9 @@ class KFAC(keras.optimizers.Optimizer):
         """The K-FAC quantities added to the step's logs, as tensors.
 
         Always `damping` (the current `lambda`) and `update_norm` (the norm of
-        the last update `delta`); with `adapt_damping`, `rho` (last reduction
+        the last update `delta`); with a learning-rate step, `step_size`, the
+        factor that multiplied the preconditioned gradient in the last step
+        (the learning rate times the KL-clipping scale); with `adapt_damping`, `rho` (last reduction
         ratio; NaN when undefined) and `qmodel_change` (the last predicted
         change `M(delta) - M(0)` of the undamped model); with
         `quadratic_model_step`, also `alpha` and `mu` of the last step
@@ -434,6 +440,8 @@ class KFAC(keras.optimizers.Optimizer):
         """
         values = {"damping": tf.convert_to_tensor(self.damping),
                   "update_norm": tf.convert_to_tensor(self._diagnostics.update_norm)}
+        if not self.uses_quadratic_model_step:
+            values["step_size"] = tf.convert_to_tensor(self._diagnostics.step_size)
         if self.adapts_damping:
             values["rho"] = tf.convert_to_tensor(self._diagnostics.rho)
         if self.adaptive is not None:
@@ -529,8 +537,11 @@ class KFAC(keras.optimizers.Optimizer):
             self, self.precondition(raw_grads, variables))
         if self.norm_constraint is not None:
             coefficient = step_rules.kl_clipping_scale(
-                full_grads, preconditioned, self._learning_rate_now(), self.norm_constraint)
+                full_grads, preconditioned, self.norm_constraint)
             preconditioned = [p * tf.cast(coefficient, p.dtype) for p in preconditioned]
+            self._diagnostics.step_size.assign(self._learning_rate_now() * coefficient)
+        elif not self.uses_quadratic_model_step:
+            self._diagnostics.step_size.assign(self._learning_rate_now())
         previous = self._velocities_of(variables)
         predicted = None
         if self.adapts_damping:

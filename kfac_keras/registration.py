@@ -31,6 +31,7 @@ import keras
 from absl import logging
 
 from kfac_keras import capture, chains
+from kfac_keras import keras_internals
 from kfac_keras.blocks.base import StatisticsSource, layer_name
 from kfac_keras.blocks.conv import conv_unsupported_reason, make_conv_block
 from kfac_keras.blocks.conv_transpose import (conv_transpose_unsupported_reason,
@@ -179,7 +180,7 @@ def _parents(layers):
     """Maps `id(sublayer)` to its enclosing layer (None at the top level)."""
     parents = {}
     for layer in layers:
-        for child in layer._flatten_layers(include_self=False, recursive=False):
+        for child in keras_internals.child_layers(layer, recursive=False):
             parents.setdefault(id(child), layer)
     return parents
 
@@ -288,7 +289,7 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
     """
     layer_blocks = dict(layer_blocks or {})
     exclude_layers = list(exclude_layers or [])
-    sublayers = model._flatten_layers(include_self=False, recursive=True)
+    sublayers = keras_internals.child_layers(model)
     if not model.built and not (sublayers and all(l.built for l in sublayers)):
         # (A model without `call`, e.g. a custom train_step's container of
         # built sub-models, is never marked built itself.)
@@ -296,7 +297,7 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
             "K-FAC needs a built model to register its layers; call the model "
             "on data (or `model.build(input_shape)`) first."
         )
-    layers = model._flatten_layers(include_self=False, recursive=True)
+    layers = keras_internals.child_layers(model)
     _check_names(layers, layer_blocks, exclude_layers)
     excluded = set(exclude_layers)
     parents = _parents(layers)

@@ -15,9 +15,10 @@ Fisher (`kfac_keras.quadratic_model`) and
 the local quadratic model, with `shift = eta` (undamped, used for `rho`) or
 `lambda + eta` (damped, minimised by the quadratic-model step).
 
-**KL clipping** (Ba, Grosse & Martens 2017): `Delta` is scaled by
-`min(1, sqrt(c / (lr^2 Delta^T grad)))`, since `Delta^T grad = Delta^T
-(Fhat + lambda + eta) Delta`.
+**KL clipping** (after Ba, Grosse & Martens 2017): `Delta` is scaled by
+`min(1, sqrt(c / (Delta^T grad)))`, since `Delta^T grad = Delta^T
+(Fhat + lambda + eta) Delta`, and the learning rate multiplies the result, so
+it always scales the step.
 
 **Quadratic-model step** (section 7): `delta = alpha (-Delta) + mu delta0`
 with `(alpha, mu)` minimising the damped model, a 2x2 linear system; on the
@@ -76,20 +77,25 @@ def dot(first, second):
 
 
 # ------------------------------------------------------------ KL clipping
-def kl_clipping_scale(full_grads, preconditioned, learning_rate, norm_constraint):
-    """`min(1, sqrt(c / (lr^2 Delta^T grad)))`, 1 when `Delta^T grad <= 0`.
+def kl_clipping_scale(full_grads, preconditioned, norm_constraint):
+    """`min(1, sqrt(c / (Delta^T grad)))`, 1 when `Delta^T grad <= 0`.
+
+    The bound is on the preconditioned gradient itself, before the learning
+    rate multiplies it, so the step `lr * scale * Delta` always scales with
+    `lr`: halving the learning rate (or a schedule, or `ReduceLROnPlateau`)
+    halves the step even when the bound binds. (Ba et al. 2017 bound
+    `lr^2 Delta^T grad` instead, which makes `lr` irrelevant whenever the
+    bound binds; at `lr = 1` the two agree.)
 
     Args:
         full_grads: list of tensors, `grad` (with the `l2_reg` term).
         preconditioned: list of tensors, `Delta`, aligned with `full_grads`.
-        learning_rate: scalar, `lr`.
         norm_constraint: float > 0, `c`.
 
     Returns:
         A float32 scalar tensor in (0, 1].
     """
-    learning_rate = tf.cast(learning_rate, tf.float32)
-    size = tf.square(learning_rate) * dot(preconditioned, full_grads)
+    size = dot(preconditioned, full_grads)
     positive = size > 0.0
     return tf.where(
         positive,

@@ -46,10 +46,10 @@ result equals a single-device step on the same global batch.
 
 import keras
 import tensorflow as tf
-from keras.src.losses import loss as keras_loss_module
 
 from kfac_keras import distributed
 from kfac_keras import guards
+from kfac_keras import keras_internals
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
 from kfac_keras import registration as registration_lib
@@ -76,9 +76,7 @@ def _explicit_loss(model, loss):
     `make_train_step`: Keras's own multi-output loss for a list or dict of
     several losses, else the single loss object."""
     if isinstance(loss, (list, tuple, dict)) and len(loss) > 1:
-        from keras.src.trainers.compile_utils import CompileLoss
-
-        return CompileLoss(loss, None, output_names=getattr(model, "output_names", None))
+        return keras_internals.multi_output_loss(loss, model)
     return losses_lib.loss_object(loss)
 
 
@@ -215,11 +213,10 @@ class KFACTrainStep:
     # ---------------------------------------------------------------- parts
     def _loss(self, x, y, y_pred, sample_weight):
         if self._loss_fn is None:
-            return self.model._compute_loss(
-                x=x, y=y, y_pred=y_pred, sample_weight=sample_weight, training=True)
+            return keras_internals.compute_loss(self.model, x, y, y_pred, sample_weight)
         value = self._loss_fn(y, y_pred, sample_weight=sample_weight)
         if self.model.losses:
-            value = value + keras_loss_module.scale_loss_for_distribution(
+            value = value + keras_internals.scale_loss_for_distribution(
                 tf.add_n([tf.cast(l, value.dtype) for l in self.model.losses]))
         return value
 
@@ -424,22 +421,20 @@ class KFACTrainStep:
 
     def keras_train_step(self, data):
         """Drop-in replacement for `model.train_step`, used by `fit`."""
-        from keras.src.trainers.data_adapters import data_adapter_utils
-
-        x, y, sample_weight = data_adapter_utils.unpack_x_y_sample_weight(data)
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y_pred, loss = self.run(x, y, sample_weight)
         model = self.model
         first_input = next(i for i in tf.nest.flatten(x) if i is not None)
         # A non-finite loss means the guard skipped the batch: leave it out of
         # the logged mean loss (so TerminateOnNaN does not end a healthy run).
         loss_is_finite = tf.math.is_finite(loss)
-        model._loss_tracker.update_state(
-            tf.where(loss_is_finite, keras_loss_module.unscale_loss_for_distribution(loss), 0.0),
+        keras_internals.loss_tracker(model).update_state(
+            tf.where(loss_is_finite, keras_internals.unscale_loss_for_distribution(loss), 0.0),
             sample_weight=tf.where(loss_is_finite, tf.shape(first_input)[0], 0))
         logs = model.compute_metrics(x, y, y_pred, sample_weight=sample_weight)
         if "loss" in logs:
             # Every batch so far skipped: the mean loss is undefined, not 0.
-            seen = tf.convert_to_tensor(model._loss_tracker.count) > 0
+            seen = tf.convert_to_tensor(keras_internals.loss_tracker(model).count) > 0
             undefined = tf.constant(float("nan"), logs["loss"].dtype)
             logs["loss"] = tf.where(seen, logs["loss"], undefined)
         logs["kfac_skipped_steps"] = tf.convert_to_tensor(self.optimizer.skipped_steps)

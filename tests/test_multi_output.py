@@ -126,7 +126,7 @@ def _two_head_data(rng, count=512):
     return x, {"cls": labels, "reg": targets}
 
 
-@pytest.mark.parametrize("options", [{}, {"learning_rate": 0.1, "momentum": 0.5,
+@pytest.mark.parametrize("options", [{}, {"learning_rate": 1.0, "momentum": 0.5,
                                           "adaptive": None, "damping": 1e-2}])
 def test_two_head_model_trains_with_fit(options):
     """A classifier + regressor with dict losses and loss_weights (refused
@@ -169,7 +169,7 @@ def test_single_output_one_entry_loss_is_unwrapped(loss):
     rng = np.random.default_rng(3)
     inputs = keras.Input((3,))
     model = keras.Model(inputs, keras.layers.Dense(2, name="out")(inputs))
-    model.compile(optimizer=kfac_keras.KFAC(learning_rate=0.5, adaptive=None, damping=1e-3),
+    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, damping=1e-3),
                   loss=loss)
     x = rng.normal(size=(128, 3)).astype("float32")
     y = x[:, :2] * 2.0 - 1.0

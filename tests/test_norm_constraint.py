@@ -4,8 +4,10 @@ Oracle: `Fhat + (lambda + eta) I` assembled densely from the code's factors
 with `np.kron` (exact damping for `"eigh"`, factored Tikhonov with the pi
 adjustment for `"cholesky"`), block-diagonal over the layers; the gradient
 from a tape. With the constraint active the applied update `lr * Delta`
-must satisfy `lr^2 Delta^T (Fhat + lambda + eta) Delta = c` (1e-4 relative);
-inactive, the update must equal the unconstrained `-lr (Fhat + ...)^{-1} grad`.
+must satisfy `Delta^T (Fhat + lambda + eta) Delta = c` (1e-4 relative): the
+bound is on the preconditioned gradient, and the learning rate scales the
+result; inactive, the update must equal the unconstrained
+`-lr (Fhat + ...)^{-1} grad`.
 """
 
 import keras
@@ -73,10 +75,11 @@ def test_norm_constraint(method, bound):
     full = _stacked([g + l2 * w for g, w in zip(grads, before)])
     fhat = _dense_damped_fhat(optimizer, model, method, damping + l2)
     unconstrained = -lr * np.linalg.solve(fhat, full)
-    size = unconstrained @ fhat @ unconstrained  # lr^2 Delta^T Fhat Delta without clipping
+    natural = np.linalg.solve(fhat, full)
+    size = natural @ fhat @ natural  # Delta^T Fhat Delta without clipping
     if size > bound:
         delta = -update / lr
-        np.testing.assert_allclose(lr ** 2 * delta @ fhat @ delta, bound, rtol=1e-4)
+        np.testing.assert_allclose(delta @ fhat @ delta, bound, rtol=1e-4)
         # and it is a rescaling of the unconstrained step
         cosine = update @ unconstrained / (np.linalg.norm(update) * np.linalg.norm(unconstrained))
         assert cosine > 1 - 1e-6
@@ -92,3 +95,28 @@ def test_norm_constraint_is_validated_and_serialized():
         kfac_keras.KFAC(norm_constraint="1")
     config = kfac_keras.KFAC(norm_constraint=0.01).get_config()
     assert kfac_keras.KFAC.from_config(config).norm_constraint == 0.01
+
+
+def test_learning_rate_scales_the_step_when_the_bound_binds():
+    """Halving the learning rate halves the update even when KL clipping sets
+    the step length (it used to cancel: the bound was on `lr * Delta`)."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    updates, step_sizes = [], []
+    for lr in (1.0, 0.5):
+        keras.utils.set_random_seed(0)
+        model = _model()
+        optimizer = kfac_keras.KFAC(adaptive=None, learning_rate=lr, momentum=0.0,
+                                    norm_constraint=1e-6, cov_update_every=1,
+                                    inv_update_every=1, seed=1)
+        step = kfac_keras.make_train_step(model, optimizer, loss)
+        before = [v.numpy() for v in model.trainable_variables]
+        logs = step(x, y)
+        updates.append(np.concatenate([(v.numpy() - b).ravel() for v, b in
+                                       zip(model.trainable_variables, before)]))
+        step_sizes.append(float(logs["step_size"]))
+    np.testing.assert_allclose(updates[1], 0.5 * updates[0], rtol=1e-4, atol=1e-7)
+    assert step_sizes[0] < 1.0  # the bound binds
+    assert step_sizes[1] == pytest.approx(0.5 * step_sizes[0], rel=1e-5)

@@ -32,15 +32,15 @@ def test_dot_is_the_inner_product_of_the_concatenation():
 
 @pytest.mark.parametrize("norm_constraint", [1e-4, 1e3])
 def test_kl_clipping_scale(norm_constraint):
-    grads, learning_rate = _tensors(), 0.7
+    grads = _tensors()
     preconditioned = [2.0 * g for g in grads]  # Delta^T grad > 0
-    size = learning_rate**2 * (_flat(preconditioned) @ _flat(grads))
+    size = _flat(preconditioned) @ _flat(grads)
     expected = min(1.0, np.sqrt(norm_constraint / size))
-    scale = step_rules.kl_clipping_scale(grads, preconditioned, learning_rate, norm_constraint)
+    scale = step_rules.kl_clipping_scale(grads, preconditioned, norm_constraint)
     assert float(scale) == pytest.approx(expected, rel=1e-5)
     # No positive curvature along Delta: no clipping.
     negative = step_rules.kl_clipping_scale(grads, [-p for p in preconditioned],
-                                            learning_rate, norm_constraint)
+                                            norm_constraint)
     assert float(negative) == 1.0
 
 
@@ -102,7 +102,7 @@ def test_rules_assign_no_variable():
     variable = tf.Variable(np.ones((3, 2), "float32"))
     before = variable.numpy().copy()
     grads = [variable, tf.ones((2,))]
-    step_rules.kl_clipping_scale(grads, grads, 1.0, 1e-3)
+    step_rules.kl_clipping_scale(grads, grads, 1e-3)
     step_rules.actual_change(1.0, 0.5, grads, grads, 0.1)
     step_rules.levenberg_marquardt_update(tf.constant(1.0), 0.9, 0.5, 1e-3, 10.0)
     np.testing.assert_array_equal(variable.numpy(), before)

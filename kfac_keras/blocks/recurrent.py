@@ -47,6 +47,7 @@ step (`B T (input_dim + units)` floats).
 import keras
 import tensorflow as tf
 
+from kfac_keras import keras_internals
 from kfac_keras.blocks.base import FisherBlock, StatisticsSource, layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.kronecker import KroneckerBlock, location_rows
@@ -65,7 +66,7 @@ def layer_variables(layer):
     so the layer (whose call the block captures) gets the block."""
     if isinstance(layer, tuple(RECURRENT_CELLS)):
         return list(layer.trainable_variables)
-    return list(layer._trainable_variables)
+    return keras_internals.own_trainable_variables(layer)
 
 
 def choice_layer(layer):

@@ -18,6 +18,11 @@ Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
 * `"rms"`: Muon-like fixed RMS per block: buffer `m <- mu m + P`, update
   `-lr * 0.2 * m / rms(m)` (Keras's Muon: polar factor times
   `0.2 sqrt(max(fan_in, fan_out))`, whose RMS is 0.2).
+* `"rms_cap"`: the natural step capped at the fixed RMS: buffer `m <- mu m + P`,
+  update `-lr * min(natural_lr_ratio, 0.2 / rms(m)) * m` per block, so a block
+  whose K-FAC step (at learning rate `lr * natural_lr_ratio`) is already
+  small takes it unchanged (convex problems converge), and a large one is
+  cut to RMS `0.2 lr` (Muon's size).
 * `"graft_adam"` / `"graft_sgd"`: buffer `m <- mu m + P`, update
   `-lr * m * ||a|| / ||m||` per block, with `a` Adam's step
   (`mhat / (sqrt(vhat) + eps)`, beta 0.9/0.999) or the SGD-momentum buffer.
@@ -25,6 +30,10 @@ Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
   * NS_k(m)`, NS_k = `ns_steps` Newton-Schulz iterations towards the polar
   factor (lead 6); blocks whose smaller side is below `ortho_min_dim` take
   the `"rms"` update instead.
+
+`kl_relative_to_loss`: the KL clips use `c * loss` (the batch loss before the
+step) instead of `c`, so that multiplying the loss by a constant changes
+nothing once the damping is relative too.
 
 Curvature options: `relative_damping` (lead e): every Kronecker block is
 decomposed with `lambda_l = lambda * mean_eig(A_l) * mean_eig(G_l)` (the
@@ -45,7 +54,8 @@ from kfac_keras import linalg
 from kfac_keras import quadratic_model
 from kfac_keras.blocks.kronecker import KroneckerBlock
 
-STEP_RULES = ("library", "kl", "kl_layer", "rms", "graft_adam", "graft_sgd", "ortho")
+STEP_RULES = ("library", "kl", "kl_layer", "rms", "rms_cap", "graft_adam", "graft_sgd",
+              "ortho")
 #: Quintic Newton-Schulz coefficients (a, b, c): X <- a X + (b A + c A^2) X,
 #: A = X X^T; they push all singular values of a normalised X towards ~1 fast.
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -91,6 +101,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
             Defaults to 0.
         nesterov: bool, Nesterov form of the buffer (`P + mu m`) for the
             buffer rules. Defaults to False.
+        natural_lr_ratio: float > 0, `"rms_cap"`'s uncapped step is the K-FAC
+            step at `lr * natural_lr_ratio`. Defaults to 100 (the full step at
+            lr 1e-2).
+        kl_relative_to_loss: bool, clip with `c * loss`. Defaults to False.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -99,7 +113,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
 
     def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
                  other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
-                 nesterov=False, **kwargs):
+                 nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
+                 **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if step_rule != "library":
@@ -116,13 +131,16 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.relative_damping = bool(relative_damping)
         self.warmup_steps = int(warmup_steps)
         self.nesterov = bool(nesterov)
+        self.natural_lr_ratio = float(natural_lr_ratio)
+        self.kl_relative_to_loss = bool(kl_relative_to_loss)
+        self._bound = None
         self.effective_step = None
 
     def build(self, variables):
         if self.built:
             return
         super().build(variables)
-        if self.step_rule in ("rms", "graft_adam", "graft_sgd", "ortho"):
+        if self.step_rule in ("rms", "rms_cap", "graft_adam", "graft_sgd", "ortho"):
             self.buffers = self.add_optimizer_variables(variables, "direction_buffer")
         if self.step_rule == "graft_adam":
             self.adam_first = self.add_optimizer_variables(variables, "adam_m")
@@ -196,6 +214,11 @@ class StepRuleKFAC(kfac_keras.KFAC):
         or None for the KL rules (handled with momentum by `_kl_updates`)."""
         rule = self.step_rule
         directions = [self._buffer_update(variables[i], precond[i]) for i in members]
+        if rule == "rms_cap":
+            rms = tf.sqrt(_dot(directions, directions)
+                          / float(sum(d.shape.num_elements() for d in directions)))
+            scale = tf.minimum(self.natural_lr_ratio, MUON_RMS / (rms + 1e-12))
+            return [d * scale for d in directions]
         if rule in ("rms", "ortho"):
             matrix = block.grads_to_matrix(directions)
             rows, cols = matrix.shape
@@ -231,8 +254,9 @@ class StepRuleKFAC(kfac_keras.KFAC):
 
     def _kl_scale(self, grads, precond):
         quadratic = _dot(precond, grads)
+        bound = self.kl_bound if self._bound is None else self._bound
         return tf.where(quadratic > 0, tf.minimum(1.0, tf.sqrt(
-            self.kl_bound / tf.where(quadratic > 0, quadratic, 1.0))), 1.0)
+            bound / tf.where(quadratic > 0, quadratic, 1.0))), 1.0)
 
     def apply_step(self, grads, trainable_variables, batch=None, loss=None):
         if self.step_rule == "library":
@@ -250,6 +274,11 @@ class StepRuleKFAC(kfac_keras.KFAC):
         previous = [tf.convert_to_tensor(self.velocities[self._get_variable_index(v)])
                     for v in variables]
         groups, rest = self._groups(variables)
+        self._bound = None
+        if self.kl_relative_to_loss:
+            if loss is None:
+                raise ValueError("kl_relative_to_loss needs the loss (use make_train_step).")
+            self._bound = self.kl_bound * tf.abs(tf.cast(loss, tf.float32))
         deltas = [None] * len(variables)
         if self.step_rule in ("kl", "kl_layer"):
             if self.step_rule == "kl":

@@ -226,6 +226,8 @@ def main(argv=None):
     p.add_argument("--ratio-period", type=int, default=20)
     p.add_argument("--ratio-rounds", type=int, default=3)
     p.add_argument("--ratio-warmup", type=int, default=25)
+    p.add_argument("--ratio-only", action="store_true",
+                   help="only time the --ratio configurations (no training runs)")
     p.add_argument("--targets", default=None, help="comma list (default: the task's)")
     p.add_argument("--out", default=None, help="JSON-lines file to append to")
     args = p.parse_args(argv)
@@ -249,14 +251,14 @@ def main(argv=None):
           flush=True)
     results = []
     tuned = {}
-    for kind, lr in parse_baselines(args.baselines):
+    for kind, lr in ([] if args.ratio_only else parse_baselines(args.baselines)):
         if kind in args.tune.split(","):
             tuned[kind] = tune(task, kind, lr, args, targets, results)
         else:
             run_config(task, f"{kind}:{lr:g}", (kind, {"learning_rate": lr}), args, targets,
                        results)
     configs = json.loads(args.configs)
-    for name, kwargs in configs.items():
+    for name, kwargs in ({} if args.ratio_only else configs).items():
         run_config(task, name, ("kfac", kwargs), args, targets, results)
     ratios = {}
     adam_lr = tuned.get("adam", args.ratio_adam_lr)

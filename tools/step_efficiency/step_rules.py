@@ -105,6 +105,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
             step at `lr * natural_lr_ratio`. Defaults to 100 (the full step at
             lr 1e-2).
         kl_relative_to_loss: bool, clip with `c * loss`. Defaults to False.
+        momentum_after: bool, for `"rms"`/`"ortho"`: normalise or
+            orthogonalise `P` itself and add heavy-ball momentum after
+            (`v <- mu v - lr * step(P)`, lead 6 as first measured) instead of
+            normalising the momentum buffer (Muon's order). Defaults to False.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -114,7 +118,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
     def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
                  other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
-                 **kwargs):
+                 momentum_after=False, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if step_rule != "library":
@@ -134,6 +138,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.natural_lr_ratio = float(natural_lr_ratio)
         self.kl_relative_to_loss = bool(kl_relative_to_loss)
         self._bound = None
+        self.momentum_after = bool(momentum_after)
         self.effective_step = None
 
     def build(self, variables):
@@ -213,7 +218,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
         """Unscaled-by-lr step (to be multiplied by `-lr`) of one block's variables,
         or None for the KL rules (handled with momentum by `_kl_updates`)."""
         rule = self.step_rule
-        directions = [self._buffer_update(variables[i], precond[i]) for i in members]
+        if self.momentum_after and rule in ("rms", "ortho"):
+            directions = [precond[i] for i in members]
+        else:
+            directions = [self._buffer_update(variables[i], precond[i]) for i in members]
         if rule == "rms_cap":
             rms = tf.sqrt(_dot(directions, directions)
                           / float(sum(d.shape.num_elements() for d in directions)))
@@ -302,7 +310,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
             for block, members in groups:
                 for i, d in zip(members, self._rule_directions(block, members, grads,
                                                                precond, variables)):
-                    deltas[i] = -lr * d
+                    deltas[i] = (momentum * previous[i] - lr * d if self.momentum_after
+                                 else -lr * d)
             if rest:
                 s = self._kl_scale([grads[i] for i in rest], [precond[i] for i in rest])
                 for i in rest:

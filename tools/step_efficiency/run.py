@@ -143,6 +143,7 @@ def run_config(task, name, spec, args, targets, results):
            "reach": {f"{t:.4g}": steps_to(curve, t) for t in targets},
            "final": float(curve[-1]) if len(curve) else None,
            "at": [round(float(v), 4) for v in curve[49::50]],
+           "curve": [round(float(v), 5) for v in curve],
            "ms_median": round(1000 * float(np.median(seconds[5:] if len(seconds) > 10 else seconds)), 1),
            "ms_mean": round(1000 * float(np.mean(seconds[5:] if len(seconds) > 10 else seconds)), 1),
            "diverged": bool(len(losses) < args.steps), "wall": round(time.perf_counter() - t0, 1),

@@ -281,7 +281,7 @@ def convex_data(kind, seed=0):
     """Ill-conditioned least squares or softmax regression data (full batch)."""
     rng = np.random.default_rng(seed)
     n, d = 512, 20
-    scales = np.logspace(0, 2, d)  # condition number of X^T X: 1e4
+    scales = np.logspace(-1, 1, d)  # condition number of X^T X: about 1e4
     x = (rng.standard_normal((n, d)) * scales).astype("float32")
     if kind == "lsq":
         w = rng.standard_normal((d, 3))

@@ -285,7 +285,7 @@ def convex_data(kind, seed=0):
     x = (rng.standard_normal((n, d)) * scales).astype("float32")
     if kind == "lsq":
         w = rng.standard_normal((d, 3))
-        y = (x @ w / scales[:, None] + 0.1 * rng.standard_normal((n, 3))).astype("float32")
+        y = (x @ (w / scales[:, None]) + 0.1 * rng.standard_normal((n, 3))).astype("float32")
         return x, y
     w = rng.standard_normal((d, 5)) / scales[:, None] * 2.0
     logits = x @ w

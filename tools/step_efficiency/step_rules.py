@@ -1,0 +1,339 @@
+"""Candidate K-FAC step rules for issue 12, as options of a `kfac_keras.KFAC` subclass.
+
+`StepRuleKFAC` keeps the library's curvature pipeline (factors, Cholesky
+inverses, sampling, the non-finite guards) and replaces the step rule that
+turns the preconditioned gradient `P = (F + lambda I)^{-1} g` into an update.
+Rules act per Kronecker block on the block matrix `V` (`[K; b]` for a Dense
+layer, `(kh*kw*cin + 1, cout)` for a convolution; `block.grads_to_matrix`);
+variables without a Kronecker block (LayerNormalization, position
+embeddings, ...) take the `"kl"` rule below at the learning rate times
+`other_lr_ratio`.
+
+Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
+
+* `"kl"`: KL clip without the learning rate (lead a). One global scale
+  `s = min(1, sqrt(c / (P^T g)))` (`P^T g = P^T (F + lambda) P`), then
+  `v <- mu v - lr s P`; identical to the library's rule at `lr = 1`.
+* `"kl_layer"`: the same clip per block, `s_l = min(1, sqrt(c / (P_l^T g_l)))`.
+* `"rms"`: Muon-like fixed RMS per block: buffer `m <- mu m + P`, update
+  `-lr * 0.2 * m / rms(m)` (Keras's Muon: polar factor times
+  `0.2 sqrt(max(fan_in, fan_out))`, whose RMS is 0.2).
+* `"rms_cap"`: the natural step capped at the fixed RMS: buffer `m <- mu m + P`,
+  update `-lr * min(natural_lr_ratio, 0.2 / rms(m)) * m` per block, so a block
+  whose K-FAC step (at learning rate `lr * natural_lr_ratio`) is already
+  small takes it unchanged (convex problems converge), and a large one is
+  cut to RMS `0.2 lr` (Muon's size).
+* `"graft_adam"` / `"graft_sgd"`: buffer `m <- mu m + P`, update
+  `-lr * m * ||a|| / ||m||` per block, with `a` Adam's step
+  (`mhat / (sqrt(vhat) + eps)`, beta 0.9/0.999) or the SGD-momentum buffer.
+* `"ortho"`: buffer `m <- mu m + P`, update `-lr * 0.2 sqrt(max(n_in, n_out))
+  * NS_k(m)`, NS_k = `ns_steps` Newton-Schulz iterations towards the polar
+  factor (lead 6); blocks whose smaller side is below `ortho_min_dim` take
+  the `"rms"` update instead.
+
+`kl_relative_to_loss`: the KL clips use `c * loss` (the batch loss before the
+step) instead of `c`, so that multiplying the loss by a constant changes
+nothing once the damping is relative too.
+
+Curvature options: `relative_damping` (lead e): every Kronecker block is
+decomposed with `lambda_l = lambda * mean_eig(A_l) * mean_eig(G_l)` (the
+damping variable then holds `lambda_rel`; with the factored Tikhonov split
+this adds `sqrt(lambda_rel) * mean_eig` to each factor). `warmup_steps`
+(lead d): statistics and inverses every step for the first N steps.
+The Levenberg-Marquardt rule (the library's `adaptive`) judges the update
+actually taken: `M(delta) - M(0) = 1/2 delta^T F delta + g^T delta`.
+"""
+
+import keras
+import tensorflow as tf
+
+import kfac_keras
+from kfac_keras import damping as damping_lib
+from kfac_keras import guards
+from kfac_keras import linalg
+from kfac_keras import quadratic_model
+from kfac_keras.blocks.kronecker import KroneckerBlock
+
+STEP_RULES = ("library", "kl", "kl_layer", "rms", "rms_cap", "graft_adam", "graft_sgd",
+              "ortho")
+#: Quintic Newton-Schulz coefficients (a, b, c): X <- a X + (b A + c A^2) X,
+#: A = X X^T; they push all singular values of a normalised X towards ~1 fast.
+QUINTIC = (3.4445, -4.7750, 2.0315)
+MUON_RMS = 0.2
+
+
+def newton_schulz(matrix, steps):
+    """Approximate polar factor of `matrix` by `steps` quintic Newton-Schulz
+    iterations, after scaling to Frobenius norm 1 (singular values <= 1)."""
+    a, b, c = QUINTIC
+    transpose = matrix.shape[0] > matrix.shape[1]
+    x = tf.transpose(matrix) if transpose else matrix
+    x = x / (tf.norm(x) + 1e-7)
+    for _ in range(steps):
+        gram = tf.matmul(x, x, transpose_b=True)
+        x = a * x + tf.matmul(b * gram + c * tf.matmul(gram, gram), x)
+    return tf.transpose(x) if transpose else x
+
+
+def _dot(first, second):
+    return tf.add_n([tf.reduce_sum(tf.cast(a, tf.float32) * tf.cast(b, tf.float32))
+                     for a, b in zip(first, second)])
+
+
+class StepRuleKFAC(kfac_keras.KFAC):
+    """`kfac_keras.KFAC` with a replaceable step rule (see the module docstring).
+
+    Args:
+        step_rule: one of `STEP_RULES`; `"library"` keeps `KFAC.apply_step`.
+            Defaults to `"kl"`.
+        kl_bound: float > 0, `c` of the `"kl"`/`"kl_layer"` clips. Defaults
+            to 1e-4.
+        ns_steps: int >= 1, Newton-Schulz iterations of `"ortho"`. Defaults to 2.
+        ortho_min_dim: int, smallest block side that `"ortho"` orthogonalises.
+            Defaults to 0 (every block).
+        other_lr_ratio: float, learning-rate multiplier of the `"kl"` step of
+            variables without a Kronecker block (and, for `"rms"`, `"graft_*"`
+            and `"ortho"`, the learning rate is in their own units). Defaults
+            to 1.0.
+        relative_damping: bool, per-block damping relative to the factor
+            scale. Defaults to False.
+        warmup_steps: int >= 0, steps with statistics and inverses every step.
+            Defaults to 0.
+        nesterov: bool, Nesterov form of the buffer (`P + mu m`) for the
+            buffer rules. Defaults to False.
+        natural_lr_ratio: float > 0, `"rms_cap"`'s uncapped step is the K-FAC
+            step at `lr * natural_lr_ratio`. Defaults to 100 (the full step at
+            lr 1e-2).
+        kl_relative_to_loss: bool, clip with `c * loss`. Defaults to False.
+        momentum_after: bool, for `"rms"`/`"ortho"`: normalise or
+            orthogonalise `P` itself and add heavy-ball momentum after
+            (`v <- mu v - lr * step(P)`, lead 6 as first measured) instead of
+            normalising the momentum buffer (Muon's order). Defaults to False.
+        **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
+            `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
+            is forced to None for rules other than `"library"` (they clip
+            themselves).
+    """
+
+    def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
+                 other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
+                 nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
+                 momentum_after=False, **kwargs):
+        if step_rule not in STEP_RULES:
+            raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
+        if step_rule != "library":
+            if kwargs.get("norm_constraint") not in (None, "auto"):
+                raise ValueError("pass the clip as `kl_bound` for step rules other than "
+                                 "'library'.")
+            kwargs["norm_constraint"] = None
+        super().__init__(**kwargs)
+        self.step_rule = step_rule
+        self.kl_bound = float(kl_bound)
+        self.ns_steps = int(ns_steps)
+        self.ortho_min_dim = int(ortho_min_dim)
+        self.other_lr_ratio = float(other_lr_ratio)
+        self.relative_damping = bool(relative_damping)
+        self.warmup_steps = int(warmup_steps)
+        self.nesterov = bool(nesterov)
+        self.natural_lr_ratio = float(natural_lr_ratio)
+        self.kl_relative_to_loss = bool(kl_relative_to_loss)
+        self._bound = None
+        self.momentum_after = bool(momentum_after)
+        self.effective_step = None
+
+    def build(self, variables):
+        if self.built:
+            return
+        super().build(variables)
+        if self.step_rule in ("rms", "rms_cap", "graft_adam", "graft_sgd", "ortho"):
+            self.buffers = self.add_optimizer_variables(variables, "direction_buffer")
+        if self.step_rule == "graft_adam":
+            self.adam_first = self.add_optimizer_variables(variables, "adam_m")
+            self.adam_second = self.add_optimizer_variables(variables, "adam_v")
+        if self.step_rule == "graft_sgd":
+            self.sgd_buffers = self.add_optimizer_variables(variables, "sgd_m")
+        self.effective_step = tf.Variable(0.0, trainable=False, name="effective_step")
+
+    # ------------------------------------------------------ curvature timing
+    def statistics_due(self):
+        due = super().statistics_due()
+        if self.warmup_steps:
+            due = tf.logical_or(due, self._step() < self.warmup_steps)
+        return due
+
+    def inverses_due(self, statistics_updated):
+        due = super().inverses_due(statistics_updated)
+        if self.warmup_steps:
+            due = tf.logical_or(due, tf.logical_and(statistics_updated,
+                                                    self._step() < self.warmup_steps))
+        return due
+
+    def _decompose(self):
+        if not self.relative_damping:
+            return super()._decompose()
+        damping = self.total_damping()
+        flags = []
+        for block in self._registration.blocks:
+            block_damping = damping
+            if isinstance(block, KroneckerBlock):
+                block_damping = damping * tf.maximum(
+                    linalg.mean_diagonal(block.input_factor)
+                    * linalg.mean_diagonal(block.output_grad_factor), 1e-30)
+            flags.extend(guards.decompose_blocks([block], block_damping))
+        guards.raise_damping_unless(self, guards.all_true(flags))
+        return tf.constant(True)
+
+    # ------------------------------------------------------------ step rule
+    def logged_values(self):
+        values = super().logged_values()
+        if self.effective_step is not None:
+            values["effective_step"] = tf.convert_to_tensor(self.effective_step)
+        return values
+
+    def _groups(self, variables):
+        """Per Kronecker block `(block, [indices])`, then one group of the rest."""
+        index = {id(v): i for i, v in enumerate(variables)}
+        groups, covered = [], set()
+        for block in self._registration.blocks:
+            members = [index[id(v)] for v in block.variables if id(v) in index]
+            if not members:
+                continue
+            if isinstance(block, KroneckerBlock) and len(members) == len(block.variables):
+                groups.append((block, members))
+                covered.update(members)
+        rest = [i for i in range(len(variables)) if i not in covered]
+        return groups, rest
+
+    def _slot(self, slots, variable):
+        return slots[self._get_variable_index(variable)]
+
+    def _buffer_update(self, variable, direction):
+        buffer = self._slot(self.buffers, variable)
+        momentum = tf.cast(self.current_momentum(), tf.float32)
+        new = momentum * buffer + direction
+        buffer.assign(new)
+        return direction + momentum * new if self.nesterov else new
+
+    def _rule_directions(self, block, members, grads, precond, variables):
+        """Unscaled-by-lr step (to be multiplied by `-lr`) of one block's variables,
+        or None for the KL rules (handled with momentum by `_kl_updates`)."""
+        rule = self.step_rule
+        if self.momentum_after and rule in ("rms", "ortho"):
+            directions = [precond[i] for i in members]
+        else:
+            directions = [self._buffer_update(variables[i], precond[i]) for i in members]
+        if rule == "rms_cap":
+            rms = tf.sqrt(_dot(directions, directions)
+                          / float(sum(d.shape.num_elements() for d in directions)))
+            scale = tf.minimum(self.natural_lr_ratio, MUON_RMS / (rms + 1e-12))
+            return [d * scale for d in directions]
+        if rule in ("rms", "ortho"):
+            matrix = block.grads_to_matrix(directions)
+            rows, cols = matrix.shape
+            if rule == "ortho" and min(rows, cols) >= self.ortho_min_dim:
+                step = newton_schulz(matrix, self.ns_steps) * (
+                    MUON_RMS * max(rows, cols) ** 0.5)
+            else:
+                rms = tf.sqrt(tf.reduce_mean(tf.square(matrix)))
+                step = matrix * (MUON_RMS / (rms + 1e-12))
+            return block.matrix_to_grads(step)
+        if rule == "graft_adam":
+            beta1, beta2, eps = 0.9, 0.999, 1e-7
+            t = tf.cast(self._step() + 1, tf.float32)
+            size = []
+            for i in members:
+                v = variables[i]
+                m = self._slot(self.adam_first, v)
+                s = self._slot(self.adam_second, v)
+                m.assign(beta1 * m + (1 - beta1) * grads[i])
+                s.assign(beta2 * s + (1 - beta2) * tf.square(grads[i]))
+                size.append(tf.reduce_sum(tf.square(
+                    (m / (1 - beta1**t)) / (tf.sqrt(s / (1 - beta2**t)) + eps))))
+        else:  # graft_sgd
+            momentum = tf.cast(self.current_momentum(), tf.float32)
+            size = []
+            for i in members:
+                m = self._slot(self.sgd_buffers, variables[i])
+                m.assign(momentum * m + grads[i])
+                size.append(tf.reduce_sum(tf.square(m)))
+        target = tf.sqrt(tf.add_n(size))
+        norm = tf.sqrt(_dot(directions, directions))
+        return [d * (target / (norm + 1e-12)) for d in directions]
+
+    def _kl_scale(self, grads, precond):
+        quadratic = _dot(precond, grads)
+        bound = self.kl_bound if self._bound is None else self._bound
+        return tf.where(quadratic > 0, tf.minimum(1.0, tf.sqrt(
+            bound / tf.where(quadratic > 0, quadratic, 1.0))), 1.0)
+
+    def apply_step(self, grads, trainable_variables, batch=None, loss=None):
+        if self.step_rule == "library":
+            return super().apply_step(grads, trainable_variables, batch=batch, loss=loss)
+        if self._registration is None:
+            raise RuntimeError("attach the optimizer first (make_train_step / KFACCallback)")
+        pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
+        grads = [tf.cast(tf.convert_to_tensor(g), tf.float32) for g, _ in pairs]
+        variables = [v for _, v in pairs]
+        if self.l2_reg:
+            raise ValueError("StepRuleKFAC does not implement l2_reg.")
+        precond = [tf.cast(p, tf.float32) for p in self.precondition(grads, variables)]
+        lr = tf.cast(self._get_current_learning_rate(), tf.float32)
+        momentum = tf.cast(self.current_momentum(), tf.float32)
+        previous = [tf.convert_to_tensor(self.velocities[self._get_variable_index(v)])
+                    for v in variables]
+        groups, rest = self._groups(variables)
+        self._bound = None
+        if self.kl_relative_to_loss:
+            if loss is None:
+                raise ValueError("kl_relative_to_loss needs the loss (use make_train_step).")
+            self._bound = self.kl_bound * tf.abs(tf.cast(loss, tf.float32))
+        deltas = [None] * len(variables)
+        if self.step_rule in ("kl", "kl_layer"):
+            if self.step_rule == "kl":
+                scale = self._kl_scale(grads, precond)
+                scales = [scale] * len(variables)
+            else:
+                scales = [None] * len(variables)
+                for _, members in groups:
+                    s = self._kl_scale([grads[i] for i in members], [precond[i] for i in members])
+                    for i in members:
+                        scales[i] = s
+                if rest:
+                    s = self._kl_scale([grads[i] for i in rest], [precond[i] for i in rest])
+                    for i in rest:
+                        scales[i] = s
+                scale = tf.reduce_mean(tf.stack([scales[i] for i, _ in enumerate(variables)]))
+            for i in range(len(variables)):
+                deltas[i] = momentum * previous[i] - lr * scales[i] * precond[i]
+            self.effective_step.assign(lr * scale)
+        else:
+            for block, members in groups:
+                for i, d in zip(members, self._rule_directions(block, members, grads,
+                                                               precond, variables)):
+                    deltas[i] = (momentum * previous[i] - lr * d if self.momentum_after
+                                 else -lr * d)
+            if rest:
+                s = self._kl_scale([grads[i] for i in rest], [precond[i] for i in rest])
+                for i in rest:
+                    deltas[i] = (momentum * previous[i]
+                                 - self.other_lr_ratio * lr * s * precond[i])
+            self.effective_step.assign(lr)
+        if self.adapts_damping:
+            adapt_now = self.damping_adaptation_due()
+
+            def predicted():
+                fisher = batch.fisher_gram([deltas], variables)[0, 0]
+                change = 0.5 * fisher + _dot(grads, deltas)
+                self._diagnostics.qmodel_change.assign(change)
+                return change
+
+            change = tf.cond(adapt_now, predicted, lambda: tf.constant(0.0))
+        for v, d in zip(variables, deltas):
+            self.velocities[self._get_variable_index(v)].assign(d)
+            v.assign_add(tf.cast(d, v.dtype))
+        self._iterations.assign_add(1)
+        self._diagnostics.update_norm.assign(tf.sqrt(_dot(deltas, deltas)))
+        if self.adapts_damping:
+            tf.cond(adapt_now,
+                    lambda: self._adapt_damping(loss, change, deltas, variables, batch),
+                    lambda: tf.constant(False))

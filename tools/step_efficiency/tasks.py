@@ -1,0 +1,364 @@
+"""The benchmark tasks of the step-efficiency experiments (issue 12).
+
+Each task builds the same model, data stream and loss for every optimizer, so
+that steps-to-target compare step rules and nothing else:
+
+* `autoencoder`: the paper's 784-1000-500-250-30-250-500-1000-784 autoencoder
+  (tanh hidden units, linear code, logit output), batch 1000 of the 10,000
+  MNIST test images; loss reported as summed Bernoulli cross-entropy per image
+  (784 x Keras's mean BCE), in nats.
+* `cnn`: the MNIST CNN of `kfac_keras.examples.mnist_cnn` (8,000 training
+  images of the same fixed split, batch 250), mean softmax cross-entropy.
+* `lm`: a 2-layer causal transformer on sequences of a fixed random order-2
+  Markov chain (`MarkovChain`), whose conditional entropy is the exact floor.
+* `mlp`: 784-512-512-10 ReLU classifier, batch 500 of the 8,000 images.
+* `lsq` and `softmax`: convex checks (one Dense layer, full batch) with
+  their optima computed independently (`convex_optimum`).
+
+MNIST is read from IDX files (`read_idx`) in `$KFAC_KERAS_DATA_DIR`.
+"""
+
+import gzip
+import math
+import os
+import struct
+
+import numpy as np
+
+PIXELS = 784
+AUTOENCODER_SIZES = (1000, 500, 250, 30, 250, 500, 1000)
+CNN_SPLIT_SEED = 20150601  # kfac_keras.examples.mnist_cnn.SPLIT_SEED
+CNN_TEST_SIZE = 2000
+
+
+def read_idx(path):
+    """Reads an IDX file (optionally gzipped) into a NumPy array.
+
+    Args:
+        path: str, the file (`*-idx3-ubyte[.gz]` or `*-idx1-ubyte[.gz]`).
+
+    Returns:
+        A uint8/int/float array with the shape stored in the header.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, rank = struct.unpack(">HBB", data[:4])
+    if zero != 0:
+        raise ValueError(f"{path} is not an IDX file (magic {data[:4]!r}).")
+    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}.")
+    shape = struct.unpack(">" + "I" * rank, data[4:4 + 4 * rank])
+    array = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * rank)
+    return array.reshape(shape)
+
+
+def _find(directory, stem):
+    for name in (stem + ".gz", stem):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return path
+    raise FileNotFoundError(f"no {stem}[.gz] in {directory}; set KFAC_KERAS_DATA_DIR.")
+
+
+def load_mnist(directory=None):
+    """The 10,000 MNIST test images in [0, 1] (float32, `(N, 784)`) and labels."""
+    directory = directory or os.environ.get("KFAC_KERAS_DATA_DIR", "")
+    images = read_idx(_find(directory, "t10k-images-idx3-ubyte"))
+    labels = read_idx(_find(directory, "t10k-labels-idx1-ubyte"))
+    x = images.reshape(images.shape[0], -1).astype("float32") / 255.0
+    return x, labels.astype("int32")
+
+
+def cnn_train_indices(num_examples):
+    """Training indices of the CNN benchmark's fixed split (same permutation)."""
+    permutation = np.random.default_rng(CNN_SPLIT_SEED).permutation(num_examples)
+    return np.sort(permutation[CNN_TEST_SIZE:])
+
+
+class MarkovChain:
+    """A fixed random order-2 Markov chain over `vocab` tokens.
+
+    `next_probs[a, b]` is the distribution of the token after the pair `(a, b)`,
+    drawn from a symmetric Dirichlet(`concentration`). Sequences start from the
+    stationary distribution of pairs, so every position has the same law and
+    the exact entropy floor of next-token prediction is `floor()`.
+
+    Args:
+        vocab: int, number of tokens. Defaults to 32.
+        concentration: float, Dirichlet parameter (smaller: more predictable).
+            Defaults to 0.2.
+        seed: int, seed of the chain. Defaults to 0.
+    """
+
+    def __init__(self, vocab=32, concentration=0.2, seed=0):
+        rng = np.random.default_rng(seed)
+        self.vocab = vocab
+        self.next_probs = rng.dirichlet(np.full(vocab, concentration), size=(vocab, vocab))
+        # Pair chain (a, b) -> (b, c); its stationary law by power iteration.
+        pair = np.full((vocab, vocab), 1.0 / vocab**2)
+        for _ in range(5000):
+            new = np.einsum("ab,abc->bc", pair, self.next_probs)
+            if np.abs(new - pair).max() < 1e-15:
+                pair = new
+                break
+            pair = new
+        self.pair_probs = pair / pair.sum()
+
+    def floor(self, length):
+        """Exact mean cross-entropy floor (nats) of predicting tokens 1..length-1.
+
+        Token 1 given token 0 has entropy `H(pair) - H(first)`; every later token
+        has `sum_ab pi(a, b) H(next_probs[a, b])`.
+        """
+        def entropy(p):
+            p = p[p > 0]
+            return float(-(p * np.log(p)).sum())
+        first = self.pair_probs.sum(axis=1)
+        second_given_first = entropy(self.pair_probs.ravel()) - entropy(first)
+        later = float(sum(self.pair_probs[a, b] * entropy(self.next_probs[a, b])
+                          for a in range(self.vocab) for b in range(self.vocab)))
+        return (second_given_first + (length - 2) * later) / (length - 1)
+
+    def sample(self, count, length, rng):
+        """`(count, length)` int32 sequences."""
+        flat = rng.choice(self.vocab**2, size=count, p=self.pair_probs.ravel())
+        seqs = np.empty((count, length), dtype=np.int32)
+        seqs[:, 0], seqs[:, 1] = flat // self.vocab, flat % self.vocab
+        cumulative = np.cumsum(self.next_probs, axis=-1)
+        for t in range(2, length):
+            u = rng.random(count)[:, None]
+            c = cumulative[seqs[:, t - 2], seqs[:, t - 1]]
+            seqs[:, t] = np.minimum((u > c).sum(axis=1), self.vocab - 1)
+        return seqs
+
+
+class Task:
+    """Model factory, loss, batch stream and targets of one benchmark.
+
+    Attributes:
+        name: str.
+        make_model: callable returning a fresh model (call after seeding).
+        loss: Keras loss object.
+        batches: list of `(x, y)` NumPy batches, one per step (the same for
+            every optimizer).
+        loss_scale: float, factor from Keras's loss to the reported unit.
+        targets: tuple of reported-unit targets (steps to each are counted on
+            the 10-step moving average).
+        output_layer: name of the output layer (excluded from Muon).
+        floor: reported-unit optimum, or None.
+        unit: str, the reported unit.
+        gap_fraction: float or None; if set, one more target is added at run
+            time: `floor + gap_fraction * (first loss - floor)`.
+    """
+
+    def __init__(self, name, make_model, loss, batches, loss_scale, targets,
+                 output_layer, floor=None, unit="", gap_fraction=None):
+        self.name, self.make_model, self.loss, self.batches = name, make_model, loss, batches
+        self.loss_scale, self.targets, self.output_layer = loss_scale, targets, output_layer
+        self.floor, self.unit, self.gap_fraction = floor, unit, gap_fraction
+
+
+def _epoch_batches(num, batch_size, steps, seed):
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(num) for _ in range(
+        math.ceil(steps * batch_size / num) + 1)])
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def autoencoder_task(steps, seed=0, loss_reduction="sum_over_batch_size"):
+    import keras
+
+    x, _ = load_mnist()
+
+    def make_model():
+        inputs = keras.Input((PIXELS,))
+        h = inputs
+        for i, units in enumerate(AUTOENCODER_SIZES):
+            h = keras.layers.Dense(units, activation=None if units == 30 else "tanh",
+                                   name="code" if units == 30 else f"dense_{i}")(h)
+        return keras.Model(inputs, keras.layers.Dense(PIXELS, name="output_logits")(h))
+
+    batches = [(x[i], x[i]) for i in _epoch_batches(len(x), 1000, steps, seed)]
+    scale = PIXELS if loss_reduction == "sum_over_batch_size" else PIXELS / 1000.0
+    loss = keras.losses.BinaryCrossentropy(from_logits=True, reduction=loss_reduction)
+    return Task("autoencoder", make_model, loss, batches, scale, (120.0, 100.0, 80.0),
+                "output_logits", unit="nats")
+
+
+def cnn_task(steps, seed=0):
+    import keras
+
+    x, y = load_mnist()
+    train = cnn_train_indices(len(x))
+    x, y = x[train].reshape(-1, 28, 28, 1), y[train]
+
+    def make_model():
+        inputs = keras.Input((28, 28, 1))
+        h = keras.layers.Conv2D(16, 3, activation="relu", name="conv1")(inputs)
+        h = keras.layers.MaxPooling2D(2)(h)
+        h = keras.layers.Conv2D(32, 3, activation="relu", name="conv2")(h)
+        h = keras.layers.MaxPooling2D(2)(h)
+        h = keras.layers.Flatten()(h)
+        h = keras.layers.Dense(128, activation="relu", name="hidden")(h)
+        return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+
+    batches = [(x[i], y[i]) for i in _epoch_batches(len(x), 250, steps, seed)]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return Task("cnn", make_model, loss, batches, 1.0, (0.1, 0.05, 0.02), "logits", unit="CE")
+
+
+def mlp_task(steps, seed=0):
+    import keras
+
+    x, y = load_mnist()
+    train = cnn_train_indices(len(x))
+    x, y = x[train], y[train]
+
+    def make_model():
+        inputs = keras.Input((PIXELS,))
+        h = keras.layers.Dense(512, activation="relu", name="hidden1")(inputs)
+        h = keras.layers.Dense(512, activation="relu", name="hidden2")(h)
+        return keras.Model(inputs, keras.layers.Dense(10, name="logits")(h))
+
+    batches = [(x[i], y[i]) for i in _epoch_batches(len(x), 500, steps, seed)]
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return Task("mlp", make_model, loss, batches, 1.0, (0.1, 0.03), "logits", unit="CE")
+
+
+def _position_layer():
+    import keras
+
+    class LearnedPositions(keras.layers.Layer):
+        """Adds a learned `(length, d_model)` position embedding."""
+
+        def build(self, input_shape):
+            self.positions = self.add_weight(
+                shape=(input_shape[1], input_shape[2]), initializer="zeros",
+                name="positions")
+
+        def call(self, x):
+            return x + self.positions[None]
+
+    return LearnedPositions
+
+
+def lm_task(steps, seed=0, vocab=32, length=32, d_model=64, batch_size=64, layers=2,
+            heads=4):
+    import keras
+
+    chain = MarkovChain(vocab=vocab, seed=1)
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(steps):
+        seqs = chain.sample(batch_size, length, rng)
+        batches.append((seqs[:, :-1], seqs[:, 1:]))
+    positions = _position_layer()
+
+    def make_model():
+        inputs = keras.Input((length - 1,), dtype="int32")
+        h = keras.layers.Embedding(vocab, d_model, name="tokens")(inputs)
+        h = positions(name="positions")(h)
+        for i in range(layers):
+            a = keras.layers.LayerNormalization(name=f"ln_attn_{i}")(h)
+            a = keras.layers.MultiHeadAttention(heads, d_model // heads, name=f"attn_{i}")(
+                a, a, use_causal_mask=True)
+            h = h + a
+            f = keras.layers.LayerNormalization(name=f"ln_ffn_{i}")(h)
+            f = keras.layers.Dense(4 * d_model, activation="relu", name=f"ffn_in_{i}")(f)
+            h = h + keras.layers.Dense(d_model, name=f"ffn_out_{i}")(f)
+        h = keras.layers.LayerNormalization(name="ln_final")(h)
+        return keras.Model(inputs, keras.layers.Dense(vocab, name="logits")(h))
+
+    floor = chain.floor(length)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    return Task("lm", make_model, loss, batches, 1.0, (floor + 0.5, floor + 0.2, floor + 0.1),
+                "logits", floor=floor, unit="nats/token")
+
+
+def convex_data(kind, seed=0):
+    """Ill-conditioned least squares or softmax regression data (full batch)."""
+    rng = np.random.default_rng(seed)
+    n, d = 512, 20
+    scales = np.logspace(-1, 1, d)  # condition number of X^T X: about 1e4
+    x = (rng.standard_normal((n, d)) * scales).astype("float32")
+    if kind == "lsq":
+        w = rng.standard_normal((d, 3))
+        y = (x @ (w / scales[:, None]) + 0.1 * rng.standard_normal((n, 3))).astype("float32")
+        return x, y
+    w = rng.standard_normal((d, 5)) / scales[:, None] * 2.0
+    logits = x @ w
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    y = np.array([rng.choice(5, p=row) for row in p], dtype="int32")
+    return x, y
+
+
+def convex_optimum(kind, x, y):
+    """The optimal Keras loss, computed independently in NumPy (float64).
+
+    Least squares: normal equations with an intercept; softmax regression:
+    Newton's method on the mean cross-entropy with an intercept.
+    """
+    xb = np.concatenate([x.astype(np.float64), np.ones((len(x), 1))], axis=1)
+    if kind == "lsq":
+        w, *_ = np.linalg.lstsq(xb, y.astype(np.float64), rcond=None)
+        return float(np.mean((xb @ w - y) ** 2))
+    k, d = int(y.max()) + 1, xb.shape[1]
+    onehot = np.eye(k)[y]
+    w = np.zeros((d, k))
+    for _ in range(100):
+        z = xb @ w
+        z -= z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        grad = (xb.T @ (p - onehot) / len(x)).ravel()
+        hess = np.zeros((d * k, d * k))
+        for n in range(len(x)):
+            h = np.diag(p[n]) - np.outer(p[n], p[n])
+            hess += np.kron(np.outer(xb[n], xb[n]), h)
+        hess /= len(x)
+        step = np.linalg.solve(hess + 1e-10 * np.eye(d * k), grad)
+        w -= step.reshape(d, k)
+        if np.abs(step).max() < 1e-12:
+            break
+    z = xb @ w
+    z -= z.max(1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    return float(-np.mean(logp[np.arange(len(x)), y]))
+
+
+def convex_task(kind, steps, seed=0, loss_multiplier_sum=False):
+    """Full-batch least squares (`"lsq"`) or softmax regression (`"softmax"`);
+    `loss_multiplier_sum` uses the `"sum"` reduction (the loss times the batch)."""
+    import keras
+
+    x, y = convex_data(kind, seed)
+    optimum = convex_optimum(kind, x, y)
+    out = y.shape[1] if kind == "lsq" else 5
+
+    def make_model():
+        inputs = keras.Input((x.shape[1],))
+        return keras.Model(inputs, keras.layers.Dense(out, name="out")(inputs))
+
+    reduction = "sum" if loss_multiplier_sum else "sum_over_batch_size"
+    if kind == "lsq":
+        loss = keras.losses.MeanSquaredError(reduction=reduction)
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=reduction)
+    scale = 1.0 / len(x) if loss_multiplier_sum else 1.0
+    # Least squares: the gap to the optimum closed to 1e-3 of the initial gap
+    # (added at run time); softmax regression: within 2% of the optimal loss.
+    targets = () if kind == "lsq" else (optimum * 1.02,)
+    return Task(kind, make_model, loss, [(x, y)] * steps, scale, targets, "out",
+                floor=optimum, unit="loss", gap_fraction=1e-3 if kind == "lsq" else None)
+
+
+TASKS = {"autoencoder": autoencoder_task, "cnn": cnn_task, "lm": lm_task, "mlp": mlp_task,
+         "lsq": lambda steps, seed=0: convex_task("lsq", steps, seed),
+         "softmax": lambda steps, seed=0: convex_task("softmax", steps, seed),
+         "lsq_sum": lambda steps, seed=0: convex_task("lsq", steps, seed, True),
+         "softmax_sum": lambda steps, seed=0: convex_task("softmax", steps, seed, True),
+         # The same autoencoder with the loss summed over the batch (1000x).
+         "autoencoder_sum": lambda steps, seed=0: autoencoder_task(steps, seed, "sum")}

@@ -375,14 +375,15 @@ def _doc_snippets():
     import pathlib
     import re
 
-    text = (pathlib.Path(__file__).parents[1] / "docs" / "your_own_model.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = text.split("\n## Your own model\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_your_own_model_doc_has_the_three_snippets():
-    assert len(_doc_snippets()) == 3
+def test_your_own_model_doc_has_the_four_snippets():
+    assert len(_doc_snippets()) == 4
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_your_own_model_doc_snippet_runs(index):
-    exec(compile(_doc_snippets()[index], f"docs/your_own_model.md[{index}]", "exec"), {})
+    exec(compile(_doc_snippets()[index], f"README.md#your-own-model[{index}]", "exec"), {})

@@ -1,0 +1,564 @@
+"""Predictive distributions: the negative log-likelihoods behind K-FAC's
+losses, their target samplers, per-example scales and output Fisher products.
+
+`kfac_keras.losses` maps Keras losses (and declared custom losses) onto these
+classes; its module docstring explains the scale conventions (Keras's
+reductions and `loss_weights` folded into the Fisher), the several-output
+rule and where TFP samplers are and are not reproducible.
+"""
+
+import collections
+
+import tensorflow as tf
+
+from kfac_keras import sampling
+
+
+Head = collections.namedtuple("Head", ["key", "name", "index", "distribution", "weight"])
+Head.__doc__ = """One model output with a loss: `key` indexes the output
+structure (a dict key or a list index), `name` is its output name, `index`
+its position in the flattened outputs, `weight` its `loss_weights` entry."""
+
+
+def unwrap_single(loss):
+    """A one-entry list/tuple/dict of losses is that loss."""
+    if isinstance(loss, (list, tuple)) and len(loss) == 1:
+        return loss[0]
+    if isinstance(loss, dict) and len(loss) == 1:
+        return next(iter(loss.values()))
+    return loss
+
+
+_EPSILON = 1e-7
+
+SUPPORTED_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
+ESTIMATION_MODES = ("fisher", "empirical")
+
+
+def _to_float(x):
+    return tf.cast(x, tf.float32)
+
+
+def _first_index(values, first_example):
+    """Index of the first element of `values` (examples along axis 0, in
+    row-major order) in the global batch whose example `first_example` is
+    `values[0]`."""
+    per_example = tf.reduce_prod(tf.shape(values)[1:])
+    return tf.cast(first_example, tf.int32) * per_example
+
+
+def _sum_per_example(values):
+    """Sums every non-batch axis: shape `(batch,)`."""
+    return tf.reduce_sum(tf.reshape(values, [tf.shape(values)[0], -1]), axis=1)
+
+
+def _static_count(sizes, y_pred):
+    count = 1
+    for size in sizes:
+        if size is None:
+            raise ValueError(
+                "K-FAC needs static output shapes (other than the batch axis); "
+                f"the model output has shape {y_pred.shape}.")
+        count *= size
+    return count
+
+
+def _per_example_weight(sample_weight):
+    weight = tf.cast(sample_weight, tf.float32)
+    if weight.shape.rank == 2 and weight.shape[1] == 1:
+        weight = weight[:, 0]
+    if weight.shape.rank != 1:
+        raise ValueError(
+            "K-FAC supports per-example sample weights of shape (batch,) or "
+            f"(batch, 1); received shape {weight.shape}. Per-position weights "
+            "of shape (batch, T) are not yet supported in the factors.")
+    return weight
+
+
+class PredictiveDistribution:
+    """Base class: the distribution whose NLL a loss is.
+
+    Args:
+        from_logits: whether the model's output is a logit (pre-sigmoid /
+            pre-softmax) rather than a probability. Defaults to False.
+        reduction: the Keras loss reduction, one of `SUPPORTED_REDUCTIONS`.
+            Defaults to `"sum_over_batch_size"`.
+        label_smoothing: the loss's label smoothing; it changes only the
+            empirical targets (the Fisher does not depend on the labels).
+            Defaults to 0.
+    """
+
+    name = "base"
+
+    def __init__(self, from_logits=False, reduction="sum_over_batch_size",
+                 label_smoothing=0.0):
+        if reduction not in SUPPORTED_REDUCTIONS:
+            raise ValueError(
+                f"K-FAC supports loss reductions {SUPPORTED_REDUCTIONS}; the "
+                f"loss uses reduction={reduction!r}.")
+        self.from_logits = bool(from_logits)
+        self.reduction = reduction
+        self.label_smoothing = float(label_smoothing)
+
+    # -- shapes and scale ------------------------------------------------
+    def _value_axes(self, y_pred):
+        """Static sizes of the non-batch axes of the per-example values the
+        loss function returns before Keras's reduction."""
+        return list(y_pred.shape[1:-1])
+
+    def _inner_count(self, y_pred):
+        """How many output elements the loss function averages into each value."""
+        return 1
+
+    def per_example_scale(self, y_pred, sample_weight=None):
+        """`c_n` for each example: the objective is `mean_n c_n NLL_n`.
+
+        Args:
+            y_pred: the model output.
+            sample_weight: optional per-example weights, shape `(batch,)` or
+                `(batch, 1)`. Defaults to None.
+
+        Returns:
+            A float32 tensor of shape `(batch,)`.
+        """
+        values = _static_count(self._value_axes(y_pred), y_pred)
+        inner = float(self._inner_count(y_pred))
+        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
+        weight = None if sample_weight is None else _per_example_weight(sample_weight)
+        if self.reduction == "sum":
+            scale = tf.fill(tf.shape(y_pred)[:1], 1.0 / inner) * batch
+        elif self.reduction == "mean_with_sample_weight" and weight is not None:
+            # Keras divides the weighted sum by sum(w): positions are summed.
+            scale = tf.fill(tf.shape(y_pred)[:1], 1.0 / inner) * tf.math.divide_no_nan(
+                batch, tf.reduce_sum(weight))
+        else:
+            scale = tf.fill(tf.shape(y_pred)[:1], 1.0 / (inner * values))
+        if weight is not None:
+            scale = scale * weight
+        return scale
+
+    # -- targets ----------------------------------------------------------
+    def sample_targets(self, y_pred, seed, first_example=0):
+        """Targets drawn from the model's predictive distribution.
+
+        Args:
+            y_pred: the model output.
+            seed: a shape-(2,) int32 tensor for stateless sampling.
+            first_example: int scalar (tensor), the index of `y_pred`'s first
+                example in the global batch. Defaults to 0. Each example's
+                draw depends only on `(seed, its global index)`, so replicas
+                holding consecutive slices of a batch draw what one device
+                draws for the whole batch.
+        """
+        raise NotImplementedError
+
+    def empirical_targets(self, y_true, y_pred):
+        """The training labels, in the format `per_example_nll` expects."""
+        raise NotImplementedError
+
+    def per_example_nll(self, targets, y_pred):
+        """Unscaled negative log-likelihood of each example, shape `(batch,)`.
+
+        Summed over every non-batch output element; `targets` are treated as
+        constants.
+        """
+        raise NotImplementedError
+
+    def statistics_objective(self, y_pred, y_true, sample_weight, subset, seed,
+                             first_example=0):
+        """`sum_n sqrt(c_n) NLL_n` over the first `subset` examples.
+
+        Its gradient w.r.t. a pre-activation has rows `sqrt(c_n) g_n`, whose
+        mean outer product is the Fisher factor `G` of the objective.
+
+        Args:
+            y_pred: the model output (whole batch; `c_n` uses its size).
+            y_true: the training labels (used when `seed` is None).
+            sample_weight: optional per-example weights. Defaults to None.
+            subset: int scalar, the number of leading examples used.
+            seed: shape-(2,) int32 seed for sampled targets (the true
+                Fisher), or None for the labels (the empirical Fisher).
+            first_example: index of `y_pred[0]` in the global batch.
+                Defaults to 0.
+        """
+        y_pred = unwrap_single(y_pred)
+        scale = self.per_example_scale(y_pred, sample_weight)[:subset]
+        y_subset = y_pred[:subset]
+        if seed is None:
+            targets = self.empirical_targets(unwrap_single(y_true)[:subset], y_subset)
+        else:
+            targets = self.sample_targets(y_subset, seed, first_example)
+        return tf.reduce_sum(tf.sqrt(scale) * self.per_example_nll(targets, y_subset))
+
+    # -- output-space Fisher ------------------------------------------------
+    def output_hessian_vector_product(self, y_pred, vector):
+        """Hessian of the per-example NLL w.r.t. the *output pre-activation*
+        (logits, or the output itself for squared error), times `vector`.
+
+        Only defined with `from_logits=True` losses and squared error, where
+        the output is the natural parameter; with probability outputs the
+        softmax/sigmoid is part of the network and the caller must
+        differentiate through it.
+        """
+        raise NotImplementedError
+
+    def output_fisher_product(self, y_pred, vector):
+        """`H v`: the Fisher of the predictive distribution w.r.t. the model
+        output, in the output's own coordinates (logits, probabilities or the
+        regression output), per element of the *unscaled* NLL.
+
+        Args:
+            y_pred: the model output.
+            vector: a tangent of the output, same shape as `y_pred`.
+        """
+        y_pred, vector = _to_float(y_pred), _to_float(vector)
+        if self.from_logits:
+            return self.output_hessian_vector_product(y_pred, vector)
+        return self._probability_fisher_product(y_pred, vector)
+
+    def _probability_fisher_product(self, y_pred, vector):
+        raise ValueError(f"No output Fisher is defined for {self!r}.")
+
+    def output_fisher_gram(self, y_pred, tangents, sample_weight=None):
+        """`[mean_n c_n <t_i,n, H_n t_j,n>]_ij`: the exact mini-batch Fisher
+        between output tangents `t_i = J u_i` (the quadratic model's Gram).
+
+        Args:
+            y_pred: the model output.
+            tangents: list of K output tangents shaped like `y_pred`.
+            sample_weight: optional per-example weights. Defaults to None.
+
+        Returns:
+            A `(K, K)` float32 tensor.
+        """
+        y_pred = _to_float(unwrap_single(y_pred))
+        scale = self.per_example_scale(y_pred, sample_weight)
+        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
+        tangents = [_to_float(unwrap_single(t)) for t in tangents]
+        products = [self.output_fisher_product(y_pred, t) for t in tangents]
+        return tf.stack([
+            tf.stack([tf.reduce_sum(scale * _sum_per_example(left * right)) / batch
+                      for right in products])
+            for left in tangents])
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(from_logits={self.from_logits}, "
+                f"reduction={self.reduction!r})")
+
+
+class Categorical(PredictiveDistribution):
+    """Softmax cross-entropy: categorical distribution over the last axis.
+
+    Args:
+        sparse_labels: True for `SparseCategoricalCrossentropy` (integer
+            labels), False for one-hot `CategoricalCrossentropy`.
+        **kwargs: `PredictiveDistribution`'s arguments.
+    """
+
+    name = "categorical"
+
+    def __init__(self, sparse_labels, **kwargs):
+        super().__init__(**kwargs)
+        self.sparse_labels = bool(sparse_labels)
+
+    def _log_probs(self, y_pred):
+        y_pred = _to_float(y_pred)
+        if self.from_logits:
+            return tf.nn.log_softmax(y_pred, axis=-1)
+        probs = y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True)
+        return tf.math.log(tf.clip_by_value(probs, _EPSILON, 1.0 - _EPSILON))
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        log_probs = tf.stop_gradient(self._log_probs(y_pred))
+        num_classes = log_probs.shape[-1]
+        flat = tf.reshape(log_probs, [-1, num_classes])
+        labels = sampling.categorical(flat, seed, _first_index(log_probs, first_example))
+        one_hot = tf.one_hot(labels, num_classes, dtype=tf.float32)
+        return tf.reshape(one_hot, tf.shape(log_probs))
+
+    def empirical_targets(self, y_true, y_pred):
+        num_classes = y_pred.shape[-1]
+        if self.sparse_labels:
+            labels = tf.cast(y_true, tf.int32)
+            if labels.shape.rank == y_pred.shape.rank:
+                labels = tf.squeeze(labels, axis=-1)
+            targets = tf.one_hot(labels, num_classes, dtype=tf.float32)
+        else:
+            targets = _to_float(y_true)
+        if self.label_smoothing:
+            targets = (targets * (1.0 - self.label_smoothing)
+                       + self.label_smoothing / num_classes)
+        return tf.stop_gradient(targets)
+
+    def per_example_nll(self, targets, y_pred):
+        nll = -tf.reduce_sum(tf.stop_gradient(targets) * self._log_probs(y_pred), axis=-1)
+        return _sum_per_example(nll)
+
+    def output_hessian_vector_product(self, y_pred, vector):
+        probs = tf.nn.softmax(_to_float(y_pred), axis=-1)
+        weighted = tf.reduce_sum(probs * vector, axis=-1, keepdims=True)
+        return probs * vector - probs * weighted
+
+    def _probability_fisher_product(self, y_pred, vector):
+        # q = p / sum(p): Fisher in p-coordinates diag(1/p) - 1 1^T (for sum(p) = 1).
+        probs = tf.maximum(y_pred, _EPSILON)
+        return vector / probs - tf.reduce_sum(vector, axis=-1, keepdims=True)
+
+
+class _ElementwiseDistribution(PredictiveDistribution):
+    """A distribution over each output element; the loss averages (or, for a
+    declared loss, sums) its NLL over the last axis.
+
+    Args:
+        last_axis: `"mean"` (Keras's own losses) or `"sum"`: how the loss
+            function reduces the last axis. Defaults to `"mean"`.
+        **kwargs: `PredictiveDistribution`'s arguments.
+    """
+
+    def __init__(self, last_axis="mean", **kwargs):
+        super().__init__(**kwargs)
+        if last_axis not in ("mean", "sum"):
+            raise ValueError(f"`last_axis` must be 'mean' or 'sum'; received {last_axis!r}.")
+        self.last_axis = last_axis
+
+    def _value_axes(self, y_pred):
+        return list(y_pred.shape[1:-1])
+
+    def _inner_count(self, y_pred):
+        if self.last_axis == "sum" or y_pred.shape.rank < 2:
+            return 1
+        return _static_count([y_pred.shape[-1]], y_pred)
+
+
+class Bernoulli(_ElementwiseDistribution):
+    """Sigmoid cross-entropy: independent Bernoulli outputs."""
+
+    name = "bernoulli"
+
+    def _probs(self, y_pred):
+        y_pred = _to_float(y_pred)
+        if self.from_logits:
+            return tf.sigmoid(y_pred)
+        return tf.clip_by_value(y_pred, _EPSILON, 1.0 - _EPSILON)
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        probs = tf.stop_gradient(self._probs(y_pred))
+        uniform = sampling.uniform(tf.shape(probs), seed, _first_index(probs, first_example))
+        return tf.cast(uniform < probs, tf.float32)
+
+    def empirical_targets(self, y_true, y_pred):
+        targets = tf.reshape(_to_float(y_true), tf.shape(y_pred))
+        if self.label_smoothing:
+            targets = targets * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
+        return tf.stop_gradient(targets)
+
+    def per_example_nll(self, targets, y_pred):
+        targets = tf.stop_gradient(targets)
+        if self.from_logits:
+            nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=_to_float(y_pred))
+        else:
+            probs = self._probs(y_pred)
+            nll = -(targets * tf.math.log(probs) + (1.0 - targets) * tf.math.log(1.0 - probs))
+        return _sum_per_example(nll)
+
+    def output_hessian_vector_product(self, y_pred, vector):
+        probs = tf.sigmoid(_to_float(y_pred))
+        return probs * (1.0 - probs) * vector
+
+    def _probability_fisher_product(self, y_pred, vector):
+        probs = tf.clip_by_value(y_pred, _EPSILON, 1.0 - _EPSILON)
+        return vector / (probs * (1.0 - probs))
+
+
+class Gaussian(_ElementwiseDistribution):
+    """Squared error: Gaussian of variance 1/2, so `NLL = ||y - f||^2 + const`.
+
+    Args:
+        **kwargs: `_ElementwiseDistribution`'s arguments except `from_logits`
+            (the output is the mean itself).
+    """
+
+    name = "gaussian"
+
+    def __init__(self, **kwargs):
+        super().__init__(from_logits=True, **kwargs)
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        mean = tf.stop_gradient(_to_float(y_pred))
+        return mean + tf.sqrt(0.5) * sampling.normal(
+            tf.shape(mean), seed, _first_index(mean, first_example))
+
+    def empirical_targets(self, y_true, y_pred):
+        return tf.stop_gradient(tf.reshape(_to_float(y_true), tf.shape(y_pred)))
+
+    def per_example_nll(self, targets, y_pred):
+        residual = tf.stop_gradient(targets) - _to_float(y_pred)
+        return _sum_per_example(tf.square(residual))
+
+    def output_hessian_vector_product(self, y_pred, vector):
+        return 2.0 * vector
+
+
+# ------------------------------------------------------ distribution losses
+class TFPDistribution(PredictiveDistribution):
+    """The predictive distribution of a `DistributionLoss`.
+
+    Args:
+        distribution_fn: callable `y_pred -> tfp.distributions.Distribution`.
+        reduction: the Keras reduction. Defaults to `"sum_over_batch_size"`.
+        fisher_samples: int >= 1, samples per example of the Monte-Carlo
+            output Fisher used by the quadratic model
+            (`KFAC(adaptive=...)`). Defaults to 16.
+    """
+
+    name = "tfp"
+
+    def __init__(self, distribution_fn, reduction="sum_over_batch_size", fisher_samples=16):
+        super().__init__(from_logits=True, reduction=reduction)
+        if not callable(distribution_fn):
+            raise TypeError("`distribution_fn` must be a callable y_pred -> "
+                            f"tfp.distributions.Distribution; received {distribution_fn!r}.")
+        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) \
+                or fisher_samples < 1:
+            raise ValueError(f"`fisher_samples` must be an int >= 1; received {fisher_samples!r}.")
+        self.distribution_fn = distribution_fn
+        self.fisher_samples = fisher_samples
+
+    def _distribution(self, y_pred):
+        return self.distribution_fn(_to_float(y_pred))
+
+    def _value_axes(self, y_pred):
+        return list(self._distribution(tf.stop_gradient(y_pred)).batch_shape[1:])
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        # TFP samplers take a stateless seed but no per-element index: fold
+        # in the first example so replicas draw different targets.
+        seed = sampling.fold_in(seed, first_example)
+        return tf.stop_gradient(self._distribution(tf.stop_gradient(y_pred)).sample(seed=seed))
+
+    def empirical_targets(self, y_true, y_pred):
+        return tf.stop_gradient(tf.convert_to_tensor(y_true))
+
+    def per_example_nll(self, targets, y_pred):
+        return _sum_per_example(-self._distribution(y_pred).log_prob(tf.stop_gradient(targets)))
+
+    def output_fisher_gram(self, y_pred, tangents, sample_weight=None):
+        """Monte-Carlo estimate with `fisher_samples` draws per example (a
+        fixed seed, the same draws for every tangent, so the Gram is
+        positive semi-definite): `mean_n c_n mean_s (s_ns . t_i)(s_ns . t_j)`
+        with the scores `s_ns = grad_f log p(y_s | f_n)`."""
+        y_pred = tf.stop_gradient(_to_float(unwrap_single(y_pred)))
+        scale = self.per_example_scale(y_pred, sample_weight)
+        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
+        tangents = [_to_float(unwrap_single(t)) for t in tangents]
+        gram = 0.0
+        for sample in range(self.fisher_samples):
+            targets = self.sample_targets(y_pred, tf.constant([0x5EED, sample], tf.int32))
+            with tf.GradientTape() as tape:
+                tape.watch(y_pred)
+                log_prob = tf.reduce_sum(-self.per_example_nll(targets, y_pred))
+            score = tape.gradient(log_prob, y_pred)
+            projections = tf.stack([_sum_per_example(score * t) for t in tangents], axis=1)
+            gram += tf.einsum("n,ni,nj->ij", scale, projections, projections)
+        return gram / (batch * float(self.fisher_samples))
+
+    def __repr__(self):
+        return f"TFPDistribution({self.distribution_fn!r}, reduction={self.reduction!r})"
+
+
+def _select(structure, head, what):
+    if isinstance(structure, dict):
+        for key in (head.key, head.name):
+            if key in structure:
+                return structure[key]
+        raise KeyError(f"K-FAC found no {what} for output {head.name!r} in the keys "
+                       f"{sorted(structure)}.")
+    if isinstance(structure, (list, tuple)):
+        return structure[head.index]
+    return structure
+
+
+class JointDistribution:
+    """Independent predictive distributions over a model's outputs.
+
+    Exposes `statistics_objective` and `output_fisher_gram` like a single
+    `PredictiveDistribution` (module docstring: the Fisher of a sum of
+    independent NLLs is the sum of their Fishers), so the training step and
+    the quadratic model need no per-head code.
+
+    Args:
+        heads: list of `Head`s (outputs without a loss are left out).
+    """
+
+    name = "joint"
+
+    def __init__(self, heads):
+        if not heads:
+            raise ValueError("K-FAC needs at least one output with a loss.")
+        for head in heads:
+            if head.weight < 0:
+                raise ValueError(f"K-FAC needs loss_weights >= 0; output {head.name!r} "
+                                 f"has weight {head.weight!r}.")
+        self.heads = list(heads)
+
+    @property
+    def reduction(self):
+        """`"sum"` if any head sums over the batch (what the multi-replica
+        check needs to know), else the first head's reduction."""
+        reductions = [head.distribution.reduction for head in self.heads]
+        return "sum" if "sum" in reductions else reductions[0]
+
+    @staticmethod
+    def _head_seed(seed, head):
+        # The first output keeps the step's seed (a single weighted output
+        # draws what the unweighted one draws); the others get their own.
+        return seed if head.index == 0 else sampling.fold_in(seed, head.index)
+
+    def _sample_weight(self, sample_weight, head):
+        if sample_weight is None:
+            return None
+        return _select(sample_weight, head, "sample weight")
+
+    def per_example_nll(self, targets, y_pred):
+        """Weighted joint NLL `sum_h w_h NLL_h`, shape `(batch,)`; `targets`
+        are per head, in the structure of `sample_targets`."""
+        return tf.add_n([head.weight * head.distribution.per_example_nll(
+            _select(targets, head, "targets"), _select(y_pred, head, "output"))
+            for head in self.heads])
+
+    def sample_targets(self, y_pred, seed, first_example=0):
+        """A dict `{head name: targets}`, each head with its own seed."""
+        return {head.name: head.distribution.sample_targets(
+            _select(y_pred, head, "output"), self._head_seed(seed, head), first_example)
+            for head in self.heads}
+
+    def empirical_targets(self, y_true, y_pred):
+        """A dict `{head name: labels}`."""
+        return {head.name: head.distribution.empirical_targets(
+            _select(y_true, head, "labels"), _select(y_pred, head, "output"))
+            for head in self.heads}
+
+    def statistics_objective(self, y_pred, y_true, sample_weight, subset, seed,
+                             first_example=0):
+        """`sum_h sqrt(w_h) sum_n sqrt(c_hn) NLL_hn`; arguments as in
+        `PredictiveDistribution.statistics_objective`."""
+        terms = []
+        for head in self.heads:
+            if head.weight == 0:
+                continue
+            terms.append(head.weight ** 0.5 * head.distribution.statistics_objective(
+                _select(y_pred, head, "output"),
+                None if seed is not None else _select(y_true, head, "labels"),
+                self._sample_weight(sample_weight, head), subset,
+                None if seed is None else self._head_seed(seed, head), first_example))
+        return tf.add_n(terms) if terms else tf.constant(0.0)
+
+    def output_fisher_gram(self, y_pred, tangents, sample_weight=None):
+        """`sum_h w_h` of each head's Gram; `tangents` shaped like `y_pred`."""
+        return tf.add_n([head.weight * head.distribution.output_fisher_gram(
+            _select(y_pred, head, "output"), [_select(t, head, "tangent") for t in tangents],
+            self._sample_weight(sample_weight, head)) for head in self.heads])
+
+    def __repr__(self):
+        return "JointDistribution(" + ", ".join(
+            f"{head.name}: {head.weight} * {head.distribution!r}" for head in self.heads) + ")"

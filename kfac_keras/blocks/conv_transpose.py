@@ -68,14 +68,12 @@ patches of the statistics subset, `m |S| k F` floats, transiently, every
 `cov_update_every` steps.
 """
 
-import math
-
 import tensorflow as tf
 
 from kfac_keras.blocks.base import layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.kronecker import KroneckerBlock
-from kfac_keras.blocks.patches import extract_patches, to_channels_last
+from kfac_keras.blocks.patches import ConvGeometry, extract_patches, to_channels_last
 
 #: Input lengths checked per spatial axis by `conv_transpose_unsupported_reason`.
 _CHECKED_LENGTHS = range(1, 33)
@@ -166,12 +164,12 @@ class ConvTransposeBlock(KroneckerBlock):
         reason = conv_transpose_unsupported_reason(layer)
         if reason is not None:
             raise UnsupportedLayerError(reason)
-        self.kernel_size = tuple(int(k) for k in layer.kernel_size)
-        self.strides = tuple(int(s) for s in layer.strides)
-        self.dilation_rate = tuple(int(d) for d in layer.dilation_rate)
-        self.padding = layer.padding
-        self.data_format = layer.data_format
-        self.num_offsets = math.prod(self.kernel_size)
+        # The patch geometry is the forward convolution's (the adjoint's patches
+        # are taken on the output side with the same kernel, strides, dilation).
+        geometry = ConvGeometry(layer)
+        self.kernel_size, self.strides = geometry.kernel_size, geometry.strides
+        self.dilation_rate, self.padding = geometry.dilation_rate, geometry.padding
+        self.data_format, self.num_offsets = geometry.data_format, geometry.num_offsets
         kernel = layer.kernel
         self.kernel_shape = tuple(int(d) for d in kernel.shape)
         self.filters = self.kernel_shape[-2]

@@ -231,11 +231,7 @@ def main(argv=None):
     plots = plotting.write_loss_plots(runs, args.out_dir, loss_label="training cross-entropy (nats)",
                                targets=targets, title="MNIST CNN classifier")
     reports.save_histories(runs, args.out_dir)
-    print()
-    print(text)
-    print(f"wrote {os.path.join(args.out_dir, 'results.md')}, results.csv, "
-          f"{', '.join(os.path.basename(p) for p in plots)}, histories.json")
-    print(f"total wall time {time.perf_counter() - t_start:.1f} s", flush=True)
+    reports.print_summary(text, args.out_dir, plots, t_start)
     return 0
 
 

@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import time
 
 from benchmarks.targets import compute_ratios, steps_and_seconds_to_target
 
@@ -163,3 +164,13 @@ def save_histories(runs, out_dir, loss_scale=1.0, filename="histories.json"):
     with open(path, "w") as f:
         json.dump(data, f)
     return path
+
+
+def print_summary(text, out_dir, plots, start_time):
+    """Prints the results table, the files written to `out_dir` and the run's
+    wall time since `start_time` (a `time.perf_counter()` value)."""
+    print()
+    print(text)
+    print(f"wrote {os.path.join(out_dir, 'results.md')}, results.csv, "
+          f"{', '.join(os.path.basename(p) for p in plots)}, histories.json")
+    print(f"total wall time {time.perf_counter() - start_time:.1f} s", flush=True)

@@ -25,6 +25,24 @@ class VariableFactory:
         return variable
 
 
+def seeded_layer(cls, shape, kwargs, filters, seed=0):
+    """A layer of class `cls` with seeded random kernel and bias, built by a
+    call on a seeded random input of `shape`; returns `(layer, x)`."""
+    layer = cls(filters, bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
+                kernel_initializer=keras.initializers.RandomNormal(seed=seed), **kwargs)
+    x = np.random.default_rng(seed).normal(size=shape).astype("float32")
+    layer(x)
+    return layer, x
+
+
+def channels_last(array, layer):
+    """`array` in channels-last layout for `layer`'s data format."""
+    array = np.asarray(array)
+    if layer.data_format == "channels_first":
+        return np.moveaxis(array, 1, -1)
+    return array
+
+
 def built(block):
     block.build(VariableFactory())
     return block

@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import kfac_keras
-from block_helpers import (built, exact_fisher, kfac_factors, kronecker_damped_solve,
+from block_helpers import (built, channels_last, seeded_layer, exact_fisher, kfac_factors, kronecker_damped_solve,
                            numpy_patches, pseudo_sample_captures, relative_error, with_ones)
 from kfac_keras.blocks.conv import ConvBlock, GroupedConvBlock, make_conv_block
 from kfac_keras.blocks.patches import extract_patches
@@ -42,22 +42,11 @@ CONFIGS = [
 
 
 def _layer(cls, shape, kwargs, filters=4, seed=0):
-    layer = cls(filters, bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
-                kernel_initializer=keras.initializers.RandomNormal(seed=seed), **kwargs)
-    x = np.random.default_rng(seed).normal(size=shape).astype("float32")
-    layer(x)
-    return layer, x
-
-
-def _channels_last(array, layer):
-    array = np.asarray(array)
-    if layer.data_format == "channels_first":
-        return np.moveaxis(array, 1, -1)
-    return array
+    return seeded_layer(cls, shape, kwargs, filters, seed)
 
 
 def _oracle_patches(layer, x):
-    return numpy_patches(_channels_last(x, layer), layer.kernel_size, layer.strides,
+    return numpy_patches(channels_last(x, layer), layer.kernel_size, layer.strides,
                          layer.dilation_rate, layer.padding)
 
 
@@ -75,7 +64,7 @@ def test_patches_times_kernel_equal_layer_output(name, cls, shape, kwargs):
         group_patches = patches[..., g * c_in:(g + 1) * c_in]
         parts.append(np.einsum("...kc,kcf->...f", group_patches, kernel[:, :, g]))
     expected = np.concatenate(parts, axis=-1) + layer.bias.numpy()
-    output = _channels_last(layer(x), layer)
+    output = channels_last(layer(x), layer)
     np.testing.assert_allclose(expected, output, rtol=1e-5, atol=1e-5)
     library = extract_patches(tf.constant(x), layer.kernel_size, layer.strides,
                               layer.dilation_rate, layer.padding, layer.data_format)
@@ -97,7 +86,7 @@ def test_conv_block_factors_match_numpy(name, cls, shape, kwargs):
     assert isinstance(block, ConvBlock)
     a, g = block.compute_factors([(tf.constant(x), tf.constant(grads))], tf.constant(2.0))
     rows = with_ones(_oracle_patches(layer, x).reshape(-1, block.input_dim - 1))
-    a_np, g_np = kfac_factors(rows, _channels_last(grads, layer), num_examples=2)
+    a_np, g_np = kfac_factors(rows, channels_last(grads, layer), num_examples=2)
     assert relative_error(a, a_np) < 1e-5
     assert relative_error(g, g_np) < 1e-5
 

@@ -20,7 +20,7 @@ import pytest
 import tensorflow as tf
 
 import kfac_keras
-from block_helpers import (built, exact_fisher, kfac_factors, kronecker_damped_solve,
+from block_helpers import (built, channels_last, seeded_layer, exact_fisher, kfac_factors, kronecker_damped_solve,
                            numpy_patches, pseudo_sample_captures, relative_error,
                            same_padding)
 from kfac_keras.blocks.conv_transpose import (ConvTransposeBlock,
@@ -52,18 +52,7 @@ IDS = [c[0] for c in CONFIGS]
 
 
 def _layer(cls, shape, kwargs, filters=3, seed=0):
-    layer = cls(filters, bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
-                kernel_initializer=keras.initializers.RandomNormal(seed=seed), **kwargs)
-    x = np.random.default_rng(seed).normal(size=shape).astype("float32")
-    layer(x)
-    return layer, x
-
-
-def _channels_last(array, layer):
-    array = np.asarray(array)
-    if layer.data_format == "channels_first":
-        return np.moveaxis(array, 1, -1)
-    return array
+    return seeded_layer(cls, shape, kwargs, filters, seed)
 
 
 def _pads_before(layer, output_spatial):
@@ -80,7 +69,7 @@ def _pads_before(layer, output_spatial):
 def _numpy_conv_transpose(layer, x, output_spatial):
     """y[n, u, f] = sum over (s, o) with u = s*stride + o*dilation - pad of
     x[n, s, :] . W[o, f, :], plus the bias; channels-last, by loops."""
-    x = _channels_last(x, layer).astype(np.float64)
+    x = channels_last(x, layer).astype(np.float64)
     kernel = layer.kernel.numpy().astype(np.float64)
     rank = len(layer.kernel_size)
     pads = _pads_before(layer, output_spatial)
@@ -96,7 +85,7 @@ def _numpy_conv_transpose(layer, x, output_spatial):
 
 def _oracle_patches(layer, grads):
     """Output-gradient patches `(B, *input_spatial, k, F)` by loops."""
-    return numpy_patches(_channels_last(grads, layer), layer.kernel_size, layer.strides,
+    return numpy_patches(channels_last(grads, layer), layer.kernel_size, layer.strides,
                          layer.dilation_rate, layer.padding)
 
 
@@ -109,7 +98,7 @@ def test_numpy_scatter_reproduces_layer(name, cls, shape, kwargs):
     """Pins the oracle's geometry (padding, output_padding, dilation) to the
     layer's: otherwise the gradient oracle below would test nothing."""
     layer, x = _layer(cls, shape, kwargs)
-    output = _channels_last(layer(x), layer)
+    output = channels_last(layer(x), layer)
     expected = _numpy_conv_transpose(layer, x, output.shape[1:-1])
     np.testing.assert_allclose(output, expected, rtol=1e-5, atol=1e-5)
 
@@ -132,7 +121,7 @@ def test_kernel_gradient_is_sum_of_input_times_gradient_patch(name, cls, shape, 
         k, filters, channels = np.prod(layer.kernel_size), kernel_grad.shape[-2], x.shape[
             1 if layer.data_format == "channels_first" else -1]
         patches = _oracle_patches(layer, output_grad).reshape(-1, k * filters)
-        inputs = _channels_last(x[n:n + 1], layer).reshape(-1, channels)
+        inputs = channels_last(x[n:n + 1], layer).reshape(-1, channels)
         expected = (patches.T @ inputs).reshape(kernel_grad.shape)
         assert relative_error(kernel_grad, expected) < 1e-5
 
@@ -145,7 +134,7 @@ def test_factors_match_numpy(name, cls, shape, kwargs):
     assert isinstance(block, ConvTransposeBlock)
     assert block.variables == [layer.kernel]
     a, g = block.compute_factors([(tf.constant(x), tf.constant(grads))], tf.constant(2.0))
-    inputs = _channels_last(x, layer).reshape(-1, block.input_dim)
+    inputs = channels_last(x, layer).reshape(-1, block.input_dim)
     patches = _oracle_patches(layer, grads).reshape(-1, block.output_dim)
     a_np, g_np = kfac_factors(inputs, patches, num_examples=2)
     assert relative_error(a, a_np) < 1e-5

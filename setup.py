@@ -42,8 +42,10 @@ setup(
             "nbformat>=5",
             "ipykernel>=6",
             "matplotlib>=3.5",
+            "tensorboard>=2.20",
         ],
-        "examples": ["matplotlib>=3.5", "scikit-learn>=1.0"],
+        # TensorFlow 2.21 no longer installs TensorBoard.
+        "examples": ["matplotlib>=3.5", "scikit-learn>=1.0", "tensorboard>=2.20"],
     },
     license="Apache-2.0",
 )

@@ -114,8 +114,14 @@ class OrthogonalStep:
         if self._reported:
             return
         self._reported = True
-        logging.info("KFAC step_rule='orthogonal': orthogonalised blocks %s; KL-clipped "
-                     "step for %s.", orthogonal or "none", clipped or "none")
+        if orthogonal:
+            logging.info("KFAC step_rule='orthogonal': orthogonalised blocks %s; KL-clipped "
+                         "step for %s.", orthogonal, clipped + sparse or "none")
+        else:
+            logging.warning(
+                "KFAC step_rule='orthogonal' found no Kronecker block to orthogonalise "
+                "(blocks %s all take the KL-clipped step), so it trains as "
+                "step_rule='kl_clip' at this learning rate.", clipped + sparse)
         if sparse:
             logging.warning(
                 "KFAC step_rule='orthogonal': %s receive sparse (IndexedSlices) "

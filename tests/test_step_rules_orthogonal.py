@@ -383,3 +383,14 @@ def test_defaults_are_unchanged_and_orthogonal_resolves_its_own():
 def test_orthogonal_options_are_validated(kwargs, error, message):
     with pytest.raises(error, match=message):
         kfac_keras.KFAC(**kwargs)
+
+
+def test_two_replicas_match_one_device():
+    """Under MirroredStrategy (2 CPU replicas), with the Levenberg-Marquardt
+    rule: weights, optimizer state and logs equal a one-device run
+    (`tests/distributed_scenarios.py`)."""
+    from distributed_scenarios import run_scenario
+
+    output = run_scenario("mirrored_equivalence", ["orthogonal"])
+    assert "PASS orthogonal/loop" in output, output
+    assert "PASS orthogonal/loop/damping_adapted" in output, output

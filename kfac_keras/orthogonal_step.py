@@ -33,6 +33,12 @@ matrices* `P` (one per Kronecker pair `A (x) G`, in the pair's own layout
   computed over these variables alone (`norm_constraint`; unscaled when it
   is None), times the learning rate.
 
+Nothing is refused: every block either has Kronecker matrices (whose polar
+factor is defined for any shape, a zero matrix giving a zero step) or takes
+the KL-clipped step; the first step logs which blocks took which (a warning
+if none is orthogonalised, since the option then changes nothing but the
+learning rate's default).
+
 Momentum (the optimizer's heavy-ball velocity) is applied after this
 direction, and the Levenberg-Marquardt rule judges the update actually
 taken (`mu delta0 - lr direction`).

@@ -455,7 +455,9 @@ class KFAC(keras.optimizers.Optimizer):
         Always `damping` (the current `lambda`) and `update_norm` (the norm of
         the last update `delta`); with a learning-rate step, `step_size`, the
         factor that multiplied the preconditioned gradient in the last step
-        (the learning rate times the KL-clipping scale); with `adapt_damping`, `rho` (last reduction
+        (the learning rate times the KL-clipping scale; with
+        `step_rule="orthogonal"`, the learning rate times the RMS entry of the
+        orthogonalised direction); with `adapt_damping`, `rho` (last reduction
         ratio; NaN when undefined) and `qmodel_change` (the last predicted
         change `M(delta) - M(0)` of the undamped model); with
         `quadratic_model_step`, also `alpha` and `mu` of the last step

@@ -12,9 +12,9 @@ configuration to `--out`::
 step_rules.py; `{}` is `kfac_keras.KFAC()`'s defaults through
 `step_rule="library"`), or, when `step_rule` is one of the library's own
 (`"kl_clip"`, `"orthogonal"`), to `kfac_keras.KFAC` arguments, e.g.
-`{"lib_ortho3": {"step_rule": "orthogonal", "learning_rate": 1e-2}}`. `--baselines` lists `adam:LR` / `muon:LR` runs;
-`--tune adam,muon` searches their learning rates on a 3x-spaced grid around
-the given value, extended at an edge until the best is inside (Muon as the
+`{"lib_ortho3": {"step_rule": "orthogonal", "learning_rate": 1e-2}}`.
+`--baselines` lists `adam:LR` / `muon:LR` runs; `--tune adam,muon` searches
+their learning rates on a 3x-spaced grid around the given value, extended at an edge until the best is inside (Muon as the
 harness runs it: output layer excluded, no weight decay). `--ratio` times
 the named configurations against Adam alternately in the same process
 (`--ratio-rounds` rounds of `--ratio-period` steps each, after a warm-up),

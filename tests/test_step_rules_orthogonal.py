@@ -391,6 +391,6 @@ def test_two_replicas_match_one_device():
     (`tests/distributed_scenarios.py`)."""
     from distributed_scenarios import run_scenario
 
-    output = run_scenario("mirrored_equivalence", ["orthogonal"])
+    output = run_scenario("mirrored_equivalence", ["orthogonal"], timeout=220)
     assert "PASS orthogonal/loop" in output, output
     assert "PASS orthogonal/loop/damping_adapted" in output, output

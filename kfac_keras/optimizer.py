@@ -12,6 +12,7 @@ from absl import logging
 
 from kfac_keras import checkpointing
 from kfac_keras import keras_internals
+from kfac_keras import orthogonal_step
 from kfac_keras import registration as registration_lib
 from kfac_keras import step_rules
 from kfac_keras.curvature import CurvatureEstimator
@@ -228,6 +229,22 @@ class KFAC(keras.optimizers.Optimizer):
             all-reduces their whole state once per `T_inv` step. On CPU the
             replicated mode is as fast or faster (measured in the README),
             hence the default. With one replica the option changes nothing.
+        step_rule: `"kl_clip"` (default): the K-FAC step with `norm_constraint`
+            as above. `"orthogonal"`: each Kronecker matrix `P` of the
+            preconditioned gradient (`[K; b]` per layer, per group, per GRU
+            projection; `kfac_keras.orthogonal_step`) is replaced by
+            `0.2 sqrt(max(rows, cols))` times `orthogonal_iterations`
+            Newton-Schulz iterations towards its polar factor (the RMS of
+            Keras's `Muon` update), without KL clip; `learning_rate` and
+            `momentum` then apply as above, so the step is linear in the
+            learning rate (`learning_rate=None` means 1e-2 here). Variables
+            without a Kronecker block (and sparse Embedding gradients) take
+            the `"kl_clip"` step. `step_size` logs the learning rate times the
+            RMS entry of the orthogonalised direction. Not combinable with
+            `quadratic_model_step`.
+        orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of
+            `step_rule="orthogonal"` (only with it). Defaults to None,
+            meaning 3.
         name: string, the optimizer name. Defaults to `"kfac"`.
         **kwargs: the base optimizer's arguments (`weight_decay`, `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -259,6 +276,8 @@ class KFAC(keras.optimizers.Optimizer):
         norm_constraint="auto",
         scale_update_every=None,
         distributed_inverses=False,
+        step_rule="kl_clip",
+        orthogonal_iterations=None,
         name="kfac",
         **kwargs,
     ):
@@ -271,7 +290,8 @@ class KFAC(keras.optimizers.Optimizer):
             decomposition_jit_compile=decomposition_jit_compile,
             approximation=approximation, adaptive=adaptive,
             norm_constraint=norm_constraint, scale_update_every=scale_update_every,
-            distributed_inverses=distributed_inverses, name=name, base_arguments=kwargs)
+            distributed_inverses=distributed_inverses, step_rule=step_rule,
+            orthogonal_iterations=orthogonal_iterations, name=name, base_arguments=kwargs)
         # With the quadratic-model step the learning-rate variable holds alpha.
         super().__init__(
             learning_rate=1.0 if options.learning_rate is None else options.learning_rate,
@@ -283,6 +303,8 @@ class KFAC(keras.optimizers.Optimizer):
         sampling_seed = (options.seed if options.seed is not None
                          else random.SystemRandom().randrange(2**31 - 1))
         self.curvature = CurvatureEstimator(options, sampling_seed)
+        self._orthogonal_step = (orthogonal_step.OrthogonalStep(options.orthogonal_iterations)
+                                 if options.step_rule == "orthogonal" else None)
         self._diagnostics = None
         self._registration = None
         #: What `adaptive` was before "auto" was resolved (see `custom_step`).
@@ -315,6 +337,7 @@ class KFAC(keras.optimizers.Optimizer):
     decomposition_jit_compile = _option("decomposition_jit_compile",
                                         "`decomposition_jit_compile`.")
     distributed_inverses = _option("distributed_inverses", "`distributed_inverses`.")
+    step_rule = _option("step_rule", "`step_rule`.")
     uses_quadratic_model_step = _option(
         "uses_quadratic_model_step", "True if `alpha` and `mu` come from the quadratic model.")
     adapts_damping = _option(
@@ -432,7 +455,9 @@ class KFAC(keras.optimizers.Optimizer):
         Always `damping` (the current `lambda`) and `update_norm` (the norm of
         the last update `delta`); with a learning-rate step, `step_size`, the
         factor that multiplied the preconditioned gradient in the last step
-        (the learning rate times the KL-clipping scale); with `adapt_damping`, `rho` (last reduction
+        (the learning rate times the KL-clipping scale; with
+        `step_rule="orthogonal"`, the learning rate times the RMS entry of the
+        orthogonalised direction); with `adapt_damping`, `rho` (last reduction
         ratio; NaN when undefined) and `qmodel_change` (the last predicted
         change `M(delta) - M(0)` of the undamped model); with
         `quadratic_model_step`, also `alpha` and `mu` of the last step
@@ -535,7 +560,12 @@ class KFAC(keras.optimizers.Optimizer):
                       if self.l2_reg else grads)
         preconditioned = keras_internals.clip_gradients(
             self, self.precondition(raw_grads, variables))
-        if self.norm_constraint is not None:
+        if self._orthogonal_step is not None:
+            preconditioned, rms = self._orthogonal_step.directions(
+                self._registration.blocks, variables, raw_grads, full_grads, preconditioned,
+                self.norm_constraint)
+            self._diagnostics.step_size.assign(self._learning_rate_now() * rms)
+        elif self.norm_constraint is not None:
             coefficient = step_rules.kl_clipping_scale(
                 full_grads, preconditioned, self.norm_constraint)
             preconditioned = [p * tf.cast(coefficient, p.dtype) for p in preconditioned]

@@ -55,6 +55,23 @@ The extra work of the rule: every `T1` steps, one forward pass at `theta +
 delta` on the same batch and, when the step comes from a fixed learning
 rate and momentum, one forward-mode pass for `delta^T F delta` before the
 update (with `quadratic_model_step` the model's change is already known).
+
+**Orthogonal step** (`KFAC(step_rule="orthogonal")`, issue 12's lead 6):
+each Kronecker matrix `P` of `Delta` (`[K; b]` of a Dense layer, shape
+`(n_in + 1, n_out)`; `kfac_keras.orthogonal_step` says which matrices each
+block has) is replaced by an approximation of its polar factor `U V^T`
+(`P = U S V^T`), `k` quintic Newton-Schulz iterations from `X_0 = P /
+||P||_F`,
+
+    X <- a X + (b X X^T + c (X X^T)^2) X,   (a, b, c) = (3.4445, -4.7750, 2.0315),
+
+scaled by `0.2 sqrt(max(rows, cols))`: an exactly orthogonal `(rows, cols)`
+matrix then has RMS entry 0.2, the update RMS of Keras's `Muon`
+(`rms_rate=0.2`). The iteration maps every singular value `s` of `X_0` to
+`f^k(s)`, `f(s) = a s + b s^3 + c s^5`, and leaves the singular vectors
+unchanged; these coefficients (Muon's) push `s` into roughly [0.7, 1.2]
+in a few steps rather than converging to 1. The learning rate and momentum
+multiply the result as in `fixed_step`, so the step is linear in `lr`.
 """
 
 import tensorflow as tf
@@ -64,6 +81,11 @@ LOWER_THRESHOLD = 0.25
 UPPER_THRESHOLD = 0.75
 #: The paper's per-step factor; the update every `T1` steps uses its `T1`-th power.
 BASE_FACTOR = 19.0 / 20.0
+#: Coefficients `(a, b, c)` of the quintic Newton-Schulz iteration (Muon's).
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+#: RMS entry of an orthogonal step before the learning rate: Keras's `Muon`
+#: update RMS (`rms_rate=0.2`), so learning rates carry over from Muon.
+ORTHOGONAL_STEP_RMS = 0.2
 
 
 # ----------------------------------------------------------- list algebra
@@ -280,3 +302,48 @@ def levenberg_marquardt_update(damping, rho, factor, min_damping, max_damping):
     new = tf.where(trusted, damping * factor,
                    tf.where(distrusted, damping / factor, damping))
     return tf.clip_by_value(new, min_damping, max_damping)
+
+
+# ------------------------------------------------------- orthogonal step
+def newton_schulz(matrix, iterations):
+    """Approximate polar factor of `matrix` by quintic Newton-Schulz.
+
+    Args:
+        matrix: float tensor of shape `(..., rows, cols)`; leading axes are a
+            batch (one polar factor per matrix, e.g. per group of a grouped
+            convolution).
+        iterations: int >= 1, `k`.
+
+    Returns:
+        A float32 tensor of the same shape, `X_k` from `X_0 = matrix /
+        ||matrix||_F` (per matrix; a zero matrix stays zero).
+    """
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = tf.cast(matrix, tf.float32)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:  # iterate on the wide side, so the Gram matrix is the smaller one
+        x = tf.linalg.matrix_transpose(x)
+    norm = tf.norm(x, axis=[-2, -1], keepdims=True)
+    x = tf.math.divide_no_nan(x, norm)
+    for _ in range(int(iterations)):
+        gram = tf.matmul(x, x, transpose_b=True)
+        x = a * x + tf.matmul(b * gram + c * tf.matmul(gram, gram), x)
+    return tf.linalg.matrix_transpose(x) if tall else x
+
+
+def orthogonal_direction(matrix, iterations):
+    """`0.2 sqrt(max(rows, cols)) NS_k(matrix)`: the orthogonal step's direction
+    for one Kronecker matrix (to be multiplied by `-lr`, momentum after).
+
+    Args:
+        matrix: float tensor `(..., rows, cols)`, the preconditioned gradient
+            `P` of one block in its matrix layout (`[K; b]`: rows include the
+            bias row).
+        iterations: int >= 1, Newton-Schulz iterations.
+
+    Returns:
+        A float32 tensor of the same shape.
+    """
+    rows, cols = matrix.shape[-2], matrix.shape[-1]
+    scale = ORTHOGONAL_STEP_RMS * float(max(rows, cols)) ** 0.5
+    return scale * newton_schulz(matrix, iterations)

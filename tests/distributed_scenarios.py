@@ -38,6 +38,9 @@ def run_scenario(name, *arguments, timeout=110, env=None):
     """Runs scenario `name` in a fresh Python; returns its stdout after
     checking that it completed."""
     env = dict(os.environ if env is None else env, TF_CPP_MIN_LOG_LEVEL="2")
+    # This checkout's kfac_keras, not an installed copy (e.g. of another worktree).
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), name] + [json.dumps(a) for a in arguments],
         capture_output=True, text=True, timeout=timeout, env=env)
@@ -206,6 +209,8 @@ CONFIGURATIONS = {
     "quadratic_model_step": ({"defaults": True, "norm_constraint": None, "adaptive": {
         "quadratic_model_step": True, "adapt_damping": True, "min_damping": 1e-3,
         "damping_update_every": 2}}, 2),
+    # The orthogonal step rule (kfac_keras.orthogonal_step) with LM damping.
+    "orthogonal": ({"defaults": True, "step_rule": "orthogonal"}, 3),
 }
 
 

@@ -56,7 +56,8 @@ ROUND_TRIP_CASES = [
     dict(adaptive=dict(quadratic_model_step=True, adapt_damping=True,
                        damping_update_every=3, min_damping=1e-6, max_damping=10.0),
          damping=0.1, global_clipnorm=3.0, inverse_method="inverse"),
-    dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03),
+    dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03,
+         step_rule="orthogonal", orthogonal_iterations=5),
 ]
 
 
@@ -171,6 +172,8 @@ BAD_ARGUMENTS = [
     (dict(ema_overwrite_frequency=0), ValueError), (dict(loss_scale_factor=0.0), ValueError),
     (dict(gradient_accumulation_steps=4), ValueError),
     (dict(nesterov=True), TypeError),
+    (dict(step_rule="muon"), ValueError),
+    (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
 ]
 
 

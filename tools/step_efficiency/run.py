@@ -10,9 +10,11 @@ configuration to `--out`::
 
 `--configs` maps a name to `StepRuleKFAC` arguments (tools/step_efficiency/
 step_rules.py; `{}` is `kfac_keras.KFAC()`'s defaults through
-`step_rule="library"`). `--baselines` lists `adam:LR` / `muon:LR` runs;
-`--tune adam,muon` searches their learning rates on a 3x-spaced grid around
-the given value, extended at an edge until the best is inside (Muon as the
+`step_rule="library"`), or, when `step_rule` is one of the library's own
+(`"kl_clip"`, `"orthogonal"`), to `kfac_keras.KFAC` arguments, e.g.
+`{"lib_ortho3": {"step_rule": "orthogonal", "learning_rate": 1e-2}}`.
+`--baselines` lists `adam:LR` / `muon:LR` runs; `--tune adam,muon` searches
+their learning rates on a 3x-spaced grid around the given value, extended at an edge until the best is inside (Muon as the
 harness runs it: output layer excluded, no weight decay). `--ratio` times
 the named configurations against Adam alternately in the same process
 (`--ratio-rounds` rounds of `--ratio-period` steps each, after a warm-up),
@@ -32,10 +34,16 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The checkout's kfac_keras (not an installed copy), so a branch measures its own code.
+sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np  # noqa: E402
 
 SMOOTH = 10
+#: `step_rule` values of `kfac_keras.KFAC` itself: such a config builds
+#: `kfac_keras.KFAC(**kwargs)` instead of `StepRuleKFAC` (whose own rule names
+#: differ: "kl", "ortho", ...).
+LIBRARY_STEP_RULES = ("kl_clip", "orthogonal")
 
 
 def make_optimizer(spec, task):
@@ -49,8 +57,12 @@ def make_optimizer(spec, task):
         return keras.optimizers.Muon(exclude_layers=[task.output_layer], weight_decay=0.0,
                                      adam_weight_decay=0.0, **kwargs)
     kwargs = dict(kwargs)
-    kwargs.setdefault("step_rule", "library")
     kwargs.setdefault("seed", 0)
+    if kwargs.get("step_rule") in LIBRARY_STEP_RULES:
+        import kfac_keras
+
+        return kfac_keras.KFAC(**kwargs)  # the library's own rule, no subclass
+    kwargs.setdefault("step_rule", "library")
     return StepRuleKFAC(**kwargs)
 
 

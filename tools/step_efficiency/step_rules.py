@@ -48,7 +48,6 @@ import keras
 import tensorflow as tf
 
 import kfac_keras
-from kfac_keras import damping as damping_lib
 from kfac_keras import guards
 from kfac_keras import linalg
 from kfac_keras import quadratic_model
@@ -127,7 +126,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
                                  "'library'.")
             kwargs["norm_constraint"] = None
         super().__init__(**kwargs)
-        self.step_rule = step_rule
+        self.candidate_rule = step_rule
         self.kl_bound = float(kl_bound)
         self.ns_steps = int(ns_steps)
         self.ortho_min_dim = int(ortho_min_dim)
@@ -145,12 +144,12 @@ class StepRuleKFAC(kfac_keras.KFAC):
         if self.built:
             return
         super().build(variables)
-        if self.step_rule in ("rms", "rms_cap", "graft_adam", "graft_sgd", "ortho"):
+        if self.candidate_rule in ("rms", "rms_cap", "graft_adam", "graft_sgd", "ortho"):
             self.buffers = self.add_optimizer_variables(variables, "direction_buffer")
-        if self.step_rule == "graft_adam":
+        if self.candidate_rule == "graft_adam":
             self.adam_first = self.add_optimizer_variables(variables, "adam_m")
             self.adam_second = self.add_optimizer_variables(variables, "adam_v")
-        if self.step_rule == "graft_sgd":
+        if self.candidate_rule == "graft_sgd":
             self.sgd_buffers = self.add_optimizer_variables(variables, "sgd_m")
         self.effective_step = tf.Variable(0.0, trainable=False, name="effective_step")
 
@@ -217,7 +216,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
     def _rule_directions(self, block, members, grads, precond, variables):
         """Unscaled-by-lr step (to be multiplied by `-lr`) of one block's variables,
         or None for the KL rules (handled with momentum by `_kl_updates`)."""
-        rule = self.step_rule
+        rule = self.candidate_rule
         if self.momentum_after and rule in ("rms", "ortho"):
             directions = [precond[i] for i in members]
         else:
@@ -267,7 +266,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
             bound / tf.where(quadratic > 0, quadratic, 1.0))), 1.0)
 
     def apply_step(self, grads, trainable_variables, batch=None, loss=None):
-        if self.step_rule == "library":
+        if self.candidate_rule == "library":
             return super().apply_step(grads, trainable_variables, batch=batch, loss=loss)
         if self._registration is None:
             raise RuntimeError("attach the optimizer first (make_train_step / KFACCallback)")
@@ -288,8 +287,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
                 raise ValueError("kl_relative_to_loss needs the loss (use make_train_step).")
             self._bound = self.kl_bound * tf.abs(tf.cast(loss, tf.float32))
         deltas = [None] * len(variables)
-        if self.step_rule in ("kl", "kl_layer"):
-            if self.step_rule == "kl":
+        if self.candidate_rule in ("kl", "kl_layer"):
+            if self.candidate_rule == "kl":
                 scale = self._kl_scale(grads, precond)
                 scales = [scale] * len(variables)
             else:

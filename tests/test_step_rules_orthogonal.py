@@ -1,0 +1,396 @@
+"""`step_rule="orthogonal"` against independent NumPy computations.
+
+Newton-Schulz against a NumPy loop and the SVD (its singular values follow
+the scalar polynomial, and many iterations land near the polar factor); two
+full training steps on a tiny Dense network against a dense NumPy K-FAC
+(factors from the layer inputs and per-example gradients, factored Tikhonov
+inverses, Newton-Schulz, Muon's scale, momentum); the learning rate's
+linearity; the Levenberg-Marquardt rule on the update taken; one matrix per
+Kronecker pair for multi-block layers; sparse Embedding gradients; options.
+"""
+
+import logging
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kfac_keras
+from kfac_keras import step_rules
+
+COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic, written out independently
+#: With at least 7 iterations every singular value s of P with s / ||P||_F >= 1e-3
+#: ends in [0.6818, 1.1344] (iterate the scalar polynomial on a grid of s), so
+#: the result is within this spectral-norm distance of the polar factor.
+POLAR_TOLERANCE = 0.32
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def _numpy_newton_schulz(matrix, iterations):
+    a, b, c = COEFFICIENTS
+    x = np.asarray(matrix, np.float64)
+    x = x / np.linalg.norm(x)
+    for _ in range(iterations):
+        x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
+    return x
+
+
+def _scalar_polynomial(s, iterations):
+    a, b, c = COEFFICIENTS
+    for _ in range(iterations):
+        s = a * s + b * s ** 3 + c * s ** 5
+    return s
+
+
+# ------------------------------------------------------------ Newton-Schulz
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5), (4, 4)])
+@pytest.mark.parametrize("iterations", [1, 3, 5])
+def test_newton_schulz_matches_numpy_loop(shape, iterations):
+    matrix = np.random.default_rng(0).normal(size=shape)
+    got = step_rules.newton_schulz(tf.constant(matrix, tf.float32), iterations).numpy()
+    np.testing.assert_allclose(got, _numpy_newton_schulz(matrix, iterations),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_newton_schulz_keeps_singular_vectors_and_maps_singular_values():
+    """`NS_k(P) = U f^k(S / ||P||_F) V^T` for `P = U S V^T`."""
+    matrix = np.random.default_rng(1).normal(size=(6, 4))
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    expected = u @ np.diag(_scalar_polynomial(s / np.linalg.norm(s), 3)) @ vt
+    got = step_rules.newton_schulz(tf.constant(matrix, tf.float32), 3).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7)])
+def test_enough_iterations_approach_the_polar_factor(shape):
+    matrix = np.random.default_rng(2).normal(size=shape)
+    u, s, vt = np.linalg.svd(matrix, full_matrices=False)
+    assert s.min() / np.linalg.norm(s) > 1e-3  # the tolerance's premise
+    polar = u @ vt
+    got = step_rules.newton_schulz(tf.constant(matrix, tf.float32), 10).numpy()
+    assert np.linalg.norm(got - polar, 2) < POLAR_TOLERANCE
+    # Far closer than the normalised input, which is where iteration 0 starts.
+    assert np.linalg.norm(matrix / np.linalg.norm(matrix) - polar, 2) > 0.5
+
+
+def test_batched_matrices_are_orthogonalised_one_by_one():
+    matrices = np.random.default_rng(3).normal(size=(3, 5, 2))
+    got = step_rules.newton_schulz(tf.constant(matrices, tf.float32), 4).numpy()
+    for index in range(3):
+        np.testing.assert_allclose(got[index], _numpy_newton_schulz(matrices[index], 4),
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_zero_matrix_gives_zero_step():
+    got = step_rules.orthogonal_direction(tf.zeros((3, 2)), 3).numpy()
+    np.testing.assert_array_equal(got, np.zeros((3, 2)))
+
+
+@pytest.mark.parametrize("shape", [(6, 3), (3, 6)])
+def test_orthogonal_direction_has_muons_rms(shape):
+    """`0.2 sqrt(max(rows, cols)) NS_k`: an orthogonal matrix's RMS becomes 0.2."""
+    matrix = np.random.default_rng(4).normal(size=shape)
+    got = step_rules.orthogonal_direction(tf.constant(matrix, tf.float32), 3).numpy()
+    np.testing.assert_allclose(got, 0.2 * np.sqrt(6.0) * _numpy_newton_schulz(matrix, 3),
+                               rtol=1e-4, atol=1e-5)
+    polar = step_rules.orthogonal_direction(tf.constant(matrix, tf.float32), 30).numpy()
+    assert 0.2 * 0.68 < np.sqrt(np.mean(polar ** 2)) < 0.2 * 1.14
+
+
+# ----------------------------------------------------- full step vs NumPy
+def _dense_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((4,))
+    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
+
+
+def _numpy_orthogonal_kfac_direction(weights, x, y, damping, iterations):
+    """Dense NumPy K-FAC (empirical Fisher, factored Tikhonov), then NS and scale.
+
+    `weights` = [K1, b1, K2, b2]; returns the directions `[D1, D2]` of `[K; b]`.
+    """
+    k1, b1, k2, b2 = weights
+    n = len(x)
+    hidden = np.tanh(x @ k1 + b1)
+    logits = hidden @ k2 + b2
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    g2 = probs - np.eye(3)[y]                   # d l_n / d s2, per example
+    g1 = (g2 @ k2.T) * (1.0 - hidden ** 2)      # d l_n / d s1
+    directions = []
+    for inputs, grads in ((x, g1), (hidden, g2)):
+        abar = np.concatenate([inputs, np.ones((n, 1))], axis=1)
+        a_factor = abar.T @ abar / n
+        g_factor = grads.T @ grads / n
+        gradient = abar.T @ grads / n            # the batch-mean loss's [dK; db]
+        pi = np.sqrt((np.trace(a_factor) / len(a_factor)) / (np.trace(g_factor) / len(g_factor)))
+        gamma = np.sqrt(damping)
+        preconditioned = (np.linalg.inv(a_factor + pi * gamma * np.eye(len(a_factor)))
+                          @ gradient @ np.linalg.inv(g_factor + gamma / pi * np.eye(len(g_factor))))
+        scale = 0.2 * np.sqrt(max(preconditioned.shape))
+        directions.append(scale * _numpy_newton_schulz(preconditioned, iterations))
+    return directions
+
+
+def _augmented(weights):
+    return [np.concatenate([weights[0], weights[1][None]], 0),
+            np.concatenate([weights[2], weights[3][None]], 0)]
+
+
+def test_two_steps_match_dense_numpy_kfac():
+    """Factors from this step's batch (`factor_decay=0`), fixed damping,
+    momentum after the orthogonalisation, over two steps."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    lr, mu, damping, iterations = 0.05, 0.5, 0.03, 3
+    model = _dense_model()
+    optimizer = kfac_keras.KFAC(
+        step_rule="orthogonal", orthogonal_iterations=iterations, learning_rate=lr,
+        momentum=mu, damping=damping, adaptive=None, estimation_mode="empirical",
+        factor_decay=0.0, cov_update_every=1, inv_update_every=1, seed=0)
+    step = kfac_keras.make_train_step(model, optimizer, LOSS)
+    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    velocity = [np.zeros_like(w) for w in _augmented(weights)]
+    for _ in range(2):
+        directions = _numpy_orthogonal_kfac_direction(weights, x.astype(np.float64), y,
+                                                      damping, iterations)
+        velocity = [mu * v - lr * d for v, d in zip(velocity, directions)]
+        augmented = [w + v for w, v in zip(_augmented(weights), velocity)]
+        weights = [augmented[0][:-1], augmented[0][-1], augmented[1][:-1], augmented[1][-1]]
+        step(x, y)
+        for got, expected in zip(model.trainable_variables, weights):
+            np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
+
+
+def test_learning_rate_scales_the_step_linearly():
+    """Every variable's update (orthogonalised kernels and the KL-clipped
+    LayerNormalization) doubles with the learning rate."""
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    updates, sizes = [], []
+    for lr in (0.01, 0.02):
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((4,))
+        hidden = keras.layers.Dense(5, activation="tanh")(inputs)
+        hidden = keras.layers.LayerNormalization()(hidden)
+        model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+        optimizer = kfac_keras.KFAC(step_rule="orthogonal", learning_rate=lr, adaptive=None,
+                                    damping=0.05, cov_update_every=1, seed=0)
+        step = kfac_keras.make_train_step(model, optimizer, LOSS)
+        before = [v.numpy() for v in model.trainable_variables]
+        logs = step(x, y)
+        updates.append([v.numpy() - b for v, b in zip(model.trainable_variables, before)])
+        sizes.append(float(logs["step_size"]))
+    for small, large in zip(*updates):
+        assert np.abs(small).max() > 0
+        # atol: float32 spacing of weights ~1 (the update is a weight difference).
+        np.testing.assert_allclose(large, 2 * small, rtol=1e-4, atol=2e-7)
+    assert sizes[1] == pytest.approx(2 * sizes[0], rel=1e-5)
+
+
+def test_step_size_is_the_rms_of_the_orthogonalised_update():
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    model = _dense_model()
+    optimizer = kfac_keras.KFAC(step_rule="orthogonal", learning_rate=0.01, momentum=0.0,
+                                adaptive=None, cov_update_every=1, seed=0)
+    step = kfac_keras.make_train_step(model, optimizer, LOSS)
+    before = [v.numpy() for v in model.trainable_variables]
+    logs = step(x, y)
+    update = np.concatenate([(v.numpy() - b).ravel()
+                             for v, b in zip(model.trainable_variables, before)])
+    assert float(logs["step_size"]) == pytest.approx(np.sqrt(np.mean(update ** 2)), rel=1e-4)
+
+
+def _exact_fisher(model, x):
+    params = model.trainable_variables
+    total = 0.0
+    for n in range(len(x)):
+        for k in range(3):
+            with tf.GradientTape() as tape:
+                logq = tf.nn.log_softmax(tf.cast(model(x[n:n + 1]), tf.float64))[0]
+                chosen = logq[k]
+            grad = np.concatenate([np.asarray(g, np.float64).ravel()
+                                   for g in tape.gradient(chosen, params)])
+            total = total + np.exp(logq.numpy()[k]) * np.outer(grad, grad)
+    return total / len(x)
+
+
+def test_levenberg_marquardt_judges_the_update_taken():
+    """`qmodel_change = 1/2 delta^T F delta + grad^T delta` for the update
+    `delta` the step applied (exact Fisher by enumerating the classes)."""
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(10, 4)).astype("float32")
+    y = rng.integers(0, 3, size=10)
+    model = _dense_model()
+    optimizer = kfac_keras.KFAC(
+        step_rule="orthogonal", learning_rate=0.02, momentum=0.5, damping=0.1,
+        adaptive=dict(adapt_damping=True, damping_update_every=1, min_damping=1e-4),
+        cov_update_every=1, inv_update_every=1, seed=1)
+    step = kfac_keras.make_train_step(model, optimizer, LOSS)
+    variables = model.trainable_variables
+    for _ in range(2):  # the second update includes momentum
+        theta = np.concatenate([v.numpy().ravel() for v in variables]).astype(np.float64)
+        with tf.GradientTape() as tape:
+            loss = LOSS(y, model(x))
+        grad = np.concatenate([np.asarray(g, np.float64).ravel()
+                               for g in tape.gradient(loss, variables)])
+        fisher = _exact_fisher(model, x)
+        logs = step(x, y)
+        delta = np.concatenate([v.numpy().ravel() for v in variables]) - theta
+        predicted = 0.5 * delta @ fisher @ delta + grad @ delta
+        np.testing.assert_allclose(float(logs["qmodel_change"]), predicted, rtol=2e-3)
+
+
+# ---------------------------------------------------- multi-block layers
+#: Each layer kind's Kronecker matrices, written out independently of the
+#: blocks: a function of the update (by variable) -> list of matrices.
+LAYOUTS = {
+    "chain": lambda u: [np.concatenate([u[0], u[1][None]], 0),
+                        np.concatenate([u[2], u[3][None]], 0)],
+    "lstm": lambda u: [np.concatenate([u[0], u[1], u[2][None]], 0)],
+    "gru": lambda u: [np.concatenate([u[0], u[2][:1]], 0),
+                      np.concatenate([u[1], u[2][1:]], 0)],
+    # groups=2 of Conv2D(4 -> 6): group g = output channels 3g..3g+2 (its
+    # rows' order does not change the singular values).
+    "grouped_conv": lambda u: [
+        np.concatenate([u[0][..., 3 * g:3 * g + 3].reshape(-1, 3),
+                        u[1][None, 3 * g:3 * g + 3]], 0) for g in range(2)],
+    # DepthwiseConv2D(depth_multiplier=2) on 3 channels: channel c writes 2c, 2c+1.
+    "depthwise": lambda u: [
+        np.concatenate([u[0][:, :, c, :].reshape(-1, 2), u[1][None, 2 * c:2 * c + 2]], 0)
+        for c in range(3)],
+    "separable": lambda u: [u[0][:, :, c, :].reshape(-1, 2) for c in range(3)]
+    + [np.concatenate([u[1].reshape(-1, 4), u[2][None]], 0)],
+}
+
+
+def _multi_block_model(kind):
+    keras.utils.set_random_seed(0)
+    if kind == "chain":
+        inputs = keras.Input((3,))
+        h = keras.layers.Dense(4, activation="tanh", name="first")(inputs)
+        h = keras.layers.Dense(3, activation="tanh", name="second")(h)
+        return keras.Model(inputs, h), (32, 3)
+    if kind in ("lstm", "gru"):
+        inputs = keras.Input((5, 2))
+        layer = (keras.layers.LSTM(2, name="rnn") if kind == "lstm"
+                 else keras.layers.GRU(2, name="rnn"))
+        return keras.Model(inputs, layer(inputs)), (32, 5, 2)
+    inputs = keras.Input((6, 6, 4 if kind == "grouped_conv" else 3))
+    if kind == "grouped_conv":
+        layer = keras.layers.Conv2D(6, 2, groups=2, name="conv")
+    elif kind == "depthwise":
+        layer = keras.layers.DepthwiseConv2D(2, depth_multiplier=2, name="conv")
+    else:
+        layer = keras.layers.SeparableConv2D(4, 2, depth_multiplier=2, name="conv")
+    h = keras.layers.GlobalAveragePooling2D()(layer(inputs))
+    return keras.Model(inputs, h), (32, 6, 6, inputs.shape[-1])
+
+
+@pytest.mark.parametrize("kind", ["chain", "lstm", "gru", "grouped_conv", "depthwise",
+                                  "separable"])
+def test_each_kronecker_matrix_is_orthogonalised(kind):
+    """With many iterations each matrix of the update (in the layout written
+    out above) is `lr * 0.2 sqrt(max dims)` times a matrix whose singular
+    values lie in Newton-Schulz's band; orthogonalising the layer's variables
+    together, or in another split, would not give that."""
+    model, x_shape = _multi_block_model(kind)
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=x_shape).astype("float32")
+    y = rng.normal(size=(x_shape[0],) + tuple(model.output.shape[1:])).astype("float32")
+    lr = 0.01
+    optimizer = kfac_keras.KFAC(
+        step_rule="orthogonal", orthogonal_iterations=12, learning_rate=lr, momentum=0.0,
+        adaptive=None, cov_update_every=1, seed=0,
+        approximation="tridiagonal" if kind == "chain" else "block_diagonal")
+    step = kfac_keras.make_train_step(model, optimizer, "mse")
+    kinds = {type(b).__name__ for b in optimizer.registration.blocks}
+    assert not kinds & {"DiagonalBlock", "IdentityBlock"}, kinds
+    before = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    step(x, y)
+    update = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+    matrices = LAYOUTS[kind](update)
+    for matrix in matrices:
+        scale = lr * 0.2 * np.sqrt(max(matrix.shape))
+        singular = np.linalg.svd(-matrix / scale, compute_uv=False)
+        assert singular.min() > 0.66 and singular.max() < 1.15, (matrix.shape, singular)
+
+
+def test_sparse_embedding_gradient_takes_the_kl_clipped_step(caplog):
+    rng = np.random.default_rng(10)
+    ids = rng.integers(0, 7, size=(8, 3)).astype("int32")
+    y = rng.integers(0, 2, size=(8,)).astype("int32")
+    updates = {}
+    for rule in ("kl_clip", "orthogonal"):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((3,), dtype="int32"),
+                                  keras.layers.Embedding(7, 4, name="tokens"),
+                                  keras.layers.GlobalAveragePooling1D(),
+                                  keras.layers.Dense(2, name="out")])
+        optimizer = kfac_keras.KFAC(step_rule=rule, learning_rate=0.05, adaptive=None,
+                                    norm_constraint=None, damping=0.1, cov_update_every=1,
+                                    seed=0)
+        step = kfac_keras.make_train_step(model, optimizer, LOSS)
+        before = [v.numpy() for v in model.trainable_variables]
+        with caplog.at_level(logging.WARNING):
+            step(ids, y)
+            updates[rule] = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
+            step(ids, y)
+    # With norm_constraint=None both rules give the embedding `-lr Delta`; the
+    # Dense layer is orthogonalised only by the orthogonal rule.
+    np.testing.assert_allclose(updates["orthogonal"][0], updates["kl_clip"][0],
+                               rtol=1e-5, atol=1e-8)
+    assert np.abs(updates["orthogonal"][0]).max() > 0
+    assert not np.allclose(updates["orthogonal"][1], updates["kl_clip"][1], rtol=1e-2)
+    warnings = [r for r in caplog.records if "IndexedSlices" in r.getMessage()]
+    assert len(warnings) == 1 and "tokens" in warnings[0].getMessage()
+
+
+# ---------------------------------------------------------------- options
+def test_defaults_are_unchanged_and_orthogonal_resolves_its_own():
+    default = kfac_keras.KFAC()
+    assert default.step_rule == "kl_clip"
+    assert default.get_config()["orthogonal_iterations"] is None
+    assert float(default.learning_rate) == 1.0
+    orthogonal = kfac_keras.KFAC(step_rule="orthogonal")
+    assert orthogonal.get_config()["orthogonal_iterations"] == 3
+    assert float(orthogonal.learning_rate) == pytest.approx(1e-2)
+    assert orthogonal.norm_constraint == 1e-4  # for the variables it does not orthogonalise
+    config = kfac_keras.KFAC(step_rule="orthogonal", orthogonal_iterations=5).get_config()
+    restored = kfac_keras.KFAC.from_config(config)
+    assert restored.step_rule == "orthogonal"
+    assert restored.get_config()["orthogonal_iterations"] == 5
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    (dict(step_rule="muon"), ValueError, "step_rule"),
+    (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError,
+     "orthogonal_iterations"),
+    (dict(step_rule="orthogonal", orthogonal_iterations=2.5), TypeError,
+     "orthogonal_iterations"),
+    (dict(step_rule="orthogonal", orthogonal_iterations=True), TypeError,
+     "orthogonal_iterations"),
+    (dict(orthogonal_iterations=3), ValueError, "only applies to step_rule='orthogonal'"),
+    (dict(step_rule="orthogonal", adaptive=dict(quadratic_model_step=True)), ValueError,
+     "quadratic_model_step"),
+])
+def test_orthogonal_options_are_validated(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        kfac_keras.KFAC(**kwargs)
+
+
+def test_two_replicas_match_one_device():
+    """Under MirroredStrategy (2 CPU replicas), with the Levenberg-Marquardt
+    rule: weights, optimizer state and logs equal a one-device run
+    (`tests/distributed_scenarios.py`)."""
+    from distributed_scenarios import run_scenario
+
+    output = run_scenario("mirrored_equivalence", ["orthogonal"], timeout=220)
+    assert "PASS orthogonal/loop" in output, output
+    assert "PASS orthogonal/loop/damping_adapted" in output, output

@@ -17,6 +17,7 @@ from kfac_keras import KFAC
 __all__ = [
     "build_common_parser",
     "kfac_kwargs_from_args",
+    "parse_kfac_options",
     "parse_optimizer_list",
     "print_environment",
     "protocol_notes",
@@ -43,7 +44,7 @@ def _parse_lr_overrides(text: str):
     return out
 
 
-def _parse_kfac_options(text: str):
+def parse_kfac_options(text: str):
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
@@ -131,7 +132,7 @@ def build_common_parser(example: str, description: str = "", *,
                         "(default: %(default)s)")
     p.add_argument("--kfac-damping", type=float, default=None,
                    help="damping passed to KFAC (default: KFAC's own)")
-    p.add_argument("--kfac-options", type=_parse_kfac_options, default={},
+    p.add_argument("--kfac-options", type=parse_kfac_options, default={},
                    help="JSON object of extra kfac_keras.KFAC arguments for the K-FAC "
                         "runs, e.g. '{\"norm_constraint\": 3e-4, \"adaptive\": null}' "
                         "(default: none, KFAC's defaults)")

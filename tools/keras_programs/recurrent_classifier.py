@@ -37,7 +37,7 @@ import kfac_keras  # noqa: E402
 # still comes from wherever it came from before.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from benchmarks.keras_program_models import order_task  # noqa: E402
-from benchmarks.keras_program_models import build_recurrent_classifier as build  # noqa: E402,F401
+from benchmarks.keras_program_models import build_recurrent_classifier as build  # noqa: E402
 del sys.path[0]
 
 

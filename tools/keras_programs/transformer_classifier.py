@@ -26,14 +26,13 @@ import time
 
 import keras
 
-# The models and data live in benchmarks/keras_program_models.py (one copy).
-# The repository root is on sys.path only for this import, so `kfac_keras`
-# still comes from wherever it came from before.
+# The models and data live in benchmarks/keras_program_models.py (one copy;
+# transformer_diagnostics.py reads SENTIMENT_TOKENS from here). The repository
+# root is on sys.path only for this import, so `kfac_keras` still comes from
+# wherever it came from before.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.keras_program_models import (  # noqa: E402,F401
-    EMBED_DIM, FF_DIM, MAXLEN, NUM_HEADS, SENTIMENT_TOKENS, VOCAB_SIZE, TokenAndPositionEmbedding,
-    TransformerBlock, synthetic_reviews)
-from benchmarks.keras_program_models import build_transformer_classifier as build_model  # noqa: E402,F401
+from benchmarks.keras_program_models import SENTIMENT_TOKENS, synthetic_reviews  # noqa: E402,F401
+from benchmarks.keras_program_models import build_transformer_classifier as build_model  # noqa: E402
 del sys.path[0]
 
 

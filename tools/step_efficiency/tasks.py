@@ -30,7 +30,7 @@ import numpy as np
 # repository root is on sys.path only for this import, so `kfac_keras` still
 # comes from wherever it came from before.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks.markov_lm import MarkovChain, make_transformer_lm  # noqa: E402,F401
+from benchmarks.markov_lm import MarkovChain, make_transformer_lm  # noqa: E402
 del sys.path[0]
 
 PIXELS = 784

@@ -1,4 +1,4 @@
-"""Command-line options shared by the optimizer-race benchmarks (autoencoder, MNIST CNN)."""
+"""Command-line options shared by the optimizer-race benchmarks (autoencoder, MNIST CNN, transformer LM)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from kfac_keras import KFAC
 __all__ = [
     "build_common_parser",
     "kfac_kwargs_from_args",
+    "parse_kfac_options",
     "parse_optimizer_list",
     "print_environment",
     "protocol_notes",
@@ -43,7 +44,7 @@ def _parse_lr_overrides(text: str):
     return out
 
 
-def _parse_kfac_options(text: str):
+def parse_kfac_options(text: str):
     try:
         options = json.loads(text)
     except json.JSONDecodeError as e:
@@ -71,13 +72,29 @@ def _parse_float_list(text: str):
 
 def build_common_parser(example: str, description: str = "", *,
                         default_steps: int, quick_steps: int,
-                        default_optimizers=DEFAULT_OPTIMIZERS):
-    """argparse parser with the flags shared by the optimizer-race commands."""
+                        default_optimizers=DEFAULT_OPTIMIZERS, mnist_data=True):
+    """argparse parser with the flags shared by the optimizer-race commands.
+
+    Args:
+        example: str, the command's module name in `benchmarks` (for the
+            program name and the default output folder).
+        description: str, the help text's description. Defaults to "".
+        default_steps: int, training steps without `--quick`.
+        quick_steps: int, training steps with `--quick`.
+        default_optimizers: names raced unless `--optimizers` says otherwise.
+            Defaults to `DEFAULT_OPTIMIZERS`.
+        mnist_data: bool, whether the command reads MNIST and so takes
+            `--data-dir`. Defaults to True.
+
+    Returns:
+        An `argparse.ArgumentParser`.
+    """
     p = argparse.ArgumentParser(
         prog=f"python -m benchmarks.{example}", description=description)
-    p.add_argument("--data-dir", default=None,
-                   help="folder with MNIST IDX files (default: $KFAC_KERAS_DATA_DIR, "
-                        "then keras.datasets, then scikit-learn digits)")
+    if mnist_data:
+        p.add_argument("--data-dir", default=None,
+                       help="folder with MNIST IDX files (default: $KFAC_KERAS_DATA_DIR, "
+                            "then keras.datasets, then scikit-learn digits)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke-test budget: {quick_steps} steps, 2-point grids without "
                         "extension, short grid runs, easier targets, no XLA probe")
@@ -115,7 +132,7 @@ def build_common_parser(example: str, description: str = "", *,
                         "(default: %(default)s)")
     p.add_argument("--kfac-damping", type=float, default=None,
                    help="damping passed to KFAC (default: KFAC's own)")
-    p.add_argument("--kfac-options", type=_parse_kfac_options, default={},
+    p.add_argument("--kfac-options", type=parse_kfac_options, default={},
                    help="JSON object of extra kfac_keras.KFAC arguments for the K-FAC "
                         "runs, e.g. '{\"norm_constraint\": 3e-4, \"adaptive\": null}' "
                         "(default: none, KFAC's defaults)")

@@ -17,26 +17,24 @@ for training, the next `--val` for validation).
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import keras
 import numpy as np
-from keras import layers
 
 import kfac_keras
-from kfac_keras.datasets import load_mnist
 
+# The model lives in benchmarks/keras_program_models.py (one copy), the MNIST
+# loader in benchmarks/mnist_data.py (kfac_keras.datasets moved there). The
+# repository root is on sys.path only for these imports, so `kfac_keras` still
+# comes from wherever it came from before.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.keras_program_models import build_denoising_autoencoder as build_model  # noqa: E402
+from benchmarks.mnist_data import load_mnist  # noqa: E402
+del sys.path[0]
 
-def build_model():
-    inputs = layers.Input(shape=(28, 28, 1))
-    x = layers.Conv2D(32, (3, 3), activation="relu", padding="same")(inputs)
-    x = layers.MaxPooling2D((2, 2), padding="same")(x)
-    x = layers.Conv2D(32, (3, 3), activation="relu", padding="same")(x)
-    x = layers.MaxPooling2D((2, 2), padding="same")(x)
-    x = layers.Conv2DTranspose(32, (3, 3), strides=2, activation="relu", padding="same")(x)
-    x = layers.Conv2DTranspose(32, (3, 3), strides=2, activation="relu", padding="same")(x)
-    outputs = layers.Conv2D(1, (3, 3), activation="sigmoid", padding="same")(x)
-    return keras.Model(inputs, outputs)
 
 
 def main():

@@ -21,6 +21,7 @@ capture).
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,28 +32,14 @@ import tensorflow as tf  # noqa: E402
 
 import kfac_keras  # noqa: E402
 
+# The models and data live in benchmarks/keras_program_models.py (one copy).
+# The repository root is on sys.path only for this import, so `kfac_keras`
+# still comes from wherever it came from before.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.keras_program_models import order_task  # noqa: E402
+from benchmarks.keras_program_models import build_recurrent_classifier as build  # noqa: E402
+del sys.path[0]
 
-def order_task(examples, length, vocabulary, seed):
-    """`(tokens (examples, length) int32, labels (examples,) int32)`."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(3, vocabulary, size=(examples, length))
-    for row in tokens:
-        first, second = rng.choice(length, size=2, replace=False)
-        row[first], row[second] = 1, 2
-    labels = np.array([np.argmax(row == 1) < np.argmax(row == 2) for row in tokens])
-    return tokens.astype("int32"), labels.astype("int32")
-
-
-def build(kind, length, vocabulary, units):
-    recurrent = keras.layers.LSTM(units)
-    if kind == "bilstm":
-        recurrent = keras.layers.Bidirectional(keras.layers.LSTM(units))
-    return keras.Sequential([
-        keras.Input((length,)),
-        keras.layers.Embedding(vocabulary, 16),
-        recurrent,
-        keras.layers.Dense(2),
-    ])
 
 
 class StepTimer(keras.callbacks.Callback):

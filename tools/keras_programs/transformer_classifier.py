@@ -20,104 +20,20 @@ Usage (one JSON line per epoch on stdout):
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import keras
-import numpy as np
-from keras import layers, ops
 
-VOCAB_SIZE = 20000
-MAXLEN = 200
-EMBED_DIM = 32
-NUM_HEADS = 2
-FF_DIM = 32
-SENTIMENT_TOKENS = 20  # per class
-
-
-def synthetic_reviews(num_examples, seed, signal=0.8, mean_sentiment=12.0):
-    """Token ids `(num_examples, MAXLEN)` and labels in {0, 1}.
-
-    Args:
-        num_examples: number of reviews.
-        seed: NumPy seed.
-        signal: probability that a sentiment token comes from the label's set.
-        mean_sentiment: Poisson mean of the number of sentiment tokens.
-    """
-    rng = np.random.default_rng(seed)
-    # Sentiment ids sit among moderately frequent tokens (ranks 100..139).
-    positive = np.arange(100, 100 + SENTIMENT_TOKENS)
-    negative = np.arange(100 + SENTIMENT_TOKENS, 100 + 2 * SENTIMENT_TOKENS)
-    labels = rng.integers(0, 2, num_examples)
-    x = np.zeros((num_examples, MAXLEN), np.int64)
-    for n in range(num_examples):
-        length = int(np.clip(rng.lognormal(np.log(180), 0.5), 20, 600))
-        tokens = rng.zipf(1.3, size=length) + 1  # ids >= 2, Zipf like words
-        tokens = np.where(tokens < VOCAB_SIZE, tokens, rng.integers(2, VOCAB_SIZE, length))
-        count = min(rng.poisson(mean_sentiment) + 1, length)
-        where = rng.choice(length, size=count, replace=False)
-        own = positive if labels[n] == 1 else negative
-        other = negative if labels[n] == 1 else positive
-        from_own = rng.random(count) < signal
-        tokens[where] = np.where(from_own, rng.choice(own, count), rng.choice(other, count))
-        tokens = tokens[:MAXLEN]  # pad_sequences truncates 'pre' by default: keep the tail
-        tokens = tokens[-MAXLEN:]
-        x[n, MAXLEN - len(tokens):] = tokens
-    return x, labels
-
-
-class TransformerBlock(layers.Layer):
-    """keras-io's transformer block (post-norm)."""
-
-    def __init__(self, embed_dim, num_heads, ff_dim, rate=0.1, **kwargs):
-        super().__init__(**kwargs)
-        self.att = layers.MultiHeadAttention(num_heads=num_heads, key_dim=embed_dim)
-        self.ffn = keras.Sequential(
-            [layers.Dense(ff_dim, activation="relu"), layers.Dense(embed_dim)])
-        self.layernorm1 = layers.LayerNormalization(epsilon=1e-6)
-        self.layernorm2 = layers.LayerNormalization(epsilon=1e-6)
-        self.dropout1 = layers.Dropout(rate)
-        self.dropout2 = layers.Dropout(rate)
-
-    def call(self, inputs, training=None):
-        attn_output = self.att(inputs, inputs)
-        attn_output = self.dropout1(attn_output, training=training)
-        out1 = self.layernorm1(inputs + attn_output)
-        ffn_output = self.ffn(out1)
-        ffn_output = self.dropout2(ffn_output, training=training)
-        return self.layernorm2(out1 + ffn_output)
-
-
-class TokenAndPositionEmbedding(layers.Layer):
-    """keras-io's embedding; `position="keras_io"` looks positions up with
-    an un-batched `arange` (as keras-io does), `"batched"` with ids tiled to
-    the batch (same function, batch-first ids)."""
-
-    def __init__(self, maxlen, vocab_size, embed_dim, position="keras_io", **kwargs):
-        super().__init__(**kwargs)
-        self.token_emb = layers.Embedding(input_dim=vocab_size, output_dim=embed_dim)
-        self.pos_emb = layers.Embedding(input_dim=maxlen, output_dim=embed_dim)
-        self.position = position
-
-    def call(self, x):
-        maxlen = ops.shape(x)[-1]
-        positions = ops.arange(start=0, stop=maxlen, step=1)
-        if self.position == "batched":
-            positions = ops.broadcast_to(positions[None, :], ops.shape(x))
-        positions = self.pos_emb(positions)
-        x = self.token_emb(x)
-        return x + positions
-
-
-def build_model(position="keras_io", dropout=0.1):
-    inputs = layers.Input(shape=(MAXLEN,))
-    x = TokenAndPositionEmbedding(MAXLEN, VOCAB_SIZE, EMBED_DIM, position)(inputs)
-    x = TransformerBlock(EMBED_DIM, NUM_HEADS, FF_DIM, rate=dropout)(x)
-    x = layers.GlobalAveragePooling1D()(x)
-    x = layers.Dropout(dropout)(x)
-    x = layers.Dense(20, activation="relu")(x)
-    x = layers.Dropout(dropout)(x)
-    outputs = layers.Dense(2, activation="softmax")(x)
-    return keras.Model(inputs=inputs, outputs=outputs)
+# The models and data live in benchmarks/keras_program_models.py (one copy;
+# transformer_diagnostics.py reads SENTIMENT_TOKENS from here). The repository
+# root is on sys.path only for this import, so `kfac_keras` still comes from
+# wherever it came from before.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.keras_program_models import SENTIMENT_TOKENS, synthetic_reviews  # noqa: E402,F401
+from benchmarks.keras_program_models import build_transformer_classifier as build_model  # noqa: E402
+del sys.path[0]
 
 
 def main():

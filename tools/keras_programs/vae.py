@@ -17,6 +17,8 @@ Usage (from the repository root; MNIST IDX files, not copied into the repo)::
 
 import argparse
 import json
+import os
+import sys
 import time
 
 import keras
@@ -25,7 +27,13 @@ import tensorflow as tf
 from keras import layers, ops
 
 import kfac_keras
-from kfac_keras import datasets
+
+# The MNIST loader moved from kfac_keras.datasets to benchmarks/mnist_data.py.
+# The repository root is on sys.path only for this import, so `kfac_keras`
+# still comes from wherever it came from before.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks import mnist_data as datasets  # noqa: E402
+del sys.path[0]
 
 LATENT_DIM = 2
 

@@ -22,8 +22,16 @@ import gzip
 import math
 import os
 import struct
+import sys
 
 import numpy as np
+
+# The LM task's chain and model live in benchmarks/markov_lm.py (one copy). The
+# repository root is on sys.path only for this import, so `kfac_keras` still
+# comes from wherever it came from before.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from benchmarks.markov_lm import MarkovChain, make_transformer_lm  # noqa: E402
+del sys.path[0]
 
 PIXELS = 784
 AUTOENCODER_SIZES = (1000, 500, 250, 30, 250, 500, 1000)
@@ -75,63 +83,6 @@ def cnn_train_indices(num_examples):
     """Training indices of the CNN benchmark's fixed split (same permutation)."""
     permutation = np.random.default_rng(CNN_SPLIT_SEED).permutation(num_examples)
     return np.sort(permutation[CNN_TEST_SIZE:])
-
-
-class MarkovChain:
-    """A fixed random order-2 Markov chain over `vocab` tokens.
-
-    `next_probs[a, b]` is the distribution of the token after the pair `(a, b)`,
-    drawn from a symmetric Dirichlet(`concentration`). Sequences start from the
-    stationary distribution of pairs, so every position has the same law and
-    the exact entropy floor of next-token prediction is `floor()`.
-
-    Args:
-        vocab: int, number of tokens. Defaults to 32.
-        concentration: float, Dirichlet parameter (smaller: more predictable).
-            Defaults to 0.2.
-        seed: int, seed of the chain. Defaults to 0.
-    """
-
-    def __init__(self, vocab=32, concentration=0.2, seed=0):
-        rng = np.random.default_rng(seed)
-        self.vocab = vocab
-        self.next_probs = rng.dirichlet(np.full(vocab, concentration), size=(vocab, vocab))
-        # Pair chain (a, b) -> (b, c); its stationary law by power iteration.
-        pair = np.full((vocab, vocab), 1.0 / vocab**2)
-        for _ in range(5000):
-            new = np.einsum("ab,abc->bc", pair, self.next_probs)
-            if np.abs(new - pair).max() < 1e-15:
-                pair = new
-                break
-            pair = new
-        self.pair_probs = pair / pair.sum()
-
-    def floor(self, length):
-        """Exact mean cross-entropy floor (nats) of predicting tokens 1..length-1.
-
-        Token 1 given token 0 has entropy `H(pair) - H(first)`; every later token
-        has `sum_ab pi(a, b) H(next_probs[a, b])`.
-        """
-        def entropy(p):
-            p = p[p > 0]
-            return float(-(p * np.log(p)).sum())
-        first = self.pair_probs.sum(axis=1)
-        second_given_first = entropy(self.pair_probs.ravel()) - entropy(first)
-        later = float(sum(self.pair_probs[a, b] * entropy(self.next_probs[a, b])
-                          for a in range(self.vocab) for b in range(self.vocab)))
-        return (second_given_first + (length - 2) * later) / (length - 1)
-
-    def sample(self, count, length, rng):
-        """`(count, length)` int32 sequences."""
-        flat = rng.choice(self.vocab**2, size=count, p=self.pair_probs.ravel())
-        seqs = np.empty((count, length), dtype=np.int32)
-        seqs[:, 0], seqs[:, 1] = flat // self.vocab, flat % self.vocab
-        cumulative = np.cumsum(self.next_probs, axis=-1)
-        for t in range(2, length):
-            u = rng.random(count)[:, None]
-            c = cumulative[seqs[:, t - 2], seqs[:, t - 1]]
-            seqs[:, t] = np.minimum((u > c).sum(axis=1), self.vocab - 1)
-        return seqs
 
 
 class Task:
@@ -227,23 +178,6 @@ def mlp_task(steps, seed=0):
     return Task("mlp", make_model, loss, batches, 1.0, (0.1, 0.03), "logits", unit="CE")
 
 
-def _position_layer():
-    import keras
-
-    class LearnedPositions(keras.layers.Layer):
-        """Adds a learned `(length, d_model)` position embedding."""
-
-        def build(self, input_shape):
-            self.positions = self.add_weight(
-                shape=(input_shape[1], input_shape[2]), initializer="zeros",
-                name="positions")
-
-        def call(self, x):
-            return x + self.positions[None]
-
-    return LearnedPositions
-
-
 def lm_task(steps, seed=0, vocab=32, length=32, d_model=64, batch_size=64, layers=2,
             heads=4):
     import keras
@@ -254,22 +188,9 @@ def lm_task(steps, seed=0, vocab=32, length=32, d_model=64, batch_size=64, layer
     for _ in range(steps):
         seqs = chain.sample(batch_size, length, rng)
         batches.append((seqs[:, :-1], seqs[:, 1:]))
-    positions = _position_layer()
 
     def make_model():
-        inputs = keras.Input((length - 1,), dtype="int32")
-        h = keras.layers.Embedding(vocab, d_model, name="tokens")(inputs)
-        h = positions(name="positions")(h)
-        for i in range(layers):
-            a = keras.layers.LayerNormalization(name=f"ln_attn_{i}")(h)
-            a = keras.layers.MultiHeadAttention(heads, d_model // heads, name=f"attn_{i}")(
-                a, a, use_causal_mask=True)
-            h = h + a
-            f = keras.layers.LayerNormalization(name=f"ln_ffn_{i}")(h)
-            f = keras.layers.Dense(4 * d_model, activation="relu", name=f"ffn_in_{i}")(f)
-            h = h + keras.layers.Dense(d_model, name=f"ffn_out_{i}")(f)
-        h = keras.layers.LayerNormalization(name="ln_final")(h)
-        return keras.Model(inputs, keras.layers.Dense(vocab, name="logits")(h))
+        return make_transformer_lm(vocab, length, d_model, layers, heads)
 
     floor = chain.floor(length)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -126,6 +126,7 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=0.1, help="for --optimizer sgd")
     parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...); a dict "
                         "`adaptive` becomes kfac_keras.AdaptiveOptions(**adaptive)")
+    parser.add_argument("--step-rule", default="", help="JSON StepRuleKFAC arguments (tools/step_efficiency/step_rules.py): train with that step rule instead of KFAC's (kfac_choice.py)")
     parser.add_argument("--position", choices=["keras_io", "batched"], default="keras_io")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--train", type=int, default=6000)
@@ -153,11 +154,12 @@ def main():
         optimizer = keras.optimizers.SGD(args.learning_rate, momentum=0.9)
     else:
         import kfac_keras
+        from kfac_choice import make_kfac
 
         options = json.loads(args.kfac)
         if isinstance(options.get("adaptive"), dict):
             options["adaptive"] = kfac_keras.AdaptiveOptions(**options["adaptive"])
-        optimizer = kfac_keras.KFAC(**options)
+        optimizer = make_kfac(options, args.step_rule)
         callbacks.append(kfac_keras.KFACCallback(verbose=int(args.report)))
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
@@ -168,6 +170,7 @@ def main():
 
         def on_epoch_end(self, epoch, logs=None):
             print(json.dumps({"optimizer": args.optimizer, "kfac": args.kfac,
+                              "step_rule": args.step_rule, "seed": args.seed,
                               "position": args.position, "dropout": args.dropout,
                               "epoch": epoch + 1,
                               "steps": (epoch + 1) * -(-args.train // args.batch_size),

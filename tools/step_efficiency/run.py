@@ -10,7 +10,9 @@ configuration to `--out`::
 
 `--configs` maps a name to `StepRuleKFAC` arguments (tools/step_efficiency/
 step_rules.py; `{}` is `kfac_keras.KFAC()`'s defaults through
-`step_rule="library"`). `--baselines` lists `adam:LR` / `muon:LR` runs;
+`step_rule="library"`; an `"lr_schedule": {"kind": "cosine" or "inv_sqrt",
+"steps": N, "final_fraction": f}` entry decays `learning_rate` to `f` times
+it at step N, `step_rules.learning_rate_schedule`). `--baselines` lists `adam:LR` / `muon:LR` runs;
 `--tune adam,muon` searches their learning rates on a 3x-spaced grid around
 the given value, extended at an edge until the best is inside (Muon as the
 harness runs it: output layer excluded, no weight decay). `--ratio` times
@@ -49,6 +51,12 @@ def make_optimizer(spec, task):
         return keras.optimizers.Muon(exclude_layers=[task.output_layer], weight_decay=0.0,
                                      adam_weight_decay=0.0, **kwargs)
     kwargs = dict(kwargs)
+    schedule = kwargs.pop("lr_schedule", None)  # {"kind": "cosine"|"inv_sqrt", "steps": N, ...}
+    if schedule:
+        from step_rules import learning_rate_schedule
+
+        kwargs["learning_rate"] = learning_rate_schedule(kwargs.get("learning_rate", 1.0),
+                                                         **schedule)
     kwargs.setdefault("step_rule", "library")
     kwargs.setdefault("seed", 0)
     return StepRuleKFAC(**kwargs)

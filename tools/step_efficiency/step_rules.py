@@ -115,6 +115,27 @@ def apply_scaling(matrix, scaling):
     return tf.transpose(y) if transpose else y
 
 
+def warm_newton_schulz(matrix, scaling, steps, power_steps=4):
+    """`steps` quintic Newton-Schulz iterations started from the stale polar
+    estimate `S X0` instead of `X0` (see `newton_schulz_scaling`); the start is
+    divided by its largest singular value (`power_steps` power iterations with
+    matrix-vector products, times 1.05) so that the iteration converges."""
+    a, b, c = QUINTIC
+    transpose = matrix.shape[0] > matrix.shape[1]
+    x = tf.transpose(matrix) if transpose else matrix
+    y = tf.matmul(scaling, x / (tf.norm(x) + 1e-7))
+    u = tf.ones([y.shape[0], 1], y.dtype)
+    for _ in range(power_steps):
+        u = tf.matmul(y, tf.matmul(y, u, transpose_a=True))
+        u = u / (tf.norm(u) + 1e-12)
+    top = tf.norm(tf.matmul(y, u, transpose_a=True))
+    y = y / (1.05 * top + 1e-7)
+    for _ in range(steps):
+        gram = tf.matmul(y, y, transpose_b=True)
+        y = a * y + tf.matmul(b * gram + c * tf.matmul(gram, gram), y)
+    return tf.transpose(y) if transpose else y
+
+
 class InverseSqrtDecay(keras.optimizers.schedules.LearningRateSchedule):
     """`lr / sqrt(1 + (1/f^2 - 1) t / T)`: from `lr` at step 0 to `f lr` at `T`
     (then on down as `1/sqrt(t)`).
@@ -194,6 +215,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
         ortho_every: int >= 1, `"ortho"` runs its Newton-Schulz iterations
             every this many steps and reuses the polar scaling between.
             Defaults to 1.
+        ortho_refine_steps: int >= 0, with `ortho_every > 1`: 0 uses `S X0`
+            rescaled (`apply_scaling`) between full steps; n > 0 runs n
+            Newton-Schulz iterations from `S X0` (`warm_newton_schulz`).
+            Defaults to 0.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -203,7 +228,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
     def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
                  other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
-                 momentum_after=False, ortho_every=1, **kwargs):
+                 momentum_after=False, ortho_every=1, ortho_refine_steps=0, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if step_rule != "library":
@@ -227,6 +252,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         if int(ortho_every) < 1:
             raise ValueError(f"`ortho_every` must be >= 1; received {ortho_every!r}.")
         self.ortho_every = int(ortho_every)
+        self.ortho_refine_steps = int(ortho_refine_steps)
         self.polar_scalings = {}
         self.effective_step = None
         self.velocity_quadratic = None
@@ -380,7 +406,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
             return polar
 
         return tf.cond(tf.equal(self._step() % self.ortho_every, 0), full,
-                       lambda: apply_scaling(matrix, store))
+                       lambda: (warm_newton_schulz(matrix, store, self.ortho_refine_steps)
+                                if self.ortho_refine_steps else apply_scaling(matrix, store)))
 
     def _kl_scale(self, grads, precond):
         quadratic = _dot(precond, grads)

@@ -58,7 +58,7 @@ def epoch_table(path, metric):
 
 
 def vae_table(path):
-    print("\nvae.txt (training epoch-mean total loss per epoch; final model's total loss)\n")
+    print(f"\n{os.path.basename(path)} (training epoch-mean total loss per epoch; final model's total loss)\n")
     print("| candidate | per epoch | final total loss | seconds |\n|---|---|---|---|")
     for line in open(path):
         if line.startswith('{"optimizer"'):
@@ -69,7 +69,7 @@ def vae_table(path):
 
 
 def recurrent_table(path):
-    print("\nrecurrent.txt (BiLSTM val accuracy per epoch; training loss first -> last epoch)\n")
+    print(f"\n{os.path.basename(path)} (BiLSTM val accuracy per epoch; training loss first -> last epoch)\n")
     print("| candidate | val accuracy per epoch | loss | ms/step |\n|---|---|---|---|")
     command = ""
     pattern = re.compile(r"^bilstm\s+(\S+)\s+val_accuracy \S+ \(per epoch ([^)]*)\)\s+loss (\S+ -> \S+)\s+(\S+) ms/step")
@@ -87,15 +87,16 @@ def recurrent_table(path):
 
 
 def main(directory):
-    paths = {name: os.path.join(directory, name) for name in os.listdir(directory)}
-    if "transformer.txt" in paths:
-        epoch_table(paths["transformer.txt"], "val_accuracy")
-    if "denoising.txt" in paths:
-        epoch_table(paths["denoising.txt"], "val_loss")
-    if "vae.txt" in paths:
-        vae_table(paths["vae.txt"])
-    if "recurrent.txt" in paths:
-        recurrent_table(paths["recurrent.txt"])
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if name.startswith("transformer"):
+            epoch_table(path, "val_accuracy")
+        elif name.startswith("denoising"):
+            epoch_table(path, "val_loss")
+        elif name.startswith("vae"):
+            vae_table(path)
+        elif name.startswith("recurrent"):
+            recurrent_table(path)
 
 
 if __name__ == "__main__":

@@ -24,3 +24,9 @@ bilstm60)
   run recurrent_len60 $R --optimizers kfac --step-rule "$KLV"
   run recurrent_len60 $R --optimizers kfac --step-rule "$KLV2";;
 esac
+# (appended) transformer seed 2 for Adam, (a), (b): run as  lanes3.sh tr2_adam|tr2_a|tr2_b
+case $1 in
+tr2_adam) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epochs 2 --seed 2 --optimizer adam;;
+tr2_a) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epochs 2 --seed 2 --optimizer kfac;;
+tr2_b) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epochs 2 --seed 2 --optimizer kfac --step-rule "$ORTHO";;
+esac

@@ -30,3 +30,12 @@ tr2_adam) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epoc
 tr2_a) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epochs 2 --seed 2 --optimizer kfac;;
 tr2_b) run transformer_seed2 $K/transformer_classifier.py --train 4000 --epochs 2 --seed 2 --optimizer kfac --step-rule "$ORTHO";;
 esac
+# (appended) (b) with a cosine decay to 10% over the 250 steps, transformer seeds 0-2: lanes3.sh trcos_0|trcos_1|trcos_2
+ORTHO_COS='{"step_rule": "ortho", "ns_steps": 3, "momentum_after": true, "learning_rate": 0.01, "lr_schedule": {"kind": "cosine", "steps": 250, "final_fraction": 0.1}}'
+case $1 in
+trcos_*) run transformer_cos $K/transformer_classifier.py --train 4000 --epochs 2 --seed ${1#trcos_} --optimizer kfac --step-rule "$ORTHO_COS";;
+esac
+# (appended) Adam with the same cosine decay (1e-3 to 1e-4 over 250 steps): lanes3.sh adamcos_0|adamcos_1|adamcos_2
+case $1 in
+adamcos_*) run transformer_cos $K/transformer_classifier.py --train 4000 --epochs 2 --seed ${1#adamcos_} --optimizer adam --adam-cosine-steps 250;;
+esac

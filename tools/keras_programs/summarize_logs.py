@@ -34,6 +34,8 @@ def candidate(optimizer, kfac, step_rule):
 def _candidate(optimizer, kfac, step_rule):
     if optimizer == "adam":
         return "Adam"
+    if isinstance(step_rule, str) and '"lr_schedule"' in step_rule:
+        return "(b) ortho + cosine decay to 10% over the run"
     parts = []
     if kfac and kfac not in ("{}", {}):
         parts.append(f"KFAC({json.dumps(kfac) if isinstance(kfac, dict) else kfac})")
@@ -48,7 +50,10 @@ def epoch_table(path, metric):
         if not line.startswith('{"optimizer"'):
             continue
         row = json.loads(line)
-        key = (candidate(row["optimizer"], row.get("kfac"), row.get("step_rule")), row.get("seed", 0))
+        name = candidate(row["optimizer"], row.get("kfac"), row.get("step_rule"))
+        if row.get("adam_cosine_steps"):
+            name += f" + cosine decay to 10% over {row['adam_cosine_steps']} steps"
+        key = (name, row.get("seed", 0))
         runs.setdefault(key, []).append((row["epoch"], row[metric], row.get("seconds")))
     print(f"\n{os.path.basename(path)} ({metric} per epoch; seconds at the end)\n")
     print("| candidate | seed | " + metric + " per epoch | seconds |\n|---|---|---|---|")

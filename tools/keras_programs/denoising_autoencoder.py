@@ -25,6 +25,7 @@ import keras
 import numpy as np
 
 import kfac_keras
+from kfac_choice import make_kfac
 
 # The model lives in benchmarks/keras_program_models.py (one copy), the MNIST
 # loader in benchmarks/mnist_data.py (kfac_keras.datasets moved there). The
@@ -41,6 +42,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--optimizer", choices=["adam", "kfac"], default="kfac")
     parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
+    parser.add_argument("--step-rule", default="", help="JSON StepRuleKFAC arguments (tools/step_efficiency/step_rules.py): train with that step rule instead of KFAC's (kfac_choice.py)")
     parser.add_argument("--train", type=int, default=4000)
     parser.add_argument("--val", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=3)
@@ -59,7 +61,7 @@ def main():
     if args.optimizer == "adam":
         optimizer = "adam"
     else:
-        optimizer = kfac_keras.KFAC(**json.loads(args.kfac))
+        optimizer = make_kfac(json.loads(args.kfac), args.step_rule)
         callbacks.append(kfac_keras.KFACCallback(verbose=0))
     model.compile(optimizer=optimizer, loss="binary_crossentropy")
     start = time.time()
@@ -67,6 +69,7 @@ def main():
     class EpochLine(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):
             print(json.dumps({"optimizer": args.optimizer, "kfac": args.kfac,
+                              "step_rule": args.step_rule, "seed": args.seed,
                               "epoch": epoch + 1, "loss": round(float(logs["loss"]), 4),
                               "val_loss": round(float(logs["val_loss"]), 4),
                               "seconds": round(time.time() - start, 1)}), flush=True)

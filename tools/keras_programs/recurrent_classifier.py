@@ -20,6 +20,7 @@ capture).
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -31,6 +32,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kfac_keras  # noqa: E402
+from kfac_choice import make_kfac  # noqa: E402
 
 # The models and data live in benchmarks/keras_program_models.py (one copy).
 # The repository root is on sys.path only for this import, so `kfac_keras`
@@ -68,7 +70,7 @@ def run(kind, optimizer_name, data, args):
     timer = StepTimer()
     callbacks = [timer]
     if optimizer_name == "kfac":
-        optimizer = kfac_keras.KFAC()
+        optimizer = make_kfac(json.loads(args.kfac), args.step_rule)
         callbacks.append(kfac_keras.KFACCallback(verbose=0))
     elif optimizer_name == "kfac, lstm diagonal":
         optimizer = kfac_keras.KFAC(layer_blocks={"LSTM": "diagonal"})
@@ -150,6 +152,9 @@ def main():
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
+    parser.add_argument("--step-rule", default="", help="JSON StepRuleKFAC arguments (tools/step_efficiency/step_rules.py): train with that step rule instead of KFAC's (kfac_choice.py)")
+    parser.add_argument("--optimizers", default="adam,kfac", help="comma list of adam, kfac")
     args = parser.parse_args()
     data = (order_task(args.train, args.length, args.vocabulary, args.seed),
             order_task(args.validation, args.length, args.vocabulary, args.seed + 1))
@@ -160,7 +165,7 @@ def main():
         print(f"lstm forward+backward on one batch of {args.batch_size}: {plain:.1f} ms "
               f"without capture, {captured:.1f} ms with capture (median of 50, interleaved)", flush=True)
     for kind in args.models.split(","):
-        variants = ("adam", "kfac")
+        variants = tuple(args.optimizers.split(","))
         if args.overhead and kind == "lstm":
             variants += ("kfac, lstm diagonal",)
         for optimizer_name in variants:

@@ -42,6 +42,9 @@ def main():
     parser.add_argument("--learning-rate", type=float, default=0.1, help="for --optimizer sgd")
     parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...); a dict "
                         "`adaptive` becomes kfac_keras.AdaptiveOptions(**adaptive)")
+    parser.add_argument("--adam-cosine-steps", type=int, default=0,
+                        help="for --optimizer adam: Adam(CosineDecay(1e-3, N, alpha=0.1)) (0: plain 'adam')")
+    parser.add_argument("--step-rule", default="", help="JSON StepRuleKFAC arguments (tools/step_efficiency/step_rules.py): train with that step rule instead of KFAC's (kfac_choice.py)")
     parser.add_argument("--position", choices=["keras_io", "batched"], default="keras_io")
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--train", type=int, default=6000)
@@ -64,16 +67,18 @@ def main():
     model = build_model(args.position, args.dropout)
     callbacks = []
     if args.optimizer == "adam":
-        optimizer = "adam"
+        optimizer = "adam" if not args.adam_cosine_steps else keras.optimizers.Adam(
+            keras.optimizers.schedules.CosineDecay(1e-3, args.adam_cosine_steps, alpha=0.1))
     elif args.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(args.learning_rate, momentum=0.9)
     else:
         import kfac_keras
+        from kfac_choice import make_kfac
 
         options = json.loads(args.kfac)
         if isinstance(options.get("adaptive"), dict):
             options["adaptive"] = kfac_keras.AdaptiveOptions(**options["adaptive"])
-        optimizer = kfac_keras.KFAC(**options)
+        optimizer = make_kfac(options, args.step_rule)
         callbacks.append(kfac_keras.KFACCallback(verbose=int(args.report)))
     model.compile(optimizer=optimizer, loss="sparse_categorical_crossentropy",
                   metrics=["accuracy"])
@@ -84,6 +89,9 @@ def main():
 
         def on_epoch_end(self, epoch, logs=None):
             print(json.dumps({"optimizer": args.optimizer, "kfac": args.kfac,
+                              "step_rule": args.step_rule, "seed": args.seed,
+                              **({"adam_cosine_steps": args.adam_cosine_steps}
+                                 if args.adam_cosine_steps else {}),
                               "position": args.position, "dropout": args.dropout,
                               "epoch": epoch + 1,
                               "steps": (epoch + 1) * -(-args.train // args.batch_size),

@@ -27,12 +27,13 @@ import tensorflow as tf
 from keras import layers, ops
 
 import kfac_keras
+from kfac_choice import make_kfac
 
 # The MNIST loader moved from kfac_keras.datasets to benchmarks/mnist_data.py.
 # The repository root is on sys.path only for this import, so `kfac_keras`
 # still comes from wherever it came from before.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from benchmarks import mnist_data as datasets  # noqa: E402
+from benchmarks.mnist_data import load_mnist  # noqa: E402
 del sys.path[0]
 
 LATENT_DIM = 2
@@ -127,11 +128,11 @@ def evaluate_total_loss(vae, images, batch_size=500):
     return float(np.mean(totals))
 
 
-def train(optimizer_name, images, epochs, batch_size, seed, kfac_options):
+def train(optimizer_name, images, epochs, batch_size, seed, kfac_options, step_rule=None):
     keras.utils.set_random_seed(seed)
     vae = VAE(make_encoder(), make_decoder())
     if optimizer_name == "kfac":
-        vae.compile(optimizer=kfac_keras.KFAC(seed=seed, **kfac_options))
+        vae.compile(optimizer=make_kfac({"seed": seed, **kfac_options}, step_rule))
         callbacks = [kfac_keras.KFACCallback()]
     else:
         vae.compile(optimizer=keras.optimizers.Adam())
@@ -143,6 +144,7 @@ def train(optimizer_name, images, epochs, batch_size, seed, kfac_options):
     return {
         "optimizer": optimizer_name,
         "options": kfac_options if optimizer_name == "kfac" else {},
+        "step_rule": step_rule if optimizer_name == "kfac" else None,
         "epoch_total_loss": [round(v, 2) for v in history.history["loss"]],
         "epoch_kl_loss": [round(v, 3) for v in history.history["kl_loss"]],
         "final_total_loss": round(evaluate_total_loss(vae, images), 2),
@@ -158,13 +160,15 @@ def main():
     parser.add_argument("--optimizers", default="kfac,adam")
     parser.add_argument("--kfac-options", type=json.loads, default={},
                         help='JSON keyword arguments of KFAC, e.g. \'{"norm_constraint": 1e-3}\'')
+    parser.add_argument("--step-rule", type=json.loads, default=None, help="JSON StepRuleKFAC arguments (tools/step_efficiency/step_rules.py): train with that step rule instead of KFAC's (kfac_choice.py)")
     parser.add_argument("--examples", type=int, default=None,
                         help="use only the first N images (quick checks)")
     args = parser.parse_args()
-    x, _, source = datasets.load_mnist(flatten=False, allow_download=False)
+    x, _, source = load_mnist(flatten=False, allow_download=False)
     x = x[:args.examples]
     print(f"data: {source}, {len(x)} images")
-    results = [train(name, x, args.epochs, args.batch_size, args.seed, args.kfac_options)
+    results = [train(name, x, args.epochs, args.batch_size, args.seed, args.kfac_options,
+                     args.step_rule)
                for name in args.optimizers.split(",")]
     for result in results:
         print(json.dumps(result))

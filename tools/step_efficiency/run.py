@@ -10,7 +10,9 @@ configuration to `--out`::
 
 `--configs` maps a name to `StepRuleKFAC` arguments (tools/step_efficiency/
 step_rules.py; `{}` is `kfac_keras.KFAC()`'s defaults through
-`step_rule="library"`), or, when `step_rule` is one of the library's own
+`step_rule="library"`; an `"lr_schedule": {"kind": "cosine" or "inv_sqrt",
+"steps": N, "final_fraction": f}` entry decays `learning_rate` to `f` times
+it at step N, `step_rules.learning_rate_schedule`), or, when `step_rule` is one of the library's own
 (`"kl_clip"`, `"orthogonal"`), to `kfac_keras.KFAC` arguments, e.g.
 `{"lib_ortho3": {"step_rule": "orthogonal", "learning_rate": 1e-2}}`.
 `--baselines` lists `adam:LR` / `muon:LR` runs; `--tune adam,muon` searches
@@ -57,6 +59,12 @@ def make_optimizer(spec, task):
         return keras.optimizers.Muon(exclude_layers=[task.output_layer], weight_decay=0.0,
                                      adam_weight_decay=0.0, **kwargs)
     kwargs = dict(kwargs)
+    schedule = kwargs.pop("lr_schedule", None)  # {"kind": "cosine"|"inv_sqrt", "steps": N, ...}
+    if schedule:
+        from step_rules import learning_rate_schedule
+
+        kwargs["learning_rate"] = learning_rate_schedule(kwargs.get("learning_rate", 1.0),
+                                                         **schedule)
     kwargs.setdefault("seed", 0)
     if kwargs.get("step_rule") in LIBRARY_STEP_RULES:
         import kfac_keras

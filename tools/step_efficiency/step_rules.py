@@ -29,7 +29,21 @@ Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
 * `"ortho"`: buffer `m <- mu m + P`, update `-lr * 0.2 sqrt(max(n_in, n_out))
   * NS_k(m)`, NS_k = `ns_steps` Newton-Schulz iterations towards the polar
   factor (lead 6); blocks whose smaller side is below `ortho_min_dim` take
-  the `"rms"` update instead.
+  the `"rms"` update instead. With `ortho_every = k > 1` the iterations run
+  only every k-th step: each iteration left-multiplies the (short side first)
+  matrix `X0 = P / ||P||` by a polynomial of `X X^T`, so `NS_k(X0) = S X0`
+  with a small square `S` (~ `(X0 X0^T)^{-1/2}`, the polar scaling); it is
+  kept, and the steps between use `S X0` of the new `P`, rescaled to the
+  Frobenius norm `sqrt(short side)` of an orthogonal matrix (one matmul
+  instead of `2 ns_steps + ...`).
+* `"kl_velocity"`: the KL clip on the update actually taken (the velocity)
+  instead of on the new step: `u = mu v - lr P`, `v <- s u` with
+  `s = min(1, lr sqrt(c / (u^T C u)))`, `C` the damped curvature that
+  `precondition` inverts (so the learning rate still scales the step, as in
+  the library's rule). `u^T C u = mu^2 v^T C v - 2 mu lr v^T g + lr^2 P^T g`
+  (`C P = g`), with `v^T C v` carried from the previous step (exact while the
+  inverses are unchanged, stale by one inverse update otherwise): three dot
+  products, no extra curvature product.
 
 `kl_relative_to_loss`: the KL clips use `c * loss` (the batch loss before the
 step) instead of `c`, so that multiplying the loss by a constant changes
@@ -54,7 +68,7 @@ from kfac_keras import quadratic_model
 from kfac_keras.blocks.kronecker import KroneckerBlock
 
 STEP_RULES = ("library", "kl", "kl_layer", "rms", "rms_cap", "graft_adam", "graft_sgd",
-              "ortho")
+              "ortho", "kl_velocity")
 #: Quintic Newton-Schulz coefficients (a, b, c): X <- a X + (b A + c A^2) X,
 #: A = X X^T; they push all singular values of a normalised X towards ~1 fast.
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -72,6 +86,96 @@ def newton_schulz(matrix, steps):
         gram = tf.matmul(x, x, transpose_b=True)
         x = a * x + tf.matmul(b * gram + c * tf.matmul(gram, gram), x)
     return tf.transpose(x) if transpose else x
+
+
+def newton_schulz_scaling(matrix, steps):
+    """`(O, S)`: `O` as `newton_schulz(matrix, steps)` and the square matrix
+    `S` (side `min(matrix.shape)`) with `O = S X0` (`X0` = `matrix / ||matrix||`,
+    short side first) resp. its transpose."""
+    a, b, c = QUINTIC
+    transpose = matrix.shape[0] > matrix.shape[1]
+    x = tf.transpose(matrix) if transpose else matrix
+    x = x / (tf.norm(x) + 1e-7)
+    scaling = tf.eye(x.shape[0], dtype=x.dtype)
+    for _ in range(steps):
+        gram = tf.matmul(x, x, transpose_b=True)
+        poly = a * tf.eye(x.shape[0], dtype=x.dtype) + b * gram + c * tf.matmul(gram, gram)
+        x = tf.matmul(poly, x)
+        scaling = tf.matmul(poly, scaling)
+    return (tf.transpose(x) if transpose else x), scaling
+
+
+def apply_scaling(matrix, scaling):
+    """`S X0` for a new `matrix` (see `newton_schulz_scaling`), rescaled to the
+    Frobenius norm `sqrt(min(matrix.shape))` of an orthogonal matrix."""
+    transpose = matrix.shape[0] > matrix.shape[1]
+    x = tf.transpose(matrix) if transpose else matrix
+    y = tf.matmul(scaling, x / (tf.norm(x) + 1e-7))
+    y = y * (float(x.shape[0]) ** 0.5 / (tf.norm(y) + 1e-7))
+    return tf.transpose(y) if transpose else y
+
+
+def warm_newton_schulz(matrix, scaling, steps, power_steps=4):
+    """`steps` quintic Newton-Schulz iterations started from the stale polar
+    estimate `S X0` instead of `X0` (see `newton_schulz_scaling`); the start is
+    divided by its largest singular value (`power_steps` power iterations with
+    matrix-vector products, times 1.05) so that the iteration converges."""
+    a, b, c = QUINTIC
+    transpose = matrix.shape[0] > matrix.shape[1]
+    x = tf.transpose(matrix) if transpose else matrix
+    y = tf.matmul(scaling, x / (tf.norm(x) + 1e-7))
+    u = tf.ones([y.shape[0], 1], y.dtype)
+    for _ in range(power_steps):
+        u = tf.matmul(y, tf.matmul(y, u, transpose_a=True))
+        u = u / (tf.norm(u) + 1e-12)
+    top = tf.norm(tf.matmul(y, u, transpose_a=True))
+    y = y / (1.05 * top + 1e-7)
+    for _ in range(steps):
+        gram = tf.matmul(y, y, transpose_b=True)
+        y = a * y + tf.matmul(b * gram + c * tf.matmul(gram, gram), y)
+    return tf.transpose(y) if transpose else y
+
+
+class InverseSqrtDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """`lr / sqrt(1 + (1/f^2 - 1) t / T)`: from `lr` at step 0 to `f lr` at `T`
+    (then on down as `1/sqrt(t)`).
+
+    Args:
+        initial_learning_rate: float, `lr`.
+        decay_steps: int, `T`.
+        final_fraction: float in (0, 1], `f`. Defaults to 0.1.
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps, final_fraction=0.1):
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.decay_steps = int(decay_steps)
+        self.final_fraction = float(final_fraction)
+
+    def __call__(self, step):
+        t = tf.cast(step, tf.float32) / float(self.decay_steps)
+        return self.initial_learning_rate / tf.sqrt(
+            1.0 + (1.0 / self.final_fraction**2 - 1.0) * t)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate,
+                "decay_steps": self.decay_steps, "final_fraction": self.final_fraction}
+
+
+def learning_rate_schedule(learning_rate, kind, steps, final_fraction=0.1):
+    """A decaying schedule from `learning_rate` to `final_fraction` of it at `steps`.
+
+    Args:
+        learning_rate: float, initial value.
+        kind: `"cosine"` (Keras `CosineDecay`, `alpha = final_fraction`) or
+            `"inv_sqrt"` (`InverseSqrtDecay`).
+        steps: int, steps of the decay.
+        final_fraction: float. Defaults to 0.1.
+    """
+    if kind == "cosine":
+        return keras.optimizers.schedules.CosineDecay(learning_rate, steps, alpha=final_fraction)
+    if kind == "inv_sqrt":
+        return InverseSqrtDecay(learning_rate, steps, final_fraction)
+    raise ValueError(f"lr schedule kind must be 'cosine' or 'inv_sqrt'; received {kind!r}.")
 
 
 def _dot(first, second):
@@ -108,6 +212,13 @@ class StepRuleKFAC(kfac_keras.KFAC):
             orthogonalise `P` itself and add heavy-ball momentum after
             (`v <- mu v - lr * step(P)`, lead 6 as first measured) instead of
             normalising the momentum buffer (Muon's order). Defaults to False.
+        ortho_every: int >= 1, `"ortho"` runs its Newton-Schulz iterations
+            every this many steps and reuses the polar scaling between.
+            Defaults to 1.
+        ortho_refine_steps: int >= 0, with `ortho_every > 1`: 0 uses `S X0`
+            rescaled (`apply_scaling`) between full steps; n > 0 runs n
+            Newton-Schulz iterations from `S X0` (`warm_newton_schulz`).
+            Defaults to 0.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -117,7 +228,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
     def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
                  other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
-                 momentum_after=False, **kwargs):
+                 momentum_after=False, ortho_every=1, ortho_refine_steps=0, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if step_rule != "library":
@@ -138,7 +249,13 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.kl_relative_to_loss = bool(kl_relative_to_loss)
         self._bound = None
         self.momentum_after = bool(momentum_after)
+        if int(ortho_every) < 1:
+            raise ValueError(f"`ortho_every` must be >= 1; received {ortho_every!r}.")
+        self.ortho_every = int(ortho_every)
+        self.ortho_refine_steps = int(ortho_refine_steps)
+        self.polar_scalings = {}
         self.effective_step = None
+        self.velocity_quadratic = None
 
     def build(self, variables):
         if self.built:
@@ -152,8 +269,27 @@ class StepRuleKFAC(kfac_keras.KFAC):
         if self.candidate_rule == "graft_sgd":
             self.sgd_buffers = self.add_optimizer_variables(variables, "sgd_m")
         self.effective_step = tf.Variable(0.0, trainable=False, name="effective_step")
+        if self.step_rule == "kl_velocity":
+            self.velocity_quadratic = tf.Variable(0.0, trainable=False,
+                                                  name="velocity_quadratic")
+
+    def attach(self, model):
+        registration = super().attach(model)
+        if self.step_rule == "ortho" and self.ortho_every > 1 and not self.polar_scalings:
+            for block in registration.blocks:
+                if isinstance(block, KroneckerBlock):
+                    shape = block.grads_to_matrix(
+                        [tf.zeros(v.shape, tf.float32) for v in block.variables]).shape
+                    side = min(shape)
+                    self.polar_scalings[block.name] = tf.Variable(
+                        tf.eye(side), trainable=False, name=f"polar_scaling_{len(self.polar_scalings)}")
+        return registration
 
     # ------------------------------------------------------ curvature timing
+    def _step(self):
+        """The step counter (int64), as the curvature schedule reads it."""
+        return self.curvature.step()
+
     def statistics_due(self):
         due = super().statistics_due()
         if self.warmup_steps:
@@ -230,7 +366,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
             matrix = block.grads_to_matrix(directions)
             rows, cols = matrix.shape
             if rule == "ortho" and min(rows, cols) >= self.ortho_min_dim:
-                step = newton_schulz(matrix, self.ns_steps) * (
+                step = self._orthogonalise(block, matrix) * (
                     MUON_RMS * max(rows, cols) ** 0.5)
             else:
                 rms = tf.sqrt(tf.reduce_mean(tf.square(matrix)))
@@ -258,6 +394,20 @@ class StepRuleKFAC(kfac_keras.KFAC):
         target = tf.sqrt(tf.add_n(size))
         norm = tf.sqrt(_dot(directions, directions))
         return [d * (target / (norm + 1e-12)) for d in directions]
+
+    def _orthogonalise(self, block, matrix):
+        if self.ortho_every == 1:
+            return newton_schulz(matrix, self.ns_steps)
+        store = self.polar_scalings[block.name]
+
+        def full():
+            polar, scaling = newton_schulz_scaling(matrix, self.ns_steps)
+            store.assign(scaling)
+            return polar
+
+        return tf.cond(tf.equal(self._step() % self.ortho_every, 0), full,
+                       lambda: (warm_newton_schulz(matrix, store, self.ortho_refine_steps)
+                                if self.ortho_refine_steps else apply_scaling(matrix, store)))
 
     def _kl_scale(self, grads, precond):
         quadratic = _dot(precond, grads)
@@ -304,6 +454,17 @@ class StepRuleKFAC(kfac_keras.KFAC):
                 scale = tf.reduce_mean(tf.stack([scales[i] for i, _ in enumerate(variables)]))
             for i in range(len(variables)):
                 deltas[i] = momentum * previous[i] - lr * scales[i] * precond[i]
+            self.effective_step.assign(lr * scale)
+        elif self.step_rule == "kl_velocity":
+            carried = self.velocity_quadratic
+            quadratic = (momentum**2 * carried - 2.0 * momentum * lr * _dot(previous, grads)
+                         + lr**2 * _dot(precond, grads))
+            bound = lr**2 * (self.kl_bound if self._bound is None else self._bound)
+            scale = tf.where(quadratic > 0, tf.minimum(1.0, tf.sqrt(
+                bound / tf.where(quadratic > 0, quadratic, 1.0))), 1.0)
+            for i in range(len(variables)):
+                deltas[i] = scale * (momentum * previous[i] - lr * precond[i])
+            carried.assign(tf.maximum(scale**2 * quadratic, 0.0))
             self.effective_step.assign(lr * scale)
         else:
             for block, members in groups:

@@ -35,16 +35,7 @@ class StepDiagnostics:
         self.step_size = tf.Variable(0.0, trainable=False, name="kfac_step_size")
 
     def logged_values(self, optimizer):
-        """The dict `KFAC.logged_values` returns, for `optimizer`'s options.
-
-        Always `damping` (the current `lambda`) and `update_norm` (the norm of
-        the last update `delta`); with a learning-rate step, `step_size`, the
-        factor that multiplied the preconditioned gradient in the last step
-        (the learning rate times the KL-clipping scale); with
-        `adapt_damping`, `rho` (last reduction ratio; NaN when undefined) and
-        `qmodel_change` (the last predicted change `M(delta) - M(0)` of the
-        undamped model); with `quadratic_model_step`, also `alpha` and `mu`
-        of the last step (`qmodel_change` is then updated every step).
+        """The dict `KFAC.logged_values` returns (which lists its entries).
 
         Args:
             optimizer: the `KFAC` optimizer these diagnostics belong to.

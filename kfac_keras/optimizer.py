@@ -400,10 +400,17 @@ class KFAC(keras.optimizers.Optimizer):
         return self.momentum
 
     def logged_values(self):
-        """The K-FAC quantities added to the step's logs, as tensors: `damping`,
-        `update_norm` and, with the options that produce them, `step_size`,
-        `rho`, `qmodel_change`, `alpha` and `mu` (see
-        `kfac_keras.adaptive_step.StepDiagnostics.logged_values`)."""
+        """The K-FAC quantities added to the step's logs, as tensors.
+
+        Always `damping` (the current `lambda`) and `update_norm` (the norm of
+        the last update `delta`); with a learning-rate step, `step_size`, the
+        factor that multiplied the preconditioned gradient in the last step
+        (the learning rate times the KL-clipping scale); with `adapt_damping`, `rho` (last reduction
+        ratio; NaN when undefined) and `qmodel_change` (the last predicted
+        change `M(delta) - M(0)` of the undamped model); with
+        `quadratic_model_step`, also `alpha` and `mu` of the last step
+        (`qmodel_change` is then updated every step).
+        """
         return self._diagnostics.logged_values(self)
 
     def _velocities_of(self, variables):

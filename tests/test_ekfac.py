@@ -297,3 +297,39 @@ def test_jit_compiled_step_keeps_decompositions_out_of_xla(monkeypatch):
             assert traced_inside_xla and not any(traced_inside_xla), traced_inside_xla
     for compiled, plain in zip(runs[True][0] + [runs[True][1]], runs[False][0] + [runs[False][1]]):
         np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
+
+
+class OwnStepSequential(keras.Sequential):
+    """A Sequential model with its own `train_step` (`KFACCallback` runs it
+    through `kfac_keras.custom_step`)."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"own_loss": loss}
+
+
+def test_custom_train_step_estimates_scalings_after_the_decomposition():
+    """In a model's own `train_step`, a step that decomposes and re-estimates
+    decomposes first: the estimate survives (one estimate counted, `S` is not
+    the Kronecker spectrum `outer(d_A, d_G)` a later decomposition would
+    reset it to)."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(12, 3)).astype("float32")
+    y = rng.normal(size=(12, 2)).astype("float32")
+    model = OwnStepSequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                               keras.layers.Dense(2)])
+    model.compile(optimizer=kfac_keras.KFAC(
+        adaptive=None, norm_constraint=None, learning_rate=0.05, inverse_method="ekfac",
+        cov_update_every=1, inv_update_every=1, scale_update_every=1, seed=0))
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0,
+              callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    for layer in model.layers:
+        block = block_for_layer(model.optimizer, layer)
+        assert float(block.scaling_estimates.numpy()) == 1.0, layer.name
+        spectrum = np.outer(block.input_eigenvalues.numpy(),
+                            block.output_grad_eigenvalues.numpy())
+        assert not np.allclose(block.eigenbasis_scalings.numpy(), spectrum, rtol=1e-3), layer.name

@@ -3,10 +3,11 @@
 `KFAC` (the Keras optimizer) owns the update; this object owns the
 curvature it preconditions with: when statistics, EKFAC scalings and
 decompositions are due (`T_cov`, `T_scale`, `T_inv`), the estimate counter
-and the moving-average weight it gives each new estimate, folding estimates
-into the blocks' factors (directly, or recorded and averaged over replicas
-first, `kfac_keras.distributed`), the decompositions with the device-aware
-XLA choice, and preconditioning. The blocks (`kfac_keras.blocks`) hold the
+and the moving-average weight it gives each new estimate, folding the
+blocks' recorded estimates (averaged over replicas first under a strategy,
+`kfac_keras.distributed`) into their factors and EKFAC's corrected
+diagonals, the decompositions with the device-aware XLA choice, and
+preconditioning. The blocks (`kfac_keras.blocks`) hold the
 factors; the training step (`kfac_keras.training`) computes what they are
 estimated from.
 
@@ -112,8 +113,8 @@ class CurvatureEstimator:
         count = tf.convert_to_tensor(self.num_estimates)
         return tf.minimum(1.0 - 1.0 / count, self.options.factor_decay)
 
-    def update_statistics(self, block_inputs, num_examples):
-        """Folds one estimate into every block's factors.
+    def record_estimates(self, block_inputs, num_examples):
+        """Every block's new factor estimates, without folding them in.
 
         Args:
             block_inputs: list aligned with `registration.blocks` of
@@ -121,15 +122,6 @@ class CurvatureEstimator:
                 `FisherBlock.update_statistics`); identity blocks get
                 `(None, None)`.
             num_examples: float32 scalar, size of the statistics subset.
-        """
-        decay = self._next_estimate_decay()
-        for block, (captures, sampled_grads) in zip(self.registration.blocks, block_inputs):
-            block.update_statistics(captures, sampled_grads, num_examples, decay)
-
-    def record_estimates(self, block_inputs, num_examples):
-        """Every block's new estimates, without folding them into the factors.
-
-        Args: as for `update_statistics`.
 
         Returns:
             A list of `(state variable, estimate)` pairs, for `fold_estimates`
@@ -141,9 +133,9 @@ class CurvatureEstimator:
         return recorder.pairs
 
     def fold_estimates(self, estimates):
-        """Folds estimates recorded by `kfac_keras.blocks.base.EstimateRecorder`
-        (already averaged over replicas) into the factors, as
-        `update_statistics` does with the estimates it computes.
+        """Folds estimates of `record_estimates` (over the whole batch, so
+        averaged over replicas under a strategy) into the factors: one more
+        estimate, with moving-average weight `min(1 - 1/k, factor_decay)`.
 
         Args:
             estimates: list of `(variable, estimate)` pairs.
@@ -152,32 +144,95 @@ class CurvatureEstimator:
         for variable, estimate in estimates:
             ema_assign(variable, estimate, decay)
 
-    def update_curvature(self, block_inputs, num_examples):
-        """Runs the statistics and EKFAC updates that are due this step.
+    def record_scalings(self, block_inputs, num_examples):
+        """EKFAC: every block's new estimate of its corrected diagonal, in the
+        current eigenbasis, without folding it in.
 
-        Called in a step where `curvature_pass_due()` holds, with the same
-        arguments as `update_statistics` (which it calls when
-        `statistics_due()`); with `inverse_method="ekfac"` it also calls
-        each EKFAC block's `update_scalings` when `scalings_due()`. When the
-        factors are also decomposed this step, the decomposition runs here,
-        before the scalings estimate, so the estimate is made in the new
-        eigenbasis (and used by this step's update); `maybe_update_inverses`
-        then skips the step.
+        Args: as for `record_estimates`.
+
+        Returns:
+            A list of `(Kronecker block, estimate)` pairs, for `fold_scalings`.
         """
+        recorder = EstimateRecorder()
+        for block, (captures, _) in zip(self.registration.blocks, block_inputs):
+            if block.uses_eigenbasis_scalings:
+                block.update_scalings(captures, num_examples, recorder)
+        return recorder.scalings
+
+    def fold_scalings(self, estimates):
+        """Folds estimates of `record_scalings` (over the whole batch) into
+        the blocks' corrected diagonals (`KroneckerBlock.fold_scalings`)."""
+        for block, estimate in estimates:
+            block.fold_scalings(estimate, self.options.factor_decay)
+
+    def decomposes_before_scalings(self):
+        """Bool tensor, evaluated before this step's statistics update: EKFAC
+        re-estimates its scalings this step and the factors are decomposed
+        this step too (`inverses_due` after the update), so the decomposition
+        runs first and the estimate is made in the new eigenbasis. False (a
+        Python bool) for the other inverse methods."""
         if self.options.inverse_method != "ekfac":
-            self.update_statistics(block_inputs, num_examples)
+            return False
+        early = tf.logical_and(self.statistics_due(),
+                               tf.convert_to_tensor(self.num_estimates) + 1.0 <= 3.0)
+        return tf.logical_and(self.scalings_due(), tf.logical_or(
+            self._every(self.options.inv_update_every), early))
+
+    def update_curvature(self, block_inputs, num_examples, decompose_first=False):
+        """Runs the statistics and EKFAC updates that are due this step, from
+        one device's (or one graph's) captures.
+
+        Called in a step where `curvature_pass_due()` holds; see
+        `update_curvature_from`.
+
+        Args:
+            block_inputs: as for `record_estimates`.
+            num_examples: float32 scalar, size of the statistics subset.
+            decompose_first: as for `update_curvature_from`. Defaults to False.
+        """
+        return self.update_curvature_from(
+            lambda: self.record_estimates(block_inputs, num_examples),
+            lambda: self.record_scalings(block_inputs, num_examples), decompose_first)
+
+    def update_curvature_from(self, factor_estimates, scaling_estimates,
+                              decompose_first=False):
+        """Folds in the statistics due this step and, with
+        `inverse_method="ekfac"`, the scalings when `scalings_due()`.
+
+        When this step also decomposes the factors (`decompose_first`), the
+        decomposition runs here, after the statistics and before the scalings
+        estimate, so the estimate is made in the new eigenbasis (and used by
+        this step's update); `maybe_update_inverses` then skips the step.
+
+        Args:
+            factor_estimates: callable returning the `(variable, estimate)`
+                pairs of `record_estimates` over the whole batch (under a
+                multi-replica strategy, the replicas' example-weighted mean).
+            scaling_estimates: callable returning the `(block, estimate)`
+                pairs of `record_scalings` over the whole batch; called after
+                the decomposition, in the basis it leaves.
+            decompose_first: `decomposes_before_scalings()` read before the
+                statistics update: a bool tensor, or a Python bool where the
+                caller knows its value (the XLA-compiled part of a
+                `jit_compile` step on CPU runs only where it is False).
+                Defaults to False.
+
+        Returns:
+            A True scalar tensor (for `tf.cond`).
+        """
+        def statistics():
+            self.fold_estimates(factor_estimates())
             return tf.constant(True)
 
-        def statistics():
-            self.update_statistics(block_inputs, num_examples)
-            return tf.constant(True)
+        if self.options.inverse_method != "ekfac":
+            return statistics()
 
         def scalings():
-            tf.cond(self.inverses_due(self.statistics_due()), self.update_inverses,
-                    lambda: tf.constant(False))
-            for block, (captures, _) in zip(self.registration.blocks, block_inputs):
-                if block.uses_eigenbasis_scalings:
-                    block.update_scalings(captures, num_examples, self.options.factor_decay)
+            if decompose_first is True:
+                self.update_inverses()
+            elif decompose_first is not False:
+                tf.cond(decompose_first, self.update_inverses, lambda: tf.constant(False))
+            self.fold_scalings(scaling_estimates())
             return tf.constant(True)
 
         tf.cond(self.statistics_due(), statistics, lambda: tf.constant(False))
@@ -208,15 +263,19 @@ class CurvatureEstimator:
                 self._decompose_fn = self._decompose
         return self._decompose_fn()
 
-    def maybe_update_inverses(self, statistics_updated):
+    def maybe_update_inverses(self, statistics_updated, decomposed_first=False):
         """Runs `update_inverses` when `inverses_due`; returns whether it ran.
 
-        With `inverse_method="ekfac"`, a step whose scalings were updated has
-        already decomposed (see `update_curvature`).
+        Args:
+            statistics_updated: bool tensor, this step's statistics update
+                ran and was kept (the guard's `updated`).
+            decomposed_first: the `decompose_first` given to
+                `update_curvature_from` this step: when it held and the update
+                was kept, the factors are already decomposed. Defaults to False.
         """
         due = self.inverses_due(statistics_updated)
-        if self.options.inverse_method == "ekfac":
-            done = tf.logical_and(statistics_updated, self.scalings_due())
+        if decomposed_first is not False:
+            done = tf.logical_and(statistics_updated, decomposed_first)
             due = tf.logical_and(due, tf.logical_not(done))
         return tf.cond(due, self.update_inverses, lambda: tf.constant(False))
 

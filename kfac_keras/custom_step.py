@@ -252,9 +252,11 @@ class CustomTrainStep:
             tf.cast(tf.math.ceil(optimizer.statistics_fraction * batch), tf.int32),
             1, state.batch_size)
 
+        decompose_first = optimizer.curvature.decomposes_before_scalings()
+
         def update_statistics():
             optimizer.update_curvature(self._block_inputs(grads, variables, state),
-                                       tf.cast(state.subset, tf.float32))
+                                       tf.cast(state.subset, tf.float32), decompose_first)
             return tf.constant(True)
 
         present = [g for g in grads if g is not None]
@@ -263,7 +265,7 @@ class CustomTrainStep:
             optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
         guards.restore_if_skipped(ok, self.model.non_trainable_variables,
                                   state.frozen_values)
-        guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated))
+        guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated, decompose_first))
         pairs = [(g, v) for g, v in zip(grads, variables) if g is not None]
         guards.guarded_apply(
             optimizer, self.model.trainable_variables, ok,

@@ -26,7 +26,11 @@ replica context, is a `merge_call`, which TensorFlow does not allow inside a
    sampled backward pass on its own tape, the blocks *record* their new
    estimates (`kfac_keras.blocks.base.EstimateRecorder`) instead of folding
    them, and one packed all-reduce forms the global-batch mean (weighted by
-   each replica's number of examples) before the moving average; then the
+   each replica's number of examples) before the moving average. EKFAC's
+   corrected diagonals take the same path every `scale_update_every` steps
+   (each replica's estimate from its own captures, in the eigenbasis every
+   replica shares; after the decomposition when the step has one, so that
+   the estimate is made in the new basis). Then the
    decompositions (`tf.cond`) and the update (`KFAC.apply_step`, with Keras's
    per-variable update through `strategy.extended.update`). Assignments to
    mirrored variables in cross-replica context write every copy with the
@@ -50,7 +54,9 @@ updated once, from the summed gradients.
 Communication (float32, `P` = number of trainable parameters, `S` = number
 of factor entries `sum_blocks (d_in^2 + d_out^2)` plus diagonal-block
 entries): every step one all-reduce of `P + 1` floats (gradients and loss);
-every `cov_update_every` steps one more of `S + 1` floats; with `adaptive`
+every `cov_update_every` steps one more of `S + 1` floats; with
+`inverse_method="ekfac"`, every `scale_update_every` steps one of the
+corrected diagonals' `sum_blocks d_in d_out + 1` floats; with `adaptive`
 options, every `damping_update_every` steps (every step with
 `quadratic_model_step`) two more of at most 5 floats (the Gram matrix and
 the loss after the update). With the default
@@ -69,7 +75,8 @@ exact up to float32 summation order when the global batch splits evenly over
 the replicas and `statistics_fraction=1`. That holds for every block whose
 estimate is a mean of per-example (or per-location) terms, because the
 replicas' estimates are averaged weighted by their example counts; the tests
-cover Dense, Conv2D and Embedding Kronecker blocks, the tridiagonal blocks,
+cover Dense, Conv2D and Embedding Kronecker blocks, EKFAC's corrected
+diagonals (Dense), the tridiagonal blocks,
 the adaptive options (`tests/test_distributed_mirrored_options.py`) and
 dynamic loss scaling (float32 exactly; `mixed_float16` up to float16
 rounding, `tests/test_distributed_mixed_precision.py`). `DiagonalBlock`'s
@@ -84,7 +91,7 @@ identical across replicas; `tests/test_distributed_layers.py`).
 
 Not supported with more than one replica (NotImplementedError when the step
 is built, before any K-FAC state is created; see `check_supported`):
-`inverse_method="ekfac"`, losses with `reduction="sum"`,
+losses with `reduction="sum"`,
 `BatchNormalization(synchronized=True)` (its all-reduce would run inside
 K-FAC's capture of the forward pass, which the replicas enter one at a
 time), and `jit_compile=True` of the custom-loop step (the sampled backward
@@ -136,14 +143,13 @@ def in_multi_replica_context():
     return tf.distribute.get_replica_context().num_replicas_in_sync > 1
 
 
-def check_supported(strategy, model, optimizer, distribution, jit_compile):
+def check_supported(strategy, model, distribution, jit_compile):
     """Raises NotImplementedError for an option K-FAC cannot run with under
     `strategy` (more than one replica).
 
     Args:
         strategy: the `tf.distribute.Strategy`.
         model: the Keras model.
-        optimizer: the `kfac_keras.KFAC` optimizer.
         distribution: the loss's `kfac_keras.losses.PredictiveDistribution`.
         jit_compile: the step's `jit_compile`.
     """
@@ -156,10 +162,6 @@ def check_supported(strategy, model, optimizer, distribution, jit_compile):
             "all-reduce runs inside the forward pass K-FAC captures, one replica "
             "at a time; use synchronized=False (each replica normalizes its "
             "slice with its own batch statistics)")
-    if optimizer.inverse_method == "ekfac":
-        unsupported.append(
-            "inverse_method='ekfac': its per-example rescaling is not "
-            "all-reduced; use 'cholesky', 'inverse' or 'eigh'")
     if distribution.reduction == "sum":
         unsupported.append(
             "losses with reduction='sum' (the per-example Fisher scale would "

@@ -1,6 +1,7 @@
 """The K-FAC optimizer: a `keras.optimizers.Optimizer` subclass that keeps
 Keras's API and orchestrates each step over `kfac_keras.options`,
-`kfac_keras.curvature` (the curvature estimate) and `kfac_keras.step_rules`.
+`kfac_keras.curvature` (the curvature estimate), `kfac_keras.step_rules` and
+`kfac_keras.adaptive_step` (the quadratic model and the damping rule).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ from kfac_keras import keras_internals
 from kfac_keras import orthogonal_step
 from kfac_keras import registration as registration_lib
 from kfac_keras import step_rules
+from kfac_keras.adaptive_step import AdaptiveStep, StepDiagnostics
 from kfac_keras.curvature import CurvatureEstimator
 from kfac_keras.options import KFACOptions
 from kfac_keras.validation import is_schedule
@@ -31,19 +33,6 @@ _MISSING_CAPTURE = (
     "`step = kfac_keras.make_train_step(model, optimizer, loss)` and call "
     "`step(x, y)` instead of `optimizer.apply_gradients(...)`."
 )
-
-
-class _Diagnostics:
-    """Per-step values for the logs (`KFAC.logged_values`). Plain TensorFlow
-    variables, deliberately not optimizer variables: they are not part of
-    checkpoints, and may hold NaN (`rho` when undefined) without tripping
-    the non-finite guards, which watch the optimizer's variables."""
-
-    def __init__(self):
-        self.update_norm = tf.Variable(0.0, trainable=False, name="kfac_update_norm")
-        self.rho = tf.Variable(float("nan"), trainable=False, name="kfac_rho")
-        self.qmodel_change = tf.Variable(0.0, trainable=False, name="kfac_qmodel_change")
-        self.step_size = tf.Variable(0.0, trainable=False, name="kfac_step_size")
 
 
 def _delegate(name):
@@ -98,21 +87,10 @@ class KFAC(keras.optimizers.Optimizer):
     (initial 1e-2, floor 1e-3). `KFAC(adaptive=None, norm_constraint=None, learning_rate=...)` is
     the plain fixed-damping update above.
 
-    The rest of the paper's algorithm is available through a few grouped
-    options:
-
-    * `approximation="tridiagonal"`: block-tridiagonal inverse over chains of
-      Dense layers (section 4.3; `kfac_keras.blocks.tridiagonal`).
-    * `adaptive=kfac_keras.AdaptiveOptions(...)`: step size and momentum
-      from the quadratic model with exact Fisher products (section 7) and/or
-      Levenberg-Marquardt damping (section 6.5); see
-      `kfac_keras.quadratic_model` and `kfac_keras.step_rules`.
-    * `norm_constraint=c`: "KL clipping" of the step (Ba et al. 2017).
-    * `inverse_method="ekfac"`: the eigenvalue-corrected diagonal of George
-      et al. 2018 (`kfac_keras.blocks.kronecker`).
-    * `learning_rate`, `momentum` and `damping` accept Keras
-      `LearningRateSchedule`s (evaluated at `optimizer.iterations`) where
-      they are not adaptive.
+    The rest of the paper's algorithm, and its successors, are options (see
+    Args): `approximation="tridiagonal"` (section 4.3), `adaptive` (sections
+    6.5 and 7; `kfac_keras.adaptive_step`), `norm_constraint` (Ba et al.
+    2017) and `inverse_method="ekfac"` (George et al. 2018).
 
     The current damping, the update norm and, when enabled, `rho`, `alpha`,
     `mu` and the quadratic model's predicted change are added to the logs of
@@ -254,7 +232,6 @@ class KFAC(keras.optimizers.Optimizer):
             `gradient_accumulation_steps` is not supported.
     """
 
-
     def __init__(
         self,
         learning_rate=None,
@@ -298,8 +275,6 @@ class KFAC(keras.optimizers.Optimizer):
             name=options.name, **options.base_arguments)
         self.options = options
         self.initial_damping = options.initial_damping
-        self._damping_factor = (step_rules.adjustment_factor(options.adaptive.damping_update_every)
-                                if options.adapts_damping else None)
         sampling_seed = (options.seed if options.seed is not None
                          else random.SystemRandom().randrange(2**31 - 1))
         self.curvature = CurvatureEstimator(options, sampling_seed)
@@ -318,7 +293,6 @@ class KFAC(keras.optimizers.Optimizer):
         the update, which the rule needs; see `kfac_keras.custom_step`)."""
         self.options = dataclasses.replace(self.options, adaptive=None)
         self.curvature.options = self.options
-        self._damping_factor = None
 
     momentum = _option("momentum", "float, schedule, or None with quadratic_model_step.")
     damping_schedule = _option("damping_schedule", "The damping schedule, or None.")
@@ -365,7 +339,8 @@ class KFAC(keras.optimizers.Optimizer):
             # mu of the last step (alpha is kept in the learning-rate variable).
             self.step_momentum = self.add_variable(
                 (), initializer="zeros", dtype="float32", name="step_momentum")
-        self._diagnostics = _Diagnostics()
+        self._diagnostics = StepDiagnostics()
+        self._adaptive_step = AdaptiveStep(self, self._diagnostics)
 
     @property
     def num_estimates(self):
@@ -422,8 +397,6 @@ class KFAC(keras.optimizers.Optimizer):
     total_damping = _delegate("total_damping")
     curvature_pass_due = _delegate("curvature_pass_due")
     update_curvature = _delegate("update_curvature")
-    record_estimates = _delegate("record_estimates")
-    fold_estimates = _delegate("fold_estimates")
     update_inverses = _delegate("update_inverses")
     maybe_update_inverses = _delegate("maybe_update_inverses")
     precondition = _delegate("precondition")
@@ -439,7 +412,7 @@ class KFAC(keras.optimizers.Optimizer):
 
     def damping_adaptation_due(self):
         """Bool tensor: the Levenberg-Marquardt rule runs after this step."""
-        return tf.equal(self.curvature.step() % self.adaptive.damping_update_every, 0)
+        return self._adaptive_step.damping_adaptation_due()
 
     def current_momentum(self):
         """The momentum coefficient of this step (`mu` with the quadratic model)."""
@@ -463,18 +436,7 @@ class KFAC(keras.optimizers.Optimizer):
         `quadratic_model_step`, also `alpha` and `mu` of the last step
         (`qmodel_change` is then updated every step).
         """
-        values = {"damping": tf.convert_to_tensor(self.damping),
-                  "update_norm": tf.convert_to_tensor(self._diagnostics.update_norm)}
-        if not self.uses_quadratic_model_step:
-            values["step_size"] = tf.convert_to_tensor(self._diagnostics.step_size)
-        if self.adapts_damping:
-            values["rho"] = tf.convert_to_tensor(self._diagnostics.rho)
-        if self.adaptive is not None:
-            values["qmodel_change"] = tf.convert_to_tensor(self._diagnostics.qmodel_change)
-        if self.uses_quadratic_model_step:
-            values["alpha"] = tf.cast(self.learning_rate, tf.float32)
-            values["mu"] = tf.convert_to_tensor(self.step_momentum)
-        return values
+        return self._diagnostics.logged_values(self)
 
     def _velocities_of(self, variables):
         return [tf.convert_to_tensor(keras_internals.optimizer_slot(self, self.velocities, v))
@@ -482,41 +444,6 @@ class KFAC(keras.optimizers.Optimizer):
 
     def _learning_rate_now(self):
         return tf.cast(keras_internals.current_learning_rate(self), tf.float32)
-
-    def _choose_step_coefficients(self, full_grads, preconditioned, previous,
-                                  variables, batch):
-        """Section 7: sets `alpha` (learning-rate variable) and `mu`; returns the
-        undamped model's predicted change for this step."""
-        direction = [-p for p in preconditioned]
-        fisher = batch.fisher_gram([direction, previous], variables)
-        alpha, mu, change = step_rules.quadratic_model_step(
-            direction, previous, full_grads, fisher, self.total_damping(), self.l2_reg)
-        learning_rate = keras_internals.learning_rate_variable(self)
-        learning_rate.assign(tf.cast(alpha, learning_rate.dtype))
-        self.step_momentum.assign(mu)
-        self._diagnostics.qmodel_change.assign(change)
-        return change
-
-    def _predicted_change_of_fixed_step(self, full_grads, preconditioned, previous,
-                                        variables, batch):
-        """`M(delta) - M(0)` (undamped) for the learning-rate + momentum step."""
-        step = step_rules.fixed_step(preconditioned, previous, self._learning_rate_now(),
-                                     self.current_momentum())
-        step_fisher = batch.fisher_gram([step], variables)[0, 0]
-        change = step_rules.predicted_change(step, step_fisher, full_grads, self.l2_reg)
-        self._diagnostics.qmodel_change.assign(change)
-        return change
-
-    def _adapt_damping(self, loss_before, predicted_change, updates, variables, batch):
-        """Section 6.5: `rho` on the same batch, then the Levenberg-Marquardt rule."""
-        actual = step_rules.actual_change(loss_before, batch.loss(), variables, updates,
-                                          self.l2_reg)
-        rho = step_rules.reduction_ratio(actual, predicted_change)
-        self.damping.assign(step_rules.levenberg_marquardt_update(
-            self.damping, rho, self._damping_factor,
-            self.adaptive.min_damping, self.adaptive.max_damping))
-        self._diagnostics.rho.assign(rho)
-        return tf.constant(True)
 
     def apply_step(self, grads, trainable_variables, batch=None, loss=None):
         """The K-FAC update of one training step (used by `KFACTrainStep`).
@@ -539,13 +466,7 @@ class KFAC(keras.optimizers.Optimizer):
         """
         if self._registration is None:
             raise RuntimeError(_MISSING_CAPTURE)
-        if self.needs_batch and (batch is None or (self.adapts_damping and loss is None)):
-            raise RuntimeError(
-                f"KFAC(adaptive={self.adaptive!r}) (the default, adaptive='auto', "
-                "adapts the damping) needs the training batch for exact Fisher "
-                "products and the loss after the step; train with "
-                "kfac_keras.KFACCallback (fit) or kfac_keras.make_train_step "
-                "(custom loops) instead of calling apply/apply_gradients.")
+        self._adaptive_step.check_batch(batch, loss)
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
         if not pairs:
             return
@@ -572,28 +493,14 @@ class KFAC(keras.optimizers.Optimizer):
             self._diagnostics.step_size.assign(self._learning_rate_now() * coefficient)
         elif not self.uses_quadratic_model_step:
             self._diagnostics.step_size.assign(self._learning_rate_now())
-        previous = self._velocities_of(variables)
-        predicted = None
-        if self.adapts_damping:
-            adapt_now = self.damping_adaptation_due()
-        if self.uses_quadratic_model_step:
-            predicted = self._choose_step_coefficients(
-                full_grads, preconditioned, previous, variables, batch)
-        elif self.adapts_damping:
-            predicted = tf.cond(
-                adapt_now,
-                lambda: self._predicted_change_of_fixed_step(
-                    full_grads, preconditioned, previous, variables, batch),
-                lambda: tf.constant(0.0))
+        prediction = self._adaptive_step.before_update(
+            full_grads, preconditioned, self._velocities_of(variables), variables, batch)
         if self.loss_scale_factor is not None:  # the base class divides by it
             preconditioned = [p * self.loss_scale_factor for p in preconditioned]
         super().apply(preconditioned, variables)
         updates = self._velocities_of(variables)
         self._diagnostics.update_norm.assign(tf.sqrt(step_rules.dot(updates, updates)))
-        if self.adapts_damping:
-            tf.cond(adapt_now,
-                    lambda: self._adapt_damping(loss, predicted, updates, variables, batch),
-                    lambda: tf.constant(False))
+        self._adaptive_step.after_update(prediction, loss, updates, variables, batch)
 
     # ------------------------------------------------------------ Keras API
     def _backend_update_step(self, grads, trainable_variables, learning_rate):

@@ -18,8 +18,7 @@ from kfac_keras import linalg
 from kfac_keras import losses as losses_lib
 from kfac_keras import registration as registration_lib
 from kfac_keras.validation import (check_bool, check_choice, check_number, check_scope_name,
-                                   check_string_keyed_dict, check_string_list, is_number,
-                                   is_schedule)
+                                   is_number, is_schedule)
 
 #: Fisher approximations across layers (`KFAC(approximation=...)`).
 APPROXIMATIONS = ("block_diagonal", "tridiagonal")
@@ -338,11 +337,8 @@ class KFACOptions:
             estimation_mode=check_choice("estimation_mode", self.estimation_mode,
                                          losses_lib.ESTIMATION_MODES),
             inverse_method=inverse_method,
-            layer_blocks=check_string_keyed_dict(
-                "layer_blocks", self.layer_blocks, registration_lib.BLOCK_KINDS,
-                "layer name or class name"),
-            exclude_layers=check_string_list(
-                "exclude_layers", self.exclude_layers, "layer names or class names"),
+            layer_blocks=registration_lib.check_layer_blocks(self.layer_blocks),
+            exclude_layers=registration_lib.check_exclude_layers(self.exclude_layers),
             seed=None if seed is None else int(seed),
             decomposition_jit_compile=check_choice(
                 "decomposition_jit_compile", self.decomposition_jit_compile,

@@ -18,8 +18,10 @@ Registration happens once per (model, optimizer) pair, usually from
    output; so `evaluate`/`predict` are unaffected and the captured tensors
    come from the same forward pass as the loss.
 
-The options are validated by the optimizer; `register` assumes valid
-`inverse_method`, `approximation` and `layer_blocks` values.
+`register` is public: it checks `layer_blocks` and `exclude_layers` with the
+validators `KFAC(...)` uses (`kfac_keras.validation`), so both raise the same
+errors; `inverse_method` and `approximation` come validated from the
+optimizer's options.
 
 Block choice per layer is controlled by `KFAC(layer_blocks=..., exclude_layers=...)`,
 keyed by layer name or class name.
@@ -32,6 +34,7 @@ from absl import logging
 
 from kfac_keras import capture, chains
 from kfac_keras import keras_internals
+from kfac_keras.validation import check_string_keyed_dict, check_string_list
 from kfac_keras.blocks.base import StatisticsSource, layer_name
 from kfac_keras.blocks.conv import conv_unsupported_reason, make_conv_block
 from kfac_keras.blocks.conv_transpose import (conv_transpose_unsupported_reason,
@@ -51,6 +54,17 @@ block_captures = capture.block_captures
 
 #: Block kinds a user may ask for per layer.
 BLOCK_KINDS = ("auto", "kronecker", "diagonal", "identity")
+
+
+def check_layer_blocks(layer_blocks):
+    """The `layer_blocks` option checked (`BLOCK_KINDS` values), as a dict."""
+    return check_string_keyed_dict("layer_blocks", layer_blocks, BLOCK_KINDS,
+                                   "layer name or class name")
+
+
+def check_exclude_layers(exclude_layers):
+    """The `exclude_layers` option checked (strings), as a list."""
+    return check_string_list("exclude_layers", exclude_layers, "layer names or class names")
 
 
 def _is_plain(layer, cls):
@@ -283,12 +297,15 @@ def register(model, inverse_method="cholesky", layer_blocks=None,
         A `Registration`.
 
     Raises:
-        ValueError: for names that match no layer (the message lists the
-            valid names), a name in both options, a `"kronecker"` request on
-            a layer without a Kronecker block, or an unbuilt model.
+        TypeError: `layer_blocks` is not a dict from strings, or
+            `exclude_layers` not a list of strings.
+        ValueError: for a block kind not in `BLOCK_KINDS`, names that match
+            no layer (the message lists the valid names), a name in both
+            options, a `"kronecker"` request on a layer without a Kronecker
+            block, or an unbuilt model.
     """
-    layer_blocks = dict(layer_blocks or {})
-    exclude_layers = list(exclude_layers or [])
+    layer_blocks = check_layer_blocks(layer_blocks)
+    exclude_layers = check_exclude_layers(exclude_layers)
     sublayers = keras_internals.child_layers(model)
     if not model.built and not (sublayers and all(l.built for l in sublayers)):
         # (A model without `call`, e.g. a custom train_step's container of

@@ -11,6 +11,9 @@ One step, in three parts:
    the blocks update their factors. No second forward pass.
 2. *Decompositions*, every `inv_update_every` steps (a `tf.cond`): outside
    XLA on CPU, inside XLA on GPU (`kfac_keras.linalg.decomposition_jit`).
+   EKFAC decomposes inside part 1 on the steps that also re-estimate its
+   scalings (the estimate needs this step's captures in the new eigenbasis);
+   with `jit_compile=True` on CPU, those steps run part 1 without XLA.
 3. *Update* (XLA-compiled when `jit_compile=True`): precondition, momentum,
    apply; metrics. With `KFAC(adaptive=...)` this part also runs the extra
    passes of the quadratic model on the same batch
@@ -50,6 +53,7 @@ import tensorflow as tf
 from kfac_keras import distributed
 from kfac_keras import guards
 from kfac_keras import keras_internals
+from kfac_keras import linalg
 from kfac_keras import losses as losses_lib
 from kfac_keras import quadratic_model
 from kfac_keras import registration as registration_lib
@@ -187,8 +191,7 @@ class KFACTrainStep:
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)
         if strategy is not None:
-            distributed.check_supported(strategy, model, optimizer, self.distribution,
-                                        jit_compile)
+            distributed.check_supported(strategy, model, self.distribution, jit_compile)
         self.model = model
         self.optimizer = optimizer
         self._strategy = strategy
@@ -200,14 +203,17 @@ class KFACTrainStep:
                 self.loss_scale_optimizer.built = True
             self.registration = optimizer.attach(model)
         self.jit_compile = jit_compile
+        # EKFAC's decompositions inside part 1 must stay out of XLA on CPU.
+        self._decomposes_outside_xla = (
+            jit_compile and optimizer.inverse_method == "ekfac"
+            and not linalg.decomposition_jit(optimizer.decomposition_jit_compile))
         if jit_compile:
-            self._gradients_and_statistics = tf.function(
+            self._compiled_gradients_and_statistics = tf.function(
                 self._gradients_and_statistics_impl, jit_compile=True,
                 reduce_retracing=True)
             self._apply = tf.function(self._apply_impl, jit_compile=True,
                                       reduce_retracing=True)
         else:
-            self._gradients_and_statistics = self._gradients_and_statistics_impl
             self._apply = self._apply_impl
 
     # ---------------------------------------------------------------- parts
@@ -259,7 +265,7 @@ class KFACTrainStep:
 
     def _block_inputs(self, forward):
         """The sampled objective's backward pass: `(captures, sampled_grads)`
-        per block, as `KFAC.update_statistics` takes them."""
+        per block, as `CurvatureEstimator.update_curvature` takes them."""
         registration = self.registration
         sources = []
         for block in registration.blocks:
@@ -287,7 +293,20 @@ class KFACTrainStep:
                 block_inputs.append((None, None))
         return block_inputs
 
-    def _gradients_and_statistics_impl(self, x, y, sample_weight):
+    def _gradients_and_statistics(self, x, y, sample_weight, decompose_first):
+        """Part 1, XLA-compiled with `jit_compile`, except for a step where
+        EKFAC decomposes (`decompose_first`) on a device whose decompositions
+        stay out of XLA: that step runs part 1 without XLA."""
+        if not self.jit_compile:
+            return self._gradients_and_statistics_impl(x, y, sample_weight, decompose_first)
+        if not self._decomposes_outside_xla:
+            return self._compiled_gradients_and_statistics(x, y, sample_weight, decompose_first)
+        return tf.cond(
+            decompose_first,
+            lambda: self._gradients_and_statistics_impl(x, y, sample_weight, True),
+            lambda: self._compiled_gradients_and_statistics(x, y, sample_weight, False))
+
+    def _gradients_and_statistics_impl(self, x, y, sample_weight, decompose_first):
         optimizer = self.optimizer
         frozen = self.model.non_trainable_variables  # put back if the step is skipped
         frozen_values = guards.read_values(frozen)
@@ -295,7 +314,7 @@ class KFACTrainStep:
 
         def update_statistics():
             optimizer.update_curvature(self._block_inputs(forward),
-                                       tf.cast(forward.subset, tf.float32))
+                                       tf.cast(forward.subset, tf.float32), decompose_first)
             return tf.constant(True)
 
         # Non-finite guard: a bad batch or bad statistics skip the step.
@@ -337,14 +356,27 @@ class KFACTrainStep:
             self._cross_replica_update, args=(forward, packed, frozen_values, batch))
         return forward.y_pred, forward.loss
 
-    def _replica_estimates(self, forward):
-        """This replica's new factor estimates, packed and multiplied by its
-        number of statistics examples, followed by that number."""
+    def _replica_estimates(self, record, forward, block_inputs):
+        """This replica's new estimates, `record(block_inputs, num_examples)`
+        (the curvature's `record_estimates` or `record_scalings`), packed and
+        multiplied by its number of statistics examples, followed by that
+        number; the estimates' keys are left in `_estimated_keys`."""
         num_examples = tf.cast(forward.subset, tf.float32)
-        pairs = self.optimizer.record_estimates(self._block_inputs(forward), num_examples)
-        self._estimated_variables = [variable for variable, _ in pairs]
+        pairs = record(block_inputs, num_examples)
+        self._estimated_keys = [key for key, _ in pairs]
+        self._estimate_shapes = [estimate.shape for _, estimate in pairs]
         return distributed.pack([estimate * num_examples for _, estimate in pairs]
                                 + [num_examples])
+
+    def _mean_estimates(self, strategy, record, forwards, block_inputs):
+        """The `(key, estimate)` pairs of `record` over the global batch: the
+        replicas' estimates averaged with their example counts, in one
+        all-reduce."""
+        per_replica = strategy.extended.call_for_each_replica(
+            self._replica_estimates, args=(record, forwards, block_inputs))
+        total = distributed.sum_over_replicas(strategy, per_replica)
+        means = distributed.unpack(total[:-1] / total[-1], self._estimate_shapes)
+        return list(zip(self._estimated_keys, means))
 
     def _cross_replica_update(self, strategy, forwards, packed, frozen_values, batches):
         """The rest of the step, once, in cross-replica context. `batches`:
@@ -359,13 +391,20 @@ class KFACTrainStep:
         loss = next(reduced)  # Keras divides each replica's loss by their number
         grads = [None if g is None else tf.cast(next(reduced), g.dtype) for g in template]
 
+        curvature = optimizer.curvature
+        decompose_first = curvature.decomposes_before_scalings()
+
         def update_statistics():
-            per_replica = strategy.extended.call_for_each_replica(
-                self._replica_estimates, args=(forwards,))
-            total = distributed.sum_over_replicas(strategy, per_replica)
-            variables = self._estimated_variables
-            means = distributed.unpack(total[:-1] / total[-1], [v.shape for v in variables])
-            optimizer.fold_estimates(list(zip(variables, means)))
+            # Each replica's sampled backward pass, once; its estimates are
+            # averaged over the replicas before they are folded in.
+            block_inputs = strategy.extended.call_for_each_replica(
+                self._block_inputs, args=(forwards,))
+            curvature.update_curvature_from(
+                lambda: self._mean_estimates(
+                    strategy, curvature.record_estimates, forwards, block_inputs),
+                lambda: self._mean_estimates(
+                    strategy, curvature.record_scalings, forwards, block_inputs),
+                decompose_first)
             return tf.constant(True)
 
         batch_ok = guards.batch_is_finite(loss, grads)
@@ -376,7 +415,7 @@ class KFACTrainStep:
         frozen = self.model.non_trainable_variables
         guards.run_if(tf.logical_not(ok), lambda: distributed.assign_per_replica(
             strategy, frozen, frozen_values))
-        guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated))
+        guards.run_if(ok, lambda: optimizer.maybe_update_inverses(updated, decompose_first))
         batch = None if batches is None else distributed.ReplicaBatches(strategy, batches)
         self._guarded_update(grads, ok, batch=batch, loss=loss)
 
@@ -393,8 +432,11 @@ class KFACTrainStep:
                     "inside `strategy.scope()`.")
             return self._run_replica(x, y, sample_weight)
         self.optimizer.begin_step()
-        y_pred, loss, grads, updated, ok = self._gradients_and_statistics(x, y, sample_weight)
-        guards.run_if(ok, lambda: self.optimizer.maybe_update_inverses(updated))
+        decompose_first = self.optimizer.curvature.decomposes_before_scalings()
+        y_pred, loss, grads, updated, ok = self._gradients_and_statistics(
+            x, y, sample_weight, decompose_first)
+        guards.run_if(ok, lambda: self.optimizer.maybe_update_inverses(
+            updated, decompose_first))
         self._apply(grads, ok, x, y, sample_weight, loss)
         return y_pred, loss
 

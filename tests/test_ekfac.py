@@ -254,3 +254,82 @@ def test_ekfac_trains_in_fit():
     history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
                         callbacks=[kfac_keras.KFACCallback(verbose=0)])
     assert history.history["loss"][-1] < 0.5 * history.history["loss"][0]
+
+
+def test_jit_compiled_step_keeps_decompositions_out_of_xla(monkeypatch):
+    """`make_train_step(jit_compile=True)` with EKFAC, decompositions outside
+    XLA (CPU): the steps that decompose and then re-estimate the scalings
+    must not run `eigh` inside the compiled part of the step. Every `eigh`
+    is traced outside an XLA context, and the run equals the uncompiled one
+    (weights and scalings)."""
+    from tensorflow.python.ops import control_flow_util
+    from kfac_keras import linalg
+
+    traced_inside_xla = []
+    original = linalg.clipped_eigh
+
+    def recording_eigh(matrix):
+        graph = tf.compat.v1.get_default_graph()
+        traced_inside_xla.append(control_flow_util.GraphOrParentsInXlaContext(graph))
+        return original(matrix)
+
+    monkeypatch.setattr(linalg, "clipped_eigh", recording_eigh)
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(16, 3)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    runs = {}
+    for jit_compile in (True, False):
+        keras.utils.set_random_seed(3)
+        model = _model(False)
+        optimizer = kfac_keras.KFAC(
+            adaptive=None, norm_constraint=None, learning_rate=0.1, momentum=0.5,
+            damping=0.01, inverse_method="ekfac", cov_update_every=1, inv_update_every=2,
+            scale_update_every=1, decomposition_jit_compile=False, seed=8)
+        step = tf.function(kfac_keras.make_train_step(model, optimizer, loss,
+                                                      jit_compile=jit_compile))
+        for _ in range(5):  # decomposes at steps 0, 1, 2 (early) and 4
+            step(x, y)
+        block = block_for_layer(optimizer, model.get_layer("out"))
+        runs[jit_compile] = ([v.numpy() for v in model.trainable_variables],
+                             block.eigenbasis_scalings.numpy())
+        if jit_compile:
+            assert traced_inside_xla and not any(traced_inside_xla), traced_inside_xla
+    for compiled, plain in zip(runs[True][0] + [runs[True][1]], runs[False][0] + [runs[False][1]]):
+        np.testing.assert_allclose(compiled, plain, rtol=1e-4, atol=1e-6)
+
+
+class OwnStepSequential(keras.Sequential):
+    """A Sequential model with its own `train_step` (`KFACCallback` runs it
+    through `kfac_keras.custom_step`)."""
+
+    def train_step(self, data):
+        x, y = data
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
+        grads = tape.gradient(loss, self.trainable_variables)
+        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
+        return {"own_loss": loss}
+
+
+def test_custom_train_step_estimates_scalings_after_the_decomposition():
+    """In a model's own `train_step`, a step that decomposes and re-estimates
+    decomposes first: the estimate survives (one estimate counted, `S` is not
+    the Kronecker spectrum `outer(d_A, d_G)` a later decomposition would
+    reset it to)."""
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(12, 3)).astype("float32")
+    y = rng.normal(size=(12, 2)).astype("float32")
+    model = OwnStepSequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                               keras.layers.Dense(2)])
+    model.compile(optimizer=kfac_keras.KFAC(
+        adaptive=None, norm_constraint=None, learning_rate=0.05, inverse_method="ekfac",
+        cov_update_every=1, inv_update_every=1, scale_update_every=1, seed=0))
+    model.fit(x, y, batch_size=12, epochs=1, verbose=0,
+              callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    for layer in model.layers:
+        block = block_for_layer(model.optimizer, layer)
+        assert float(block.scaling_estimates.numpy()) == 1.0, layer.name
+        spectrum = np.outer(block.input_eigenvalues.numpy(),
+                            block.output_grad_eigenvalues.numpy())
+        assert not np.allclose(block.eigenbasis_scalings.numpy(), spectrum, rtol=1e-3), layer.name

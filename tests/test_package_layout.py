@@ -16,6 +16,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(REPO, "kfac_keras")
 BENCHMARKS = os.path.join(REPO, "benchmarks")
 
+#: The longest a module of the package may be (issue 13): past it, a module
+#: does several jobs and one of them belongs in a module of its own.
+MAX_MODULE_LINES = 600
+
 #: Modules the optimizer package must not import: command-line parsing and
 #: plotting belong to benchmarks/, which is not installed.
 FORBIDDEN = ("argparse", "matplotlib", "benchmarks")
@@ -56,6 +60,15 @@ def test_package_imports_no_cli_plotting_or_benchmark_module():
              for path in _python_files(PACKAGE)}
     assert len(found) > 10  # the walk found the package
     assert {path: names for path, names in found.items() if names} == {}
+
+
+def test_no_package_module_exceeds_the_line_limit():
+    lengths = {}
+    for path in _python_files(PACKAGE):
+        with open(path) as f:
+            lengths[os.path.relpath(path, REPO)] = sum(1 for _ in f)
+    assert len(lengths) > 10  # the walk found the package
+    assert {path: n for path, n in lengths.items() if n > MAX_MODULE_LINES} == {}
 
 
 def test_package_holds_no_benchmarks_or_data_loaders():

@@ -237,6 +237,26 @@ def test_bad_names_and_kinds_raise():
         kfac_keras.register(model, layer_blocks={"head": "diagonal"}, exclude_layers=["head"])
 
 
+def test_public_register_validates_block_kinds_like_the_optimizer():
+    """`kfac_keras.register` is public: a bad kind or type raises the error
+    `KFAC(layer_blocks=...)` raises (the same validator), before any block
+    is made."""
+    model = _choice_model()
+    for bad, error in (({"hidden": "kfac"}, ValueError), ({"hidden": None}, ValueError),
+                       (["hidden"], TypeError), ({3: "diagonal"}, TypeError)):
+        with pytest.raises(error) as from_optimizer:
+            kfac_keras.KFAC(layer_blocks=bad)
+        with pytest.raises(error) as from_register:
+            kfac_keras.register(model, layer_blocks=bad)
+        assert str(from_register.value) == str(from_optimizer.value)
+    for bad in ("hidden", ["hidden", 3]):
+        with pytest.raises(TypeError) as from_optimizer:
+            kfac_keras.KFAC(exclude_layers=bad)
+        with pytest.raises(TypeError) as from_register:
+            kfac_keras.register(model, exclude_layers=bad)
+        assert str(from_register.value) == str(from_optimizer.value)
+
+
 def test_kronecker_request_without_a_kronecker_block_raises():
     inputs = keras.Input((4, 5))
     per_position = keras.layers.EinsumDense("abc,bcd->abd", (4, 3), name="per_position")(inputs)

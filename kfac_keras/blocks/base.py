@@ -193,7 +193,8 @@ class FisherBlock(abc.ABC):
 
     def update_scalings(self, captures, num_examples, factor_decay):
         """EKFAC: folds one estimate of the eigenbasis diagonal (see
-        `kfac_keras.blocks.kronecker`). Blocks without scalings raise."""
+        `kfac_keras.blocks.kronecker`), or records it when `factor_decay` is
+        an `EstimateRecorder`. Blocks without scalings raise."""
         del captures, num_examples, factor_decay
         raise ValueError(f"Block {self.name!r} ({self.kind}) has no eigenbasis scalings.")
 
@@ -223,19 +224,27 @@ class FisherBlock(abc.ABC):
 
 
 class EstimateRecorder:
-    """Passed as `decay` to `FisherBlock.update_statistics`: collects the
-    block's new estimates instead of folding them into its factors.
+    """Passed as `decay` to `FisherBlock.update_statistics` (or as
+    `factor_decay` to `update_scalings`): collects the block's new estimates
+    instead of folding them in.
 
     Every block folds its statistics with `ema_assign`, which, given a
-    recorder, appends `(variable, estimate)` to `pairs` and assigns nothing.
+    recorder, appends `(variable, estimate)` to `pairs` and assigns nothing;
+    EKFAC's Kronecker blocks append `(block, estimate)` to `scalings`, for
+    their `fold_scalings`.
     """
 
     def __init__(self):
         self.pairs = []
+        self.scalings = []
 
     def record(self, variable, estimate):
         """Keeps `estimate` (a tensor shaped like `variable`) for `variable`."""
         self.pairs.append((variable, estimate))
+
+    def record_scalings(self, block, estimate):
+        """Keeps EKFAC's `estimate` of `block`'s corrected diagonal."""
+        self.scalings.append((block, estimate))
 
 
 def ema_assign(variable, new_value, decay):

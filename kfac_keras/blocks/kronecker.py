@@ -44,7 +44,7 @@ the rows of a `tf.IndexedSlices` gradient and returns `tf.IndexedSlices`.
 import tensorflow as tf
 
 from kfac_keras import linalg
-from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign
+from kfac_keras.blocks.base import EstimateRecorder, FisherBlock, StatisticsSource, ema_assign
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.factors import (EIGEN_METHODS, INPUT_SIDE, OUTPUT_SIDE, DenseFactor,
                                        location_factors)
@@ -214,24 +214,33 @@ class KroneckerBlock(FisherBlock):
         """EKFAC: folds one estimate of the corrected diagonal into `S`.
 
         The estimate is `mean_n (Q_A^T dW_n Q_G)^2` over the statistics
-        subset (`scaling_estimate`), in the current eigenbasis. The moving
-        average weight is `min(1 - 1/k, factor_decay)` with `k` counting
-        estimates since the last eigenbasis change, so the first estimate in a
-        new basis replaces the initial `outer(d_A, d_G)`.
+        subset (`scaling_estimate`), in the current eigenbasis; see
+        `fold_scalings`.
 
         Args:
             captures: as in `update_statistics`.
             num_examples: float32 scalar, the size of the statistics subset.
-            factor_decay: float, the largest weight of the old value.
+            factor_decay: float, the largest weight of the old value; or an
+                `EstimateRecorder`, which keeps the estimate for a later
+                `fold_scalings` (after averaging it over replicas).
         """
         if not self.uses_eigenbasis_scalings:
             return super().update_scalings(captures, num_examples, factor_decay)
         estimate = self.scaling_estimate(captures, num_examples)
+        if isinstance(factor_decay, EstimateRecorder):
+            factor_decay.record_scalings(self, estimate)
+        else:
+            self.fold_scalings(estimate, factor_decay)
+        return None
+
+    def fold_scalings(self, estimate, factor_decay):
+        """Moving average of `S` with weight `min(1 - 1/k, factor_decay)`, `k`
+        counting estimates since the last eigenbasis change (so the first
+        estimate in a new basis replaces the initial `outer(d_A, d_G)`)."""
         self.scaling_estimates.assign_add(1.0)
         count = tf.convert_to_tensor(self.scaling_estimates)
         decay = tf.minimum(1.0 - 1.0 / count, factor_decay)
         ema_assign(self.eigenbasis_scalings, estimate, decay)
-        return None
 
     def precondition_matrix(self, matrix, damping, indices=None):
         """`(F + damping I)^{-1}` applied to gradient matrices (or to the rows

@@ -495,5 +495,5 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self._diagnostics.update_norm.assign(tf.sqrt(_dot(deltas, deltas)))
         if self.adapts_damping:
             tf.cond(adapt_now,
-                    lambda: self._adapt_damping(loss, change, deltas, variables, batch),
+                    lambda: self._adaptive_step.adapt_damping(loss, change, deltas, variables, batch),
                     lambda: tf.constant(False))

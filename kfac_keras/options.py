@@ -46,8 +46,8 @@ DEFAULT_STEP_RULE = "kl_clip"
 #: steps on the autoencoder, CNN and LM at ~16% less cost on the autoencoder
 #: (tools/step_efficiency/RESULTS.md).
 DEFAULT_ORTHOGONAL_ITERATIONS = 3
-#: Dtypes of the orthogonal rule's Newton-Schulz iterations
-#: (`KFAC(orthogonal_dtype=...)`), and what None means with it.
+#: Dtypes of the matrix products in the orthogonal rule's Newton-Schulz
+#: iterations (`KFAC(orthogonal_dtype=...)`), and what None means with it.
 ORTHOGONAL_DTYPES = step_rules.NEWTON_SCHULZ_DTYPES
 DEFAULT_ORTHOGONAL_DTYPE = "float32"
 #: What `KFAC(learning_rate=None)` means with `step_rule="orthogonal"`: the

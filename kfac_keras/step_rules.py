@@ -95,7 +95,7 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 #: RMS entry of an orthogonal step before the learning rate: Keras's `Muon`
 #: update RMS (`rms_rate=0.2`), so learning rates carry over from Muon.
 ORTHOGONAL_STEP_RMS = 0.2
-#: Dtypes the Newton-Schulz iterations may run in (`newton_schulz(dtype=...)`).
+#: Dtypes of the Newton-Schulz matrix products (`newton_schulz(dtype=...)`).
 NEWTON_SCHULZ_DTYPES = ("float32", "bfloat16")
 
 
@@ -324,8 +324,9 @@ def newton_schulz(matrix, iterations, dtype="float32"):
             batch (one polar factor per matrix, e.g. per group of a grouped
             convolution).
         iterations: int >= 1, `k`.
-        dtype: one of `NEWTON_SCHULZ_DTYPES`, the dtype the iterations run
-            in; `X_0` is always formed in float32. Defaults to `"float32"`.
+        dtype: one of `NEWTON_SCHULZ_DTYPES`, the dtype of the matrix
+            products; `X_0`, the iterate and the coefficients are float32
+            (module docstring). Defaults to `"float32"`.
 
     Returns:
         A float32 tensor of the same shape, `X_k` from `X_0 = matrix /
@@ -363,8 +364,8 @@ def orthogonal_direction(matrix, iterations, dtype="float32"):
             `P` of one block in its matrix layout (`[K; b]`: rows include the
             bias row).
         iterations: int >= 1, Newton-Schulz iterations.
-        dtype: the dtype of the iterations (`newton_schulz`). Defaults to
-            `"float32"`.
+        dtype: the dtype of the matrix products (`newton_schulz`).
+            Defaults to `"float32"`.
 
     Returns:
         A float32 tensor of the same shape.

@@ -175,7 +175,7 @@ BAD_ARGUMENTS = [
     (dict(step_rule="muon"), ValueError),
     (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
     (dict(step_rule="orthogonal", orthogonal_dtype="float16"), ValueError),
-    (dict(orthogonal_dtype="bfloat16"), ValueError),  # only with step_rule="orthogonal"
+    (dict(step_rule="kl_clip", orthogonal_dtype="bfloat16"), ValueError),  # only with "orthogonal"
 ]
 
 

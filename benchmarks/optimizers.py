@@ -13,7 +13,11 @@ decays to 0 so that all optimizers minimise the same objective. ``kfac`` is
 K-FAC variants: ``kfac_paper`` (the paper's quadratic-model step size and
 momentum with Levenberg-Marquardt damping), ``kfac_tridiagonal`` (the same
 with the block-tridiagonal inverse) and ``kfac_fixed`` (learning rate 0.01,
-fixed damping, no norm constraint).
+fixed damping, no norm constraint). Optional Muon variant: ``muon_bf16``,
+``muon`` with the matrix products of its Newton-Schulz iterations in
+bfloat16 (``MuonBfloat16``), the counterpart of
+``KFAC(orthogonal_dtype="bfloat16")``, so that Muon gets the same saving when
+K-FAC uses it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from kfac_keras import KFAC, KFACCallback
 
 __all__ = [
     "DEFAULT_OPTIMIZERS",
+    "MuonBfloat16",
     "OPTIMIZER_NAMES",
     "OptimizerSpec",
     "PAPER_ADAPTIVE",
@@ -34,9 +39,42 @@ __all__ = [
 ]
 
 OPTIMIZER_NAMES = ("kfac", "adam", "sgd", "nesterov", "muon", "kfac_paper",
-                   "kfac_tridiagonal", "kfac_fixed")
+                   "kfac_tridiagonal", "kfac_fixed", "muon_bf16")
 #: What ``--optimizers`` runs unless told otherwise.
 DEFAULT_OPTIMIZERS = ("kfac", "adam", "sgd", "nesterov", "muon")
+
+
+class MuonBfloat16(getattr(keras.optimizers, "Muon", keras.optimizers.Optimizer)):
+    """``keras.optimizers.Muon`` with the Newton-Schulz products in bfloat16.
+
+    Only ``zeropower_via_newtonschulz5`` changes, in the way
+    ``kfac_keras.step_rules.newton_schulz(dtype="bfloat16")`` does: the
+    normalisation (Muon's own, ``x / (||x||_F + 1e-7)``), the iterate and the
+    coefficients stay float32; each matrix product takes bfloat16 inputs and
+    gives a bfloat16 result. Every argument is ``keras.optimizers.Muon``'s.
+    """
+
+    def zeropower_via_newtonschulz5(self, x, steps: int):
+        ops = keras.ops
+        if len(ops.shape(x)) < 2:
+            raise ValueError("MuonBfloat16 orthogonalises matrices; received a variable "
+                             f"of shape {ops.shape(x)}.")
+        a, b, c = self.muon_a, self.muon_b, self.muon_c
+        dtype = x.dtype
+        x = ops.cast(x, "float32")
+        tall = x.shape[-2] > x.shape[-1]
+        if tall:
+            x = ops.swapaxes(x, -2, -1)
+        x = x / (ops.norm(x, axis=(-2, -1), keepdims=True) + 1e-7)
+        for _ in range(steps):
+            low = ops.cast(x, "bfloat16")
+            gram = ops.matmul(low, ops.swapaxes(low, -2, -1))
+            polynomial = (b * ops.cast(gram, "float32")
+                          + c * ops.cast(ops.matmul(gram, gram), "float32"))
+            x = a * x + ops.cast(ops.matmul(ops.cast(polynomial, "bfloat16"), low), "float32")
+        if tall:
+            x = ops.swapaxes(x, -2, -1)
+        return ops.cast(x, dtype)
 
 
 @dataclasses.dataclass
@@ -114,6 +152,13 @@ def get_optimizer_specs(names=DEFAULT_OPTIMIZERS, *, output_layer_name=None,
                 exclude_layers=[output_layer_name] if output_layer_name else None,
                 weight_decay=0.0, adam_weight_decay=0.0),
             1e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-2, 3e-2)),
+        "muon_bf16": OptimizerSpec(
+            "muon_bf16", "Muon (bfloat16 Newton-Schulz)",
+            lambda lr: MuonBfloat16(
+                learning_rate=1e-2 if lr is None else lr,
+                exclude_layers=[output_layer_name] if output_layer_name else None,
+                weight_decay=0.0, adam_weight_decay=0.0),
+            1e-2, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), (1e-2, 3e-2)),
         "kfac": OptimizerSpec(
             "kfac", "K-FAC",
             lambda lr: _kfac_build(lr, **kfac_kwargs),
@@ -142,7 +187,7 @@ def get_optimizer_specs(names=DEFAULT_OPTIMIZERS, *, output_layer_name=None,
     for n in names:
         if n not in table:
             raise ValueError(f"unknown optimizer {n!r}; choose from {OPTIMIZER_NAMES}")
-        if n == "muon" and not hasattr(opt, "Muon"):
+        if n in ("muon", "muon_bf16") and not hasattr(opt, "Muon"):
             if verbose:
                 print("skipping muon: this Keras has no keras.optimizers.Muon", flush=True)
             continue

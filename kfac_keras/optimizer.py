@@ -223,6 +223,15 @@ class KFAC(keras.optimizers.Optimizer):
         orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of
             `step_rule="orthogonal"` (only with it). Defaults to None,
             meaning 3.
+        orthogonal_dtype: `"float32"`, `"bfloat16"` or None, the dtype of
+            the matrix products in the Newton-Schulz iterations of
+            `step_rule="orthogonal"` (only with it); the normalisation, the
+            iterate and the coefficients stay float32
+            (`kfac_keras.step_rules`). `"bfloat16"` is cheaper where the
+            hardware has bfloat16 matrix units (GPUs, CPUs with AVX512_BF16
+            through oneDNN; measured in tools/step_efficiency/RESULTS.md) and
+            may be slower elsewhere; it rounds the products to bfloat16's 8
+            significant bits. Defaults to None, meaning `"float32"`.
         name: string, the optimizer name. Defaults to `"kfac"`.
         **kwargs: the base optimizer's arguments (`weight_decay`, `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -255,6 +264,7 @@ class KFAC(keras.optimizers.Optimizer):
         distributed_inverses=False,
         step_rule="kl_clip",
         orthogonal_iterations=None,
+        orthogonal_dtype=None,
         name="kfac",
         **kwargs,
     ):
@@ -268,7 +278,8 @@ class KFAC(keras.optimizers.Optimizer):
             approximation=approximation, adaptive=adaptive,
             norm_constraint=norm_constraint, scale_update_every=scale_update_every,
             distributed_inverses=distributed_inverses, step_rule=step_rule,
-            orthogonal_iterations=orthogonal_iterations, name=name, base_arguments=kwargs)
+            orthogonal_iterations=orthogonal_iterations, orthogonal_dtype=orthogonal_dtype,
+            name=name, base_arguments=kwargs)
         # With the quadratic-model step the learning-rate variable holds alpha.
         super().__init__(
             learning_rate=1.0 if options.learning_rate is None else options.learning_rate,
@@ -278,7 +289,8 @@ class KFAC(keras.optimizers.Optimizer):
         sampling_seed = (options.seed if options.seed is not None
                          else random.SystemRandom().randrange(2**31 - 1))
         self.curvature = CurvatureEstimator(options, sampling_seed)
-        self._orthogonal_step = (orthogonal_step.OrthogonalStep(options.orthogonal_iterations)
+        self._orthogonal_step = (orthogonal_step.OrthogonalStep(options.orthogonal_iterations,
+                                                                options.orthogonal_dtype)
                                  if options.step_rule == "orthogonal" else None)
         self._diagnostics = None
         self._registration = None

@@ -17,6 +17,7 @@ from absl import logging
 from kfac_keras import linalg
 from kfac_keras import losses as losses_lib
 from kfac_keras import registration as registration_lib
+from kfac_keras import step_rules
 from kfac_keras.validation import (check_bool, check_choice, check_number, check_scope_name,
                                    is_number, is_schedule)
 
@@ -44,6 +45,10 @@ DEFAULT_STEP_RULE = "kl_clip"
 #: steps on the autoencoder, CNN and LM at ~16% less cost on the autoencoder
 #: (tools/step_efficiency/RESULTS.md).
 DEFAULT_ORTHOGONAL_ITERATIONS = 3
+#: Dtypes of the matrix products in the orthogonal rule's Newton-Schulz
+#: iterations (`KFAC(orthogonal_dtype=...)`), and what None means with it.
+ORTHOGONAL_DTYPES = step_rules.NEWTON_SCHULZ_DTYPES
+DEFAULT_ORTHOGONAL_DTYPE = "float32"
 #: What `KFAC(learning_rate=None)` means with `step_rule="orthogonal"`: the
 #: best of {3e-3, 1e-2} on the four tasks of tools/step_efficiency/RESULTS.md
 #: (the step's RMS entry is `0.2 lr` per matrix, like Keras's Muon).
@@ -268,6 +273,7 @@ class KFACOptions:
     distributed_inverses: bool = False
     step_rule: str = DEFAULT_STEP_RULE
     orthogonal_iterations: object = None
+    orthogonal_dtype: object = None
     name: str = "kfac"
     base_arguments: object = dataclasses.field(default_factory=dict)
 
@@ -305,6 +311,7 @@ class KFACOptions:
                         "of AdaptiveOptions.")
         step_rule = check_choice("step_rule", self.step_rule, STEP_RULES)
         orthogonal_iterations = self._resolve_orthogonal_iterations(step_rule, model_step)
+        orthogonal_dtype = self._resolve_orthogonal_dtype(step_rule)
         learning_rate, momentum = self._resolve_step_size(model_step, step_rule)
         norm_constraint = _resolve_norm_constraint(self.norm_constraint, model_step)
         approximation = check_choice("approximation", self.approximation, APPROXIMATIONS)
@@ -347,6 +354,7 @@ class KFACOptions:
             scale_update_every=None if scale_update_every is None else int(scale_update_every),
             distributed_inverses=check_bool("distributed_inverses", self.distributed_inverses),
             step_rule=step_rule, orthogonal_iterations=orthogonal_iterations,
+            orthogonal_dtype=orthogonal_dtype,
             name=check_scope_name("name", self.name),
             base_arguments=base_arguments)
 
@@ -370,6 +378,24 @@ class KFACOptions:
         if iterations is None:
             return DEFAULT_ORTHOGONAL_ITERATIONS
         return int(check_number("orthogonal_iterations", iterations, low=1, integer=True))
+
+    def _resolve_orthogonal_dtype(self, step_rule):
+        """`orthogonal_dtype` resolved: a dtype name with the orthogonal rule,
+        else None (a dtype given without it would be ignored: refused)."""
+        dtype = self.orthogonal_dtype
+        if step_rule != "orthogonal":
+            if dtype is not None:
+                raise ValueError(
+                    "`orthogonal_dtype` only applies to step_rule='orthogonal'; "
+                    f"received orthogonal_dtype={dtype!r} with step_rule={step_rule!r}.")
+            return None
+        if dtype is None:
+            return DEFAULT_ORTHOGONAL_DTYPE
+        if not isinstance(dtype, str):  # a DType compares equal to its name
+            raise TypeError(
+                f"`orthogonal_dtype` must be a string, one of {ORTHOGONAL_DTYPES}; "
+                f"received {dtype!r} of type {type(dtype).__name__}.")
+        return check_choice("orthogonal_dtype", dtype, ORTHOGONAL_DTYPES)
 
     def _resolve_step_size(self, model_step, step_rule=DEFAULT_STEP_RULE):
         """`(learning_rate, momentum)`: None with the quadratic-model step."""
@@ -457,4 +483,5 @@ class KFACOptions:
             "distributed_inverses": self.distributed_inverses,
             "step_rule": self.step_rule,
             "orthogonal_iterations": self.orthogonal_iterations,
+            "orthogonal_dtype": self.orthogonal_dtype,
         }

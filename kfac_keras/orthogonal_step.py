@@ -110,10 +110,13 @@ class OrthogonalStep:
 
     Args:
         iterations: int >= 1, Newton-Schulz iterations per matrix.
+        dtype: the dtype of the Newton-Schulz matrix products, one of
+            `step_rules.NEWTON_SCHULZ_DTYPES`. Defaults to `"float32"`.
     """
 
-    def __init__(self, iterations):
+    def __init__(self, iterations, dtype="float32"):
         self.iterations = int(iterations)
+        self.dtype = dtype
         self._reported = False
 
     def _report(self, orthogonal, sparse, clipped):
@@ -174,7 +177,8 @@ class OrthogonalStep:
                 clipped.append(block.name)
                 continue
             orthogonal.append(block.name)
-            steps = [step_rules.orthogonal_direction(m, self.iterations) for m in matrices]
+            steps = [step_rules.orthogonal_direction(m, self.iterations, self.dtype)
+                     for m in matrices]
             for i, direction in zip(members, block_grads(block, steps)):
                 if i is not None:
                     directions[i] = tf.cast(direction, preconditioned[i].dtype)

@@ -72,6 +72,15 @@ matrix then has RMS entry 0.2, the update RMS of Keras's `Muon`
 unchanged; these coefficients (Muon's) push `s` into roughly [0.7, 1.2]
 in a few steps rather than converging to 1. The learning rate and momentum
 multiply the result as in `fixed_step`, so the step is linear in `lr`.
+
+The matrix products may run in bfloat16 (`KFAC(orthogonal_dtype=
+"bfloat16")`), where the hardware has bfloat16 matrix units (CPUs with
+AVX512_BF16 through oneDNN, GPUs): `X_0` is formed in float32 (a norm
+over ~10^6 squares), each product takes bfloat16 inputs (`X` and the
+polynomial in `X X^T`) and returns a bfloat16 result, and the iterate `X`
+and the linear combinations stay in float32, so the coefficients are
+exact (rounded to bfloat16 they would be (3.4375, -4.78125, 2.03125), an
+error of the same size as the products' rounding). The result is float32.
 """
 
 import tensorflow as tf
@@ -86,6 +95,8 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 #: RMS entry of an orthogonal step before the learning rate: Keras's `Muon`
 #: update RMS (`rms_rate=0.2`), so learning rates carry over from Muon.
 ORTHOGONAL_STEP_RMS = 0.2
+#: Dtypes of the Newton-Schulz matrix products (`newton_schulz(dtype=...)`).
+NEWTON_SCHULZ_DTYPES = ("float32", "bfloat16")
 
 
 # ----------------------------------------------------------- list algebra
@@ -305,7 +316,7 @@ def levenberg_marquardt_update(damping, rho, factor, min_damping, max_damping):
 
 
 # ------------------------------------------------------- orthogonal step
-def newton_schulz(matrix, iterations):
+def newton_schulz(matrix, iterations, dtype="float32"):
     """Approximate polar factor of `matrix` by quintic Newton-Schulz.
 
     Args:
@@ -313,11 +324,19 @@ def newton_schulz(matrix, iterations):
             batch (one polar factor per matrix, e.g. per group of a grouped
             convolution).
         iterations: int >= 1, `k`.
+        dtype: one of `NEWTON_SCHULZ_DTYPES`, the dtype of the matrix
+            products; `X_0`, the iterate and the coefficients are float32
+            (module docstring). Defaults to `"float32"`.
 
     Returns:
         A float32 tensor of the same shape, `X_k` from `X_0 = matrix /
         ||matrix||_F` (per matrix; a zero matrix stays zero).
+
+    Raises:
+        ValueError: if `dtype` is not one of `NEWTON_SCHULZ_DTYPES`.
     """
+    if dtype not in NEWTON_SCHULZ_DTYPES:
+        raise ValueError(f"`dtype` must be one of {NEWTON_SCHULZ_DTYPES}; received {dtype!r}.")
     a, b, c = NEWTON_SCHULZ_COEFFICIENTS
     x = tf.cast(matrix, tf.float32)
     tall = x.shape[-2] > x.shape[-1]
@@ -326,12 +345,17 @@ def newton_schulz(matrix, iterations):
     norm = tf.norm(x, axis=[-2, -1], keepdims=True)
     x = tf.math.divide_no_nan(x, norm)
     for _ in range(int(iterations)):
-        gram = tf.matmul(x, x, transpose_b=True)
-        x = a * x + tf.matmul(b * gram + c * tf.matmul(gram, gram), x)
+        # The casts are no-ops in float32; in bfloat16 only the products'
+        # inputs and results are rounded, never the iterate or a coefficient.
+        low = tf.cast(x, dtype)
+        gram = tf.matmul(low, low, transpose_b=True)
+        polynomial = (b * tf.cast(gram, tf.float32)
+                      + c * tf.cast(tf.matmul(gram, gram), tf.float32))
+        x = a * x + tf.cast(tf.matmul(tf.cast(polynomial, dtype), low), tf.float32)
     return tf.linalg.matrix_transpose(x) if tall else x
 
 
-def orthogonal_direction(matrix, iterations):
+def orthogonal_direction(matrix, iterations, dtype="float32"):
     """`0.2 sqrt(max(rows, cols)) NS_k(matrix)`: the orthogonal step's direction
     for one Kronecker matrix (to be multiplied by `-lr`, momentum after).
 
@@ -340,10 +364,12 @@ def orthogonal_direction(matrix, iterations):
             `P` of one block in its matrix layout (`[K; b]`: rows include the
             bias row).
         iterations: int >= 1, Newton-Schulz iterations.
+        dtype: the dtype of the matrix products (`newton_schulz`).
+            Defaults to `"float32"`.
 
     Returns:
         A float32 tensor of the same shape.
     """
     rows, cols = matrix.shape[-2], matrix.shape[-1]
     scale = ORTHOGONAL_STEP_RMS * float(max(rows, cols)) ** 0.5
-    return scale * newton_schulz(matrix, iterations)
+    return scale * newton_schulz(matrix, iterations, dtype)

@@ -57,7 +57,7 @@ ROUND_TRIP_CASES = [
                        damping_update_every=3, min_damping=1e-6, max_damping=10.0),
          damping=0.1, global_clipnorm=3.0, inverse_method="inverse"),
     dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03,
-         step_rule="orthogonal", orthogonal_iterations=5),
+         step_rule="orthogonal", orthogonal_iterations=5, orthogonal_dtype="bfloat16"),
 ]
 
 
@@ -174,6 +174,8 @@ BAD_ARGUMENTS = [
     (dict(nesterov=True), TypeError),
     (dict(step_rule="muon"), ValueError),
     (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
+    (dict(step_rule="orthogonal", orthogonal_dtype="float16"), ValueError),
+    (dict(step_rule="kl_clip", orthogonal_dtype="bfloat16"), ValueError),  # only with "orthogonal"
 ]
 
 

@@ -15,7 +15,8 @@ step_rules.py; `{}` is `kfac_keras.KFAC()`'s defaults through
 it at step N, `step_rules.learning_rate_schedule`), or, when `step_rule` is one of the library's own
 (`"kl_clip"`, `"orthogonal"`), to `kfac_keras.KFAC` arguments, e.g.
 `{"lib_ortho3": {"step_rule": "orthogonal", "learning_rate": 1e-2}}`.
-`--baselines` lists `adam:LR` / `muon:LR` runs; `--tune adam,muon` searches
+`--baselines` lists `adam:LR` / `muon:LR` / `muon_bf16:LR` runs (`muon_bf16`:
+`benchmarks.optimizers.MuonBfloat16`, Newton-Schulz products in bfloat16); `--tune adam,muon` searches
 their learning rates on a 3x-spaced grid around the given value, extended at an edge until the best is inside (Muon as the
 harness runs it: output layer excluded, no weight decay). `--ratio` times
 the named configurations against Adam alternately in the same process
@@ -58,6 +59,11 @@ def make_optimizer(spec, task):
     if kind == "muon":
         return keras.optimizers.Muon(exclude_layers=[task.output_layer], weight_decay=0.0,
                                      adam_weight_decay=0.0, **kwargs)
+    if kind == "muon_bf16":
+        from benchmarks.optimizers import MuonBfloat16
+
+        return MuonBfloat16(exclude_layers=[task.output_layer], weight_decay=0.0,
+                            adam_weight_decay=0.0, **kwargs)
     kwargs = dict(kwargs)
     schedule = kwargs.pop("lr_schedule", None)  # {"kind": "cosine"|"inv_sqrt", "steps": N, ...}
     if schedule:
@@ -240,7 +246,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default="{}", help="JSON: name -> StepRuleKFAC kwargs")
-    p.add_argument("--baselines", default="", help="comma list of adam:LR / muon:LR")
+    p.add_argument("--baselines", default="", help="comma list of adam:LR / muon:LR / muon_bf16:LR")
     p.add_argument("--tune", default="", help="comma list of baselines to tune (adam, muon)")
     p.add_argument("--ratio", default="", help="comma list of config names to time vs Adam")
     p.add_argument("--ratio-adam-lr", type=float, default=1e-3)

@@ -12,6 +12,14 @@ layers whose pre-activations live inside a loop).
 This module imports nothing from the rest of the package: blocks declare
 their capture needs (`kfac_keras.blocks.base.FisherBlock`), registration
 installs the wrappers, and chain detection (`kfac_keras.chains`) reuses them.
+
+Keras masks: next to each record the recorder keeps the mask of the rows it
+covers (`Recorder.masks_for`): the mask passed to the layer's call, else the
+one Keras attached to its inputs (`Masking`, `Embedding(mask_zero=True)` and
+every layer that propagates them), and for `"output"` captures the mask the
+layer computes itself (an Embedding's padding ids). The training step turns
+masks and sample weights into the row weights of the factors
+(`row_weights`, `docs/weighted_factors.md`).
 """
 
 import keras
@@ -33,6 +41,7 @@ class Recorder:
 
     def __init__(self):
         self.records = {}
+        self.masks = {}
         self.outputs = {}
         # Forward accumulators of "output_tangent" captures. In eager mode a
         # gradient tape loses the ops run under an accumulator once the
@@ -46,9 +55,15 @@ class Recorder:
         gradients (`kfac_keras.custom_step`) wraps it here."""
         return tensor
 
-    def record(self, layer, inputs, tensor):
-        """Records one call of `layer`: its inputs and the differentiated tensor."""
+    def record(self, layer, inputs, tensor, mask=None):
+        """Records one call of `layer`: its inputs, the differentiated tensor
+        and the Keras mask of the inputs' rows (None: every row is valid)."""
         self.records.setdefault(id(layer), []).append((inputs, tensor))
+        self.masks.setdefault(id(layer), []).append(mask)
+
+    def masks_for(self, layer):
+        """The masks of `layer`'s records in this pass, one per call."""
+        return self.masks.get(id(layer), [])
 
     def record_output(self, layer, output):
         """Records the tensor `layer` returned (chain detection and checks)."""
@@ -72,6 +87,47 @@ class Recorder:
                 "needs those layers excluded (exclude_layers=[...])."
             )
         return records
+
+
+def input_mask(inputs, kwargs):
+    """The Keras mask of a layer call's inputs: the `mask` argument, else
+    the mask Keras attached to the input tensor, else None."""
+    mask = kwargs.get("mask")
+    if isinstance(mask, (list, tuple)):
+        mask = mask[0] if mask else None
+    if mask is None:
+        mask = getattr(inputs, "_keras_mask", None)
+    return mask
+
+
+def row_weights(sample_weight, mask):
+    """The row weights of one capture: sample weights times the rows' mask.
+
+    Args:
+        sample_weight: float32 `(batch,)` or `(batch, T)` weights, or None.
+        mask: the rows' Keras mask, `(batch, T)` (or `(batch,)`) bool, or None.
+
+    Returns:
+        A float32 `(batch,)` or `(batch, T)` tensor, or None when both are
+        None (every row weighs 1).
+    """
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, tf.float32)
+    if mask.shape.rank is not None and mask.shape.rank > 2:
+        mask = tf.reshape(mask, [tf.shape(mask)[0], -1])
+    if sample_weight is None:
+        return mask
+    if sample_weight.shape.rank == 1 and mask.shape.rank == 2:
+        return sample_weight[:, None] * mask
+    if sample_weight.shape.rank == 2 and mask.shape.rank == 1:
+        return sample_weight * mask[:, None]
+    if (sample_weight.shape.rank == 2 and sample_weight.shape[1] is not None
+            and mask.shape[1] is not None and sample_weight.shape[1] != mask.shape[1]):
+        # The weights' positions are not these rows' (e.g. a downsampling
+        # layer): weigh each example by its mean position weight.
+        return tf.reduce_mean(sample_weight, axis=1, keepdims=True) * mask
+    return sample_weight * mask
 
 
 def _backend_variable(variable):
@@ -114,8 +170,11 @@ class CaptureWrapper:
         layer = self.layer
         if self.mode == "output" or self.tangent_variable is None:
             output = recorder.watch(layer, self.original_call(*args, **kwargs))
+            mask = None
+            if self.mode == "output":  # e.g. an Embedding's padding ids
+                mask = layer.compute_mask(inputs, input_mask(inputs, kwargs))
             recorder.record(layer, output if self.mode == "output_tangent" else inputs,
-                            output)
+                            output, mask)
         else:
             variable = self.tangent_variable
             with tf.autodiff.ForwardAccumulator(
@@ -143,7 +202,7 @@ class CaptureWrapper:
         finally:
             layer.activation = activation
         preactivation = recorder.watch(layer, preactivation)
-        recorder.record(layer, inputs, preactivation)
+        recorder.record(layer, inputs, preactivation, input_mask(inputs, kwargs))
         output = preactivation if activation is None else activation(preactivation)
         recorder.record_output(layer, output)
         return output
@@ -190,3 +249,13 @@ def block_captures(block, recorder):
     `capture_layers()`, concatenated in layer order."""
     return [record for layer in block.capture_layers()
             for record in recorder.for_layer(layer)]
+
+
+def block_capture_masks(block, recorder):
+    """The masks of `block_captures(block, recorder)`, aligned with them."""
+    masks = []
+    for layer in block.capture_layers():
+        layer_masks = recorder.masks_for(layer)
+        records = recorder.for_layer(layer)
+        masks.extend(layer_masks if len(layer_masks) == len(records) else [None] * len(records))
+    return masks

@@ -132,13 +132,17 @@ class CurvatureEstimator:
         Args: as for `update_statistics`.
 
         Returns:
-            A list of `(state variable, estimate)` pairs, for `fold_estimates`
-            (after averaging the estimates over replicas).
+            A list of `(state variable, estimate, count)` triples, for
+            `fold_estimates` after averaging the estimates over replicas with
+            the counts as weights: `count` is the weighted number of examples
+            the estimate is a mean over (an input factor's `m_w` with row
+            weights), else `num_examples`.
         """
         recorder = EstimateRecorder()
         for block, (captures, sampled_grads) in zip(self.registration.blocks, block_inputs):
             block.update_statistics(captures, sampled_grads, num_examples, recorder)
-        return recorder.pairs
+        return [(variable, estimate, num_examples if count is None else count)
+                for (variable, estimate), count in zip(recorder.pairs, recorder.counts)]
 
     def fold_estimates(self, estimates):
         """Folds estimates recorded by `kfac_keras.blocks.base.EstimateRecorder`

@@ -47,6 +47,7 @@ result equals a single-device step on the same global batch.
 import keras
 import tensorflow as tf
 
+from kfac_keras import capture as capture_lib
 from kfac_keras import distributed
 from kfac_keras import guards
 from kfac_keras import keras_internals
@@ -253,9 +254,15 @@ class KFACTrainStep:
             grads = _unscale_gradients(grads, self.loss_scale_optimizer.dynamic_scale)
         records = {id(b): registration_lib.block_captures(b, recorder)
                    for b in registration.capture_blocks}
+        masks = {id(b): capture_lib.block_capture_masks(b, recorder)
+                 for b in registration.capture_blocks}
         for block in registration.capture_blocks:
             block.verify_captures(recorder)
-        return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
+        forward = _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
+        forward.row_weights = {key: [capture_lib.row_weights(
+            losses_lib.row_sample_weight(self.distribution, sample_weight), mask)
+            for mask in block_masks] for key, block_masks in masks.items()}
+        return forward
 
     def _block_inputs(self, forward):
         """The sampled objective's backward pass: `(captures, sampled_grads)`
@@ -275,8 +282,10 @@ class KFACTrainStep:
         for block in registration.blocks:
             if block.statistics_source is StatisticsSource.CAPTURES:
                 uses = forward.records[id(block)]
-                captures = [(inputs[:subset], g[:subset])
-                            for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
+                weights = forward.row_weights[id(block)]
+                captures = [(inputs[:subset], g[:subset], None if r is None else r[:subset])
+                            for (inputs, _), g, r in zip(
+                                uses, sampled[position:position + len(uses)], weights)]
                 position += len(uses)
                 block_inputs.append((captures, None))
             elif block.statistics_source is StatisticsSource.SAMPLED_GRADIENTS:
@@ -338,13 +347,15 @@ class KFACTrainStep:
         return forward.y_pred, forward.loss
 
     def _replica_estimates(self, forward):
-        """This replica's new factor estimates, packed and multiplied by its
-        number of statistics examples, followed by that number."""
+        """This replica's new factor estimates, packed and each multiplied by
+        its count (the replica's number of statistics examples, or for an
+        input factor with row weights its weighted count `m_w`), followed by
+        the counts."""
         num_examples = tf.cast(forward.subset, tf.float32)
-        pairs = self.optimizer.record_estimates(self._block_inputs(forward), num_examples)
-        self._estimated_variables = [variable for variable, _ in pairs]
-        return distributed.pack([estimate * num_examples for _, estimate in pairs]
-                                + [num_examples])
+        estimates = self.optimizer.record_estimates(self._block_inputs(forward), num_examples)
+        self._estimated_variables = [variable for variable, _, _ in estimates]
+        return distributed.pack([estimate * count for _, estimate, count in estimates]
+                                + [count for _, _, count in estimates])
 
     def _cross_replica_update(self, strategy, forwards, packed, frozen_values, batches):
         """The rest of the step, once, in cross-replica context. `batches`:
@@ -364,7 +375,10 @@ class KFACTrainStep:
                 self._replica_estimates, args=(forwards,))
             total = distributed.sum_over_replicas(strategy, per_replica)
             variables = self._estimated_variables
-            means = distributed.unpack(total[:-1] / total[-1], [v.shape for v in variables])
+            sums = distributed.unpack(total[:-len(variables)], [v.shape for v in variables])
+            counts = tf.unstack(total[-len(variables):])
+            means = [tf.math.divide_no_nan(estimate, count)
+                     for estimate, count in zip(sums, counts)]
             optimizer.fold_estimates(list(zip(variables, means)))
             return tf.constant(True)
 

@@ -154,6 +154,9 @@ class CaptureWrapper:
         self.block = None
         self.mode = "preactivation"
         self.tangent_variable = None
+        #: The rows' mask set by an enclosing layer that strips its inputs'
+        #: masks before calling this one (`AttentionMaskScope`), or None.
+        self.mask_override = None
 
     def configure(self, block):
         """Records what `block` declares (`capture_mode`, tangent variable,
@@ -202,7 +205,9 @@ class CaptureWrapper:
         finally:
             layer.activation = activation
         preactivation = recorder.watch(layer, preactivation)
-        recorder.record(layer, inputs, preactivation, input_mask(inputs, kwargs))
+        mask = self.mask_override
+        recorder.record(layer, inputs, preactivation,
+                        input_mask(inputs, kwargs) if mask is None else mask)
         output = preactivation if activation is None else activation(preactivation)
         recorder.record_output(layer, output)
         return output
@@ -220,6 +225,76 @@ class CaptureWrapper:
         if self.mode == "preactivation":
             return self._record_preactivation(recorder, inputs, args, kwargs)
         return self._record_output(recorder, inputs, args, kwargs)
+
+
+class AttentionMaskScope:
+    """Replaces a `MultiHeadAttention`'s `call` to hand its masks to the
+    capture wrappers of its projections.
+
+    The layer reads the masks of its query, value and key and removes them
+    from the tensors before calling its `EinsumDense` projections, so their
+    records would see no mask. While a recorder is attached, this scope
+    sets each projection wrapper's `mask_override` for the call: the query
+    mask for the query (and gate) projection and for the output projection
+    (whose rows are the query positions), the key mask (else the value
+    mask) for the key projection, the value mask for the value projection.
+
+    Args:
+        layer: the `keras.layers.MultiHeadAttention`.
+        wrappers: `{sublayer attribute: CaptureWrapper}` of its registered
+            projections.
+    """
+
+    _QUERY_SIDE = ("_query_dense", "_output_dense", "_gate_dense")
+
+    def __init__(self, layer, wrappers):
+        self.layer = layer
+        self.original_call = layer.call
+        self.wrappers = wrappers
+
+    def __call__(self, query, value, key=None, *args, **kwargs):
+        if all(w.recorder is None for w in self.wrappers.values()):
+            return self.original_call(query, value, key, *args, **kwargs)
+        query_mask = getattr(query, "_keras_mask", None)
+        value_mask = kwargs.get("value_mask")
+        if value_mask is None:
+            value_mask = getattr(value, "_keras_mask", None)
+        key_mask = kwargs.get("key_mask")
+        if key_mask is None:
+            key_mask = getattr(key, "_keras_mask", None) if key is not None else value_mask
+        masks = {"_key_dense": key_mask, "_value_dense": value_mask}
+        masks.update({name: query_mask for name in self._QUERY_SIDE})
+        for name, wrapper in self.wrappers.items():
+            wrapper.mask_override = masks.get(name)
+        try:
+            return self.original_call(query, value, key, *args, **kwargs)
+        finally:
+            for wrapper in self.wrappers.values():
+                wrapper.mask_override = None
+
+
+def install_attention_mask_scopes(model, wrappers):
+    """Installs an `AttentionMaskScope` (once) on every plain
+    `MultiHeadAttention` of `model` with a registered projection.
+
+    Args:
+        model: the Keras model.
+        wrappers: the registration's `CaptureWrapper`s.
+    """
+    by_layer = {id(w.layer): w for w in wrappers}
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or isinstance(
+                layer.__dict__.get("call"), AttentionMaskScope):
+            continue
+        if type(layer).call is not keras.layers.MultiHeadAttention.call:
+            continue  # a subclass may call its projections differently
+        projections = {name: by_layer[id(getattr(layer, name))]
+                       for name in ("_query_dense", "_key_dense", "_value_dense",
+                                    "_output_dense", "_gate_dense")
+                       if getattr(layer, name, None) is not None
+                       and id(getattr(layer, name)) in by_layer}
+        if projections:
+            layer.call = AttentionMaskScope(layer, projections)
 
 
 def capture_wrapper(layer, block=None):

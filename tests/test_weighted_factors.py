@@ -204,8 +204,21 @@ def test_per_position_weights_that_do_not_match_the_output_are_refused():
 VOCABULARY, TIME_STEPS = 7, 6
 
 
-def _masked_run(garbage_seed, steps=3):
-    """Embedding(mask_zero=True) -> Dense -> LSTM -> Dense on padded
+def _masked_model(kind, embedding):
+    ids = keras.Input((TIME_STEPS,), dtype="int32")
+    vectors = embedding(ids)
+    if kind == "lstm":
+        hidden = keras.layers.Dense(4, activation="tanh", name="dense")(vectors)
+        hidden = keras.layers.LSTM(3, return_sequences=True, name="lstm")(hidden)
+    else:  # self-attention, then a GRU and a SimpleRNN
+        hidden = keras.layers.MultiHeadAttention(2, 2, name="attention")(vectors, vectors)
+        hidden = keras.layers.GRU(3, return_sequences=True, name="gru")(hidden)
+        hidden = keras.layers.SimpleRNN(3, return_sequences=True, name="rnn")(hidden)
+    return keras.Model(ids, keras.layers.Dense(2, name="out")(hidden))
+
+
+def _masked_run(garbage_seed, steps=3, kind="lstm"):
+    """Embedding(mask_zero=True) -> sequence layers -> Dense on padded
     sequences; the padding id's embedding row (what the padded positions see)
     and the padded positions' targets are garbage from `garbage_seed`."""
     rng, garbage = np.random.default_rng(0), np.random.default_rng(garbage_seed)
@@ -217,10 +230,7 @@ def _masked_run(garbage_seed, steps=3):
     y[padded] = 50 * garbage.normal(size=(padded.sum(), 2))
     keras.utils.set_random_seed(6)
     embedding = keras.layers.Embedding(VOCABULARY, 4, mask_zero=True, name="embedding")
-    model = keras.Sequential([keras.Input((TIME_STEPS,), dtype="int32"), embedding,
-                              keras.layers.Dense(4, activation="tanh", name="dense"),
-                              keras.layers.LSTM(3, return_sequences=True, name="lstm"),
-                              keras.layers.Dense(2, name="out")])
+    model = _masked_model(kind, embedding)
     table = embedding.embeddings.numpy()
     table[0] = 50 * garbage.normal(size=4)
     embedding.embeddings.assign(table)
@@ -233,9 +243,10 @@ def _masked_run(garbage_seed, steps=3):
     return (ids, model, optimizer, step), _factors(optimizer), weights
 
 
-def test_masked_positions_change_no_factor_and_no_step():
-    _, first_factors, first_weights = _masked_run(1)
-    _, second_factors, second_weights = _masked_run(2)
+@pytest.mark.parametrize("kind", ["lstm", "attention_gru_rnn"])
+def test_masked_positions_change_no_factor_and_no_step(kind):
+    _, first_factors, first_weights = _masked_run(1, kind=kind)
+    _, second_factors, second_weights = _masked_run(2, kind=kind)
     _assert_same(first_factors, second_factors)
     for a, b in zip(first_weights, second_weights):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
@@ -246,7 +257,7 @@ def test_masked_factors_equal_numpy_sums_over_valid_positions():
     only, over `m_w = valid / T`; the Dense layer's `A` averages its valid
     input rows."""
     (ids, model, optimizer, step), _, _ = _masked_run(1, steps=0)
-    embedding, dense = model.layers[0], model.layers[1]
+    embedding, dense = model.get_layer("embedding"), model.get_layer("dense")
     vectors = embedding(ids).numpy().astype(np.float64)
     step(ids, np.zeros((10, TIME_STEPS, 2), "float32"))
     valid = ids != 0

@@ -418,7 +418,9 @@ class KFACTrainStep:
         Args:
             x: model inputs.
             y: targets, in the format the loss expects.
-            sample_weight: optional per-example weights, shape `(batch,)`.
+            sample_weight: optional weights, shape `(batch,)`, or `(batch, T)`
+                per position of a sequence output; they (and Keras masks)
+                weigh the loss and every factor (docs/weighted_factors.md).
 
         Returns:
             A dict with the batch's `"loss"` (before the update),

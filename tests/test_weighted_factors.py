@@ -268,3 +268,61 @@ def test_masked_factors_equal_numpy_sums_over_valid_positions():
     rows = np.concatenate([vectors[valid], np.ones((valid.sum(), 1))], axis=1)
     np.testing.assert_allclose(block_for_layer(optimizer, dense).input_factor.numpy(),
                                rows.T @ rows / m_w, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_of_zero_weights_leaves_the_input_factors():
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(8, 4)).astype("float32")
+    y = rng.integers(0, 3, 8)
+    keras.utils.set_random_seed(2)
+    model = _dense_model()
+    optimizer = _optimizer()
+    step = kfac_keras.make_train_step(model, optimizer, "sparse_categorical_crossentropy")
+    step(x, y, sample_weight=np.ones(8, "float32"))
+    before = [block_for_layer(optimizer, layer).input_factor.numpy() for layer in model.layers]
+    step(5 * x, y, sample_weight=np.zeros(8, "float32"))
+    for layer, expected in zip(model.layers, before):
+        np.testing.assert_array_equal(block_for_layer(optimizer, layer).input_factor.numpy(),
+                                      expected)
+
+
+def test_output_fisher_gram_with_mask_and_per_position_weights_equals_numpy():
+    """`[mean_n sum_t c_{n,t} <t_i, H t_j>_{n,t}]` with Keras's `c` (mask
+    merged, `sum_over_batch_size`), `H = 2 I` for squared error."""
+    rng = np.random.default_rng(9)
+    y_pred = tf.constant(rng.normal(size=(4, 5, 3)).astype("float32"))
+    mask = rng.uniform(size=(4, 5)) > 0.4
+    y_pred._keras_mask = tf.constant(mask)
+    weight = rng.uniform(0.1, 2.0, (4, 5)).astype("float32")
+    tangents = [tf.constant(rng.normal(size=(4, 5, 3)).astype("float32")) for _ in range(2)]
+    gram = distributions.Gaussian().output_fisher_gram(y_pred, tangents, weight).numpy()
+    scale = weight * mask * (mask.size / mask.sum()) / (3 * 5)
+    expected = np.array([[np.sum(scale * np.sum(2 * a.numpy() * b.numpy(), -1)) / 4
+                          for b in tangents] for a in tangents])
+    np.testing.assert_allclose(gram, expected, rtol=1e-5)
+
+
+def test_quadratic_model_gram_follows_the_output_mask():
+    """Embedding(mask_zero=True) -> Dense, direction `U` on the Dense kernel:
+    `J u = E[id] U` per position; the Fisher product counts valid positions
+    only, each weighing `total / valid` (Keras's masked mean)."""
+    from kfac_keras import quadratic_model
+    rng = np.random.default_rng(10)
+    ids = rng.integers(1, VOCABULARY, (4, TIME_STEPS))
+    ids[:, 4:] = 0
+    ids[0, 2:] = 0
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((TIME_STEPS,), dtype="int32"),
+                              keras.layers.Embedding(VOCABULARY, 3, mask_zero=True),
+                              keras.layers.Dense(2)])
+    dense = model.layers[1]
+    direction = rng.normal(size=dense.kernel.shape).astype("float32")
+    batch = quadratic_model.BatchQuadraticModel(
+        model, distributions.Gaussian(), ids, np.zeros((4, TIME_STEPS, 2), "float32"), None,
+        lambda *args: 0.0)
+    gram = batch.fisher_gram([[tf.constant(direction)]], [dense.kernel]).numpy()
+    tangent = model.layers[0].embeddings.numpy()[ids] @ direction
+    valid = ids != 0
+    scale = valid * (valid.size / valid.sum()) / (2 * TIME_STEPS)
+    expected = np.sum(scale * np.sum(2 * tangent ** 2, -1)) / 4
+    np.testing.assert_allclose(gram[0, 0], expected, rtol=1e-5)

@@ -36,6 +36,7 @@ import abc
 import enum
 
 import numpy as np
+import tensorflow as tf
 
 
 class StatisticsSource(enum.Enum):
@@ -268,4 +269,6 @@ def ema_assign(variable, new_value, decay, count=None):
     if isinstance(decay, EstimateRecorder):
         decay.record(variable, new_value, count)
         return
+    if count is not None:  # an estimate over no weight is no estimate: keep the factor
+        decay = tf.where(tf.convert_to_tensor(count) > 0, decay, 1.0)
     variable.assign(decay * variable + (1.0 - decay) * new_value)

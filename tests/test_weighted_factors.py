@@ -40,7 +40,8 @@ def _assert_same(first, second):
 
 
 # --------------------------------------------------- garbage rows of weight 0
-def _garbage_run(model_fn, shape, garbage_seed, inverse_method="cholesky", steps=3):
+def _garbage_run(model_fn, shape, garbage_seed, inverse_method="cholesky", steps=3,
+                 options=None):
     """`steps` K-FAC steps on 12 real examples and 12 examples of garbage with
     sample weight 0; returns (factors, weights)."""
     rng, garbage = np.random.default_rng(0), np.random.default_rng(garbage_seed)
@@ -51,7 +52,7 @@ def _garbage_run(model_fn, shape, garbage_seed, inverse_method="cholesky", steps
     classes = model.output_shape[-1]
     y = np.concatenate([rng.integers(0, classes, 12), garbage.integers(0, classes, 12)])
     weight = np.concatenate([rng.uniform(0.5, 2.0, 12), np.zeros(12)]).astype("float32")
-    optimizer = _optimizer(inverse_method=inverse_method)
+    optimizer = _optimizer(inverse_method=inverse_method, **(options or {}))
     step = kfac_keras.make_train_step(model, optimizer, "sparse_categorical_crossentropy")
     for _ in range(steps):
         step(x, y, sample_weight=weight)
@@ -326,3 +327,52 @@ def test_quadratic_model_gram_follows_the_output_mask():
     scale = valid * (valid.size / valid.sum()) / (2 * TIME_STEPS)
     expected = np.sum(scale * np.sum(2 * tangent ** 2, -1)) / 4
     np.testing.assert_allclose(gram[0, 0], expected, rtol=1e-5)
+
+
+def _every_conv_model():
+    return keras.Sequential([keras.Input((6, 6, 2)),
+                             keras.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                                          activation="tanh"),
+                             keras.layers.SeparableConv2D(4, 3, padding="same",
+                                                          activation="tanh"),
+                             keras.layers.Conv2DTranspose(4, 3, activation="tanh"),
+                             keras.layers.Conv2D(4, 1, groups=2, activation="tanh"),
+                             keras.layers.GlobalAveragePooling2D(),
+                             keras.layers.Dense(3, activation="softmax")])
+
+
+def _chain_model():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(5, activation="tanh"),
+                             keras.layers.Dense(4, activation="tanh"),
+                             keras.layers.Dense(3, activation="softmax")])
+
+
+@pytest.mark.parametrize("model_fn,shape,options", [
+    (_every_conv_model, (6, 6, 2), {}),
+    (_chain_model, (4,), {"approximation": "tridiagonal"})])
+def test_zero_weight_garbage_changes_no_factor_of_other_blocks(model_fn, shape, options):
+    """Depthwise, separable, transposed and grouped convolutions, and a
+    tridiagonal Dense chain (cross factors)."""
+    first_factors, first_weights = _garbage_run(model_fn, shape, 1, options=options)
+    second_factors, second_weights = _garbage_run(model_fn, shape, 2, options=options)
+    _assert_same(first_factors, second_factors)
+    for a, b in zip(first_weights, second_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_masking_layer_rows_leave_the_dense_input_factor():
+    """`Masking` -> Dense on sequences: `A` averages the unmasked positions."""
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(6, 5, 3)).astype("float32")
+    x[:, 3:] = 0.0
+    x[0, 1:] = 0.0
+    keras.utils.set_random_seed(8)
+    model = keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(0.0),
+                              keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(2)])
+    optimizer = _optimizer(learning_rate=1e-9)
+    step = kfac_keras.make_train_step(model, optimizer, "mse")
+    step(x, rng.normal(size=(6, 5, 2)).astype("float32"))
+    valid = np.any(x != 0.0, axis=-1)
+    rows = np.concatenate([x[valid], np.ones((valid.sum(), 1))], axis=1).astype(np.float64)
+    np.testing.assert_allclose(block_for_layer(optimizer, model.layers[1]).input_factor.numpy(),
+                               rows.T @ rows / (valid.sum() / 5), rtol=1e-5, atol=1e-6)

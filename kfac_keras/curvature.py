@@ -150,11 +150,13 @@ class CurvatureEstimator:
         `update_statistics` does with the estimates it computes.
 
         Args:
-            estimates: list of `(variable, estimate)` pairs.
+            estimates: list of `(variable, estimate)` pairs, or `(variable,
+                estimate, count)` triples (an estimate over a zero count
+                leaves its variable unchanged, see `ema_assign`).
         """
         decay = self._next_estimate_decay()
-        for variable, estimate in estimates:
-            ema_assign(variable, estimate, decay)
+        for variable, estimate, *count in estimates:
+            ema_assign(variable, estimate, decay, count[0] if count else None)
 
     def update_curvature(self, block_inputs, num_examples):
         """Runs the statistics and EKFAC updates that are due this step.

@@ -115,9 +115,12 @@ def _update_loss_scale(loss_scale_optimizer, batch_ok):
 class _ForwardPass:
     """What the forward pass leaves for the rest of the step: the output, the
     (unscaled) loss, its gradients, the persistent tape and captures for the
-    sampled backward pass, the statistics objective and its subset size."""
+    sampled backward pass, the statistics objective and its subset size, and
+    per capture block the row weights of its captures (sample weights times
+    Keras masks, or None)."""
 
-    def __init__(self, y_pred, loss, grads, tape, records, objective, subset):
+    def __init__(self, y_pred, loss, grads, tape, records, objective, subset,
+                 row_weights):
         self.y_pred = y_pred
         self.loss = loss
         self.grads = grads
@@ -125,6 +128,7 @@ class _ForwardPass:
         self.records = records
         self.objective = objective
         self.subset = subset
+        self.row_weights = row_weights
 
 
 class KFACTrainStep:
@@ -258,11 +262,11 @@ class KFACTrainStep:
                  for b in registration.capture_blocks}
         for block in registration.capture_blocks:
             block.verify_captures(recorder)
-        forward = _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
-        forward.row_weights = {key: [capture_lib.row_weights(
-            losses_lib.row_sample_weight(self.distribution, sample_weight), mask)
-            for mask in block_masks] for key, block_masks in masks.items()}
-        return forward
+        row_sample_weight = losses_lib.row_sample_weight(self.distribution, sample_weight)
+        row_weights = {key: [capture_lib.row_weights(row_sample_weight, mask)
+                             for mask in block_masks]
+                       for key, block_masks in masks.items()}
+        return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset, row_weights)
 
     def _block_inputs(self, forward):
         """The sampled objective's backward pass: `(captures, sampled_grads)`
@@ -379,7 +383,7 @@ class KFACTrainStep:
             counts = tf.unstack(total[-len(variables):])
             means = [tf.math.divide_no_nan(estimate, count)
                      for estimate, count in zip(sums, counts)]
-            optimizer.fold_estimates(list(zip(variables, means)))
+            optimizer.fold_estimates(list(zip(variables, means, counts)))
             return tf.constant(True)
 
         batch_ok = guards.batch_is_finite(loss, grads)

@@ -242,13 +242,17 @@ def scenario_mirrored_equivalence(names):
 def weighted_data():
     """`data()` with sample weights: within every batch the first replica's
     half weighs `uniform(0.5, 2)`, the second's is 3/4 zeros, so the
-    replicas' weighted counts differ from their example counts."""
+    replicas' weighted counts differ from their example counts; the third
+    batch weighs 0 throughout."""
     x, y = data()
     rng = np.random.default_rng(7)
     weight = rng.uniform(0.5, 2.0, len(x)).astype("float32")
     half = GLOBAL_BATCH // 2
     for start in range(0, len(x), GLOBAL_BATCH):
         weight[start + half:start + GLOBAL_BATCH - 2] = 0.0
+    # A statistics step (cov_update_every=2) whose weights are all 0: the
+    # input factors stay as they are.
+    weight[2 * GLOBAL_BATCH:3 * GLOBAL_BATCH] = 0.0
     return x, y, weight
 
 

@@ -12,6 +12,14 @@ layers whose pre-activations live inside a loop).
 This module imports nothing from the rest of the package: blocks declare
 their capture needs (`kfac_keras.blocks.base.FisherBlock`), registration
 installs the wrappers, and chain detection (`kfac_keras.chains`) reuses them.
+
+Keras masks: next to each record the recorder keeps the mask of the rows it
+covers (`Recorder.masks_for`): the mask passed to the layer's call, else the
+one Keras attached to its inputs (`Masking`, `Embedding(mask_zero=True)` and
+every layer that propagates them), and for `"output"` captures the mask the
+layer computes itself (an Embedding's padding ids). The training step turns
+masks and sample weights into the row weights of the factors
+(`row_weights`, `docs/weighted_factors.md`).
 """
 
 import keras
@@ -33,6 +41,7 @@ class Recorder:
 
     def __init__(self):
         self.records = {}
+        self.masks = {}
         self.outputs = {}
         # Forward accumulators of "output_tangent" captures. In eager mode a
         # gradient tape loses the ops run under an accumulator once the
@@ -46,9 +55,15 @@ class Recorder:
         gradients (`kfac_keras.custom_step`) wraps it here."""
         return tensor
 
-    def record(self, layer, inputs, tensor):
-        """Records one call of `layer`: its inputs and the differentiated tensor."""
+    def record(self, layer, inputs, tensor, mask=None):
+        """Records one call of `layer`: its inputs, the differentiated tensor
+        and the Keras mask of the inputs' rows (None: every row is valid)."""
         self.records.setdefault(id(layer), []).append((inputs, tensor))
+        self.masks.setdefault(id(layer), []).append(mask)
+
+    def masks_for(self, layer):
+        """The masks of `layer`'s records in this pass, one per call."""
+        return self.masks.get(id(layer), [])
 
     def record_output(self, layer, output):
         """Records the tensor `layer` returned (chain detection and checks)."""
@@ -72,6 +87,47 @@ class Recorder:
                 "needs those layers excluded (exclude_layers=[...])."
             )
         return records
+
+
+def input_mask(inputs, kwargs):
+    """The Keras mask of a layer call's inputs: the `mask` argument, else
+    the mask Keras attached to the input tensor, else None."""
+    mask = kwargs.get("mask")
+    if isinstance(mask, (list, tuple)):
+        mask = mask[0] if mask else None
+    if mask is None:
+        mask = getattr(inputs, "_keras_mask", None)
+    return mask
+
+
+def row_weights(sample_weight, mask):
+    """The row weights of one capture: sample weights times the rows' mask.
+
+    Args:
+        sample_weight: float32 `(batch,)` or `(batch, T)` weights, or None.
+        mask: the rows' Keras mask, `(batch, T)` (or `(batch,)`) bool, or None.
+
+    Returns:
+        A float32 `(batch,)` or `(batch, T)` tensor, or None when both are
+        None (every row weighs 1).
+    """
+    if mask is None:
+        return sample_weight
+    mask = tf.cast(mask, tf.float32)
+    if mask.shape.rank is not None and mask.shape.rank > 2:
+        mask = tf.reshape(mask, [tf.shape(mask)[0], -1])
+    if sample_weight is None:
+        return mask
+    if sample_weight.shape.rank == 1 and mask.shape.rank == 2:
+        return sample_weight[:, None] * mask
+    if sample_weight.shape.rank == 2 and mask.shape.rank == 1:
+        return sample_weight * mask[:, None]
+    if (sample_weight.shape.rank == 2 and sample_weight.shape[1] is not None
+            and mask.shape[1] is not None and sample_weight.shape[1] != mask.shape[1]):
+        # The weights' positions are not these rows' (e.g. a downsampling
+        # layer): weigh each example by its mean position weight.
+        return tf.reduce_mean(sample_weight, axis=1, keepdims=True) * mask
+    return sample_weight * mask
 
 
 def _backend_variable(variable):
@@ -98,6 +154,9 @@ class CaptureWrapper:
         self.block = None
         self.mode = "preactivation"
         self.tangent_variable = None
+        #: The rows' mask set by an enclosing layer that strips its inputs'
+        #: masks before calling this one (`AttentionMaskScope`), or None.
+        self.mask_override = None
 
     def configure(self, block):
         """Records what `block` declares (`capture_mode`, tangent variable,
@@ -114,8 +173,11 @@ class CaptureWrapper:
         layer = self.layer
         if self.mode == "output" or self.tangent_variable is None:
             output = recorder.watch(layer, self.original_call(*args, **kwargs))
+            mask = None
+            if self.mode == "output":  # e.g. an Embedding's padding ids
+                mask = layer.compute_mask(inputs, input_mask(inputs, kwargs))
             recorder.record(layer, output if self.mode == "output_tangent" else inputs,
-                            output)
+                            output, mask)
         else:
             variable = self.tangent_variable
             with tf.autodiff.ForwardAccumulator(
@@ -143,7 +205,9 @@ class CaptureWrapper:
         finally:
             layer.activation = activation
         preactivation = recorder.watch(layer, preactivation)
-        recorder.record(layer, inputs, preactivation)
+        mask = self.mask_override
+        recorder.record(layer, inputs, preactivation,
+                        input_mask(inputs, kwargs) if mask is None else mask)
         output = preactivation if activation is None else activation(preactivation)
         recorder.record_output(layer, output)
         return output
@@ -161,6 +225,76 @@ class CaptureWrapper:
         if self.mode == "preactivation":
             return self._record_preactivation(recorder, inputs, args, kwargs)
         return self._record_output(recorder, inputs, args, kwargs)
+
+
+class AttentionMaskScope:
+    """Replaces a `MultiHeadAttention`'s `call` to hand its masks to the
+    capture wrappers of its projections.
+
+    The layer reads the masks of its query, value and key and removes them
+    from the tensors before calling its `EinsumDense` projections, so their
+    records would see no mask. While a recorder is attached, this scope
+    sets each projection wrapper's `mask_override` for the call: the query
+    mask for the query (and gate) projection and for the output projection
+    (whose rows are the query positions), the key mask (else the value
+    mask) for the key projection, the value mask for the value projection.
+
+    Args:
+        layer: the `keras.layers.MultiHeadAttention`.
+        wrappers: `{sublayer attribute: CaptureWrapper}` of its registered
+            projections.
+    """
+
+    _QUERY_SIDE = ("_query_dense", "_output_dense", "_gate_dense")
+
+    def __init__(self, layer, wrappers):
+        self.layer = layer
+        self.original_call = layer.call
+        self.wrappers = wrappers
+
+    def __call__(self, query, value, key=None, *args, **kwargs):
+        if all(w.recorder is None for w in self.wrappers.values()):
+            return self.original_call(query, value, key, *args, **kwargs)
+        query_mask = getattr(query, "_keras_mask", None)
+        value_mask = kwargs.get("value_mask")
+        if value_mask is None:
+            value_mask = getattr(value, "_keras_mask", None)
+        key_mask = kwargs.get("key_mask")
+        if key_mask is None:
+            key_mask = getattr(key, "_keras_mask", None) if key is not None else value_mask
+        masks = {"_key_dense": key_mask, "_value_dense": value_mask}
+        masks.update({name: query_mask for name in self._QUERY_SIDE})
+        for name, wrapper in self.wrappers.items():
+            wrapper.mask_override = masks.get(name)
+        try:
+            return self.original_call(query, value, key, *args, **kwargs)
+        finally:
+            for wrapper in self.wrappers.values():
+                wrapper.mask_override = None
+
+
+def install_attention_mask_scopes(model, wrappers):
+    """Installs an `AttentionMaskScope` (once) on every plain
+    `MultiHeadAttention` of `model` with a registered projection.
+
+    Args:
+        model: the Keras model.
+        wrappers: the registration's `CaptureWrapper`s.
+    """
+    by_layer = {id(w.layer): w for w in wrappers}
+    for layer in model._flatten_layers(include_self=False):
+        if not isinstance(layer, keras.layers.MultiHeadAttention) or isinstance(
+                layer.__dict__.get("call"), AttentionMaskScope):
+            continue
+        if type(layer).call is not keras.layers.MultiHeadAttention.call:
+            continue  # a subclass may call its projections differently
+        projections = {name: by_layer[id(getattr(layer, name))]
+                       for name in ("_query_dense", "_key_dense", "_value_dense",
+                                    "_output_dense", "_gate_dense")
+                       if getattr(layer, name, None) is not None
+                       and id(getattr(layer, name)) in by_layer}
+        if projections:
+            layer.call = AttentionMaskScope(layer, projections)
 
 
 def capture_wrapper(layer, block=None):
@@ -190,3 +324,13 @@ def block_captures(block, recorder):
     `capture_layers()`, concatenated in layer order."""
     return [record for layer in block.capture_layers()
             for record in recorder.for_layer(layer)]
+
+
+def block_capture_masks(block, recorder):
+    """The masks of `block_captures(block, recorder)`, aligned with them."""
+    masks = []
+    for layer in block.capture_layers():
+        layer_masks = recorder.masks_for(layer)
+        records = recorder.for_layer(layer)
+        masks.extend(layer_masks if len(layer_masks) == len(records) else [None] * len(records))
+    return masks

@@ -124,13 +124,17 @@ class CurvatureEstimator:
             num_examples: float32 scalar, size of the statistics subset.
 
         Returns:
-            A list of `(state variable, estimate)` pairs, for `fold_estimates`
-            (after averaging the estimates over replicas).
+            A list of `(state variable, estimate, count)` triples, for
+            `fold_estimates` after averaging the estimates over replicas with
+            the counts as weights: `count` is the weighted number of examples
+            the estimate is a mean over (an input factor's `m_w` with row
+            weights), else `num_examples`.
         """
         recorder = EstimateRecorder()
         for block, (captures, sampled_grads) in zip(self.registration.blocks, block_inputs):
             block.update_statistics(captures, sampled_grads, num_examples, recorder)
-        return recorder.pairs
+        return [(variable, estimate, num_examples if count is None else count)
+                for (variable, estimate), count in zip(recorder.pairs, recorder.counts)]
 
     def fold_estimates(self, estimates):
         """Folds estimates of `record_estimates` (over the whole batch, so
@@ -138,11 +142,13 @@ class CurvatureEstimator:
         estimate, with moving-average weight `min(1 - 1/k, factor_decay)`.
 
         Args:
-            estimates: list of `(variable, estimate)` pairs.
+            estimates: list of `(variable, estimate)` pairs, or `(variable,
+                estimate, count)` triples (an estimate over a zero count
+                leaves its variable unchanged, see `ema_assign`).
         """
         decay = self._next_estimate_decay()
-        for variable, estimate in estimates:
-            ema_assign(variable, estimate, decay)
+        for variable, estimate, *count in estimates:
+            ema_assign(variable, estimate, decay, count[0] if count else None)
 
     def record_scalings(self, block_inputs, num_examples):
         """EKFAC: every block's new estimate of its corrected diagonal, in the
@@ -162,7 +168,7 @@ class CurvatureEstimator:
     def fold_scalings(self, estimates):
         """Folds estimates of `record_scalings` (over the whole batch) into
         the blocks' corrected diagonals (`KroneckerBlock.fold_scalings`)."""
-        for block, estimate in estimates:
+        for block, estimate, *_ in estimates:  # a replica mean also carries its count
             block.fold_scalings(estimate, self.options.factor_decay)
 
     def decomposes_before_scalings(self):

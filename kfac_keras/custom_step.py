@@ -197,14 +197,16 @@ class CustomTrainStep:
 
     # ------------------------------------------------------------ the update
     def _captures(self, block, state):
-        """`(inputs, per-example gradients)` of a capture block's calls: `B *
-        dL/ds` (see the module docstring) on the statistics subset."""
+        """`(inputs, per-example gradients, row weights)` of a capture block's
+        calls: `B * dL/ds` (see the module docstring) on the statistics
+        subset; the row weights are the rows' Keras masks (or None)."""
         captures = []
         for layer in block.capture_layers():
             records = state.recorder.for_layer(layer)
             incoming = state.recorder.gradients_for(layer)
             reached = [sink for sink in incoming if sink]
-            for (inputs, source), sink in zip(records, incoming):
+            masks = state.recorder.masks_for(layer)  # Keras masks: masked rows weigh 0
+            for (inputs, source), sink, mask in zip(records, incoming, masks):
                 if len(sink) > 1:
                     raise RuntimeError(
                         f"{self.name} differentiated through layer {layer.name!r} "
@@ -214,7 +216,9 @@ class CustomTrainStep:
                     continue  # a call whose output does not reach the loss
                 grad = sink[0] if sink else tf.zeros_like(source)
                 scale = tf.cast(state.batch_size, grad.dtype)
-                captures.append((inputs[:state.subset], scale * grad[:state.subset]))
+                weight = capture.row_weights(None, mask)
+                captures.append((inputs[:state.subset], scale * grad[:state.subset],
+                                 None if weight is None else weight[:state.subset]))
         return captures
 
     def _block_inputs(self, grads, variables, state):

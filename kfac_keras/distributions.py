@@ -63,16 +63,63 @@ def _static_count(sizes, y_pred):
     return count
 
 
-def _per_example_weight(sample_weight):
+def _sum_like(values, scale):
+    """Sums `values` (examples along axis 0) down to the shape of `scale`
+    (`(batch,)` or `(batch,) + value_axes`, a row-major prefix of `values`)."""
+    return tf.reduce_sum(tf.reshape(values, tf.concat([tf.shape(scale), [-1]], axis=0)),
+                         axis=-1)
+
+
+def normalize_sample_weight(sample_weight):
+    """Float32 `(batch,)` or `(batch, T)` sample weights (`(batch, 1)` is
+    per-example), or None.
+
+    Raises:
+        ValueError: for weights of another rank.
+    """
+    if sample_weight is None:
+        return None
     weight = tf.cast(sample_weight, tf.float32)
     if weight.shape.rank == 2 and weight.shape[1] == 1:
         weight = weight[:, 0]
+    if weight.shape.rank not in (1, 2):
+        raise ValueError(
+            "K-FAC supports sample weights of shape (batch,), (batch, 1) or, for "
+            f"outputs with positions, (batch, T); received shape {weight.shape}.")
+    return weight
+
+
+def _per_example_weight(sample_weight):
+    weight = normalize_sample_weight(sample_weight)
     if weight.shape.rank != 1:
         raise ValueError(
-            "K-FAC supports per-example sample weights of shape (batch,) or "
-            f"(batch, 1); received shape {weight.shape}. Per-position weights "
-            "of shape (batch, T) are not yet supported in the factors.")
+            "Per-example scales need sample weights of shape (batch,) or (batch, 1); "
+            f"received shape {weight.shape}: use `value_scale` for per-position weights.")
     return weight
+
+
+def row_sample_weight(distribution, sample_weight):
+    """The sample weights the input factors' row weights start from.
+
+    Args:
+        distribution: the `PredictiveDistribution` or `JointDistribution`.
+        sample_weight: what the step received.
+
+    Returns:
+        `normalize_sample_weight(sample_weight)` for one weight tensor (with
+        several outputs, the weights of every output); None without weights
+        or for per-output structures (a dict or list of weights), whose
+        outputs may weigh an example differently: then only `G` is weighted.
+    """
+    del distribution  # one tensor weighs every output alike
+    if sample_weight is None or isinstance(sample_weight, (dict, list, tuple)):
+        return None
+    return normalize_sample_weight(sample_weight)
+
+
+def _keras_mask(y_pred):
+    mask = getattr(y_pred, "_keras_mask", None)
+    return None if mask is None else tf.cast(mask, tf.float32)
 
 
 class PredictiveDistribution:
@@ -137,6 +184,85 @@ class PredictiveDistribution:
             scale = scale * weight
         return scale
 
+    def value_scale(self, y_pred, sample_weight=None, mask=None):
+        """`c_{n,t}` per example and position: the objective is
+        `(1/B) sum_{n,t} c_{n,t} NLL_{n,t}`, as Keras reduces it.
+
+        Keras merges the output's mask into the sample weights (valid
+        entries weigh `total/valid` under `"sum_over_batch_size"`/`"mean"`),
+        then divides the weighted sum by the number of values, by nothing
+        (`"sum"`) or by the sum of the merged weights
+        (`"mean_with_sample_weight"`).
+
+        Args:
+            y_pred: the model output.
+            sample_weight: optional `(batch,)`, `(batch, 1)` or `(batch, T)`
+                weights. Defaults to None.
+            mask: optional Keras mask of the loss values, `(batch, T)`.
+                Defaults to None.
+
+        Returns:
+            `per_example_scale(y_pred, sample_weight)` (shape `(batch,)`)
+            without per-position weights or mask; else a float32 tensor of
+            shape `(batch,) + value_axes`.
+
+        Raises:
+            ValueError: per-position weights or a mask whose shape is not
+                `(batch,) + value_axes`.
+        """
+        weight = normalize_sample_weight(sample_weight)
+        if mask is None and (weight is None or weight.shape.rank == 1):
+            return self.per_example_scale(y_pred, weight)
+        value_axes = self._value_axes(y_pred)
+        values = float(_static_count(value_axes, y_pred))
+        inner = float(self._inner_count(y_pred))
+        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
+        for name, tensor in (("sample weights", weight), ("mask", mask)):
+            if tensor is not None and tensor.shape.rank > 1 and (
+                    tensor.shape.rank != 1 + len(value_axes)
+                    or list(tensor.shape[1:]) != list(value_axes)):
+                raise ValueError(
+                    f"K-FAC: per-position {name} of shape {tensor.shape} do not match "
+                    f"the loss values' positions {tuple(value_axes)} (output shape "
+                    f"{y_pred.shape}); give them shape (batch,) + {tuple(value_axes)}.")
+        merged = weight
+        if mask is not None:
+            mask = tf.cast(mask, tf.float32)
+            if self.reduction in ("sum_over_batch_size", "mean"):
+                total = tf.cast(tf.size(mask), tf.float32)
+                mask = mask * tf.math.divide_no_nan(total, tf.reduce_sum(mask))
+            if merged is None:
+                merged = mask
+            elif merged.shape.rank == 1 and mask.shape.rank > 1:
+                merged = tf.reshape(merged, [-1] + [1] * (mask.shape.rank - 1)) * mask
+            else:
+                merged = merged * mask
+        if merged.shape.rank == 1:
+            merged = tf.reshape(merged, [-1] + [1] * len(value_axes)) * tf.ones(
+                [1] + value_axes, tf.float32)
+        if self.reduction == "sum":
+            return merged * batch / inner
+        if self.reduction == "mean_with_sample_weight":
+            return merged * tf.math.divide_no_nan(batch, inner * tf.reduce_sum(merged))
+        return merged / (inner * values)
+
+    def _objective_scale(self, y_pred, sample_weight):
+        """`value_scale` with the output's own Keras mask."""
+        return self.value_scale(y_pred, sample_weight, _keras_mask(y_pred))
+
+    def per_value_nll(self, targets, y_pred):
+        """Unscaled NLL per example and position, shape `(batch,) +
+        value_axes`; `per_example_nll` is its sum over positions."""
+        raise NotImplementedError
+
+    def per_example_nll(self, targets, y_pred):
+        """Unscaled negative log-likelihood of each example, shape `(batch,)`.
+
+        Summed over every non-batch output element; `targets` are treated as
+        constants.
+        """
+        return _sum_per_example(self.per_value_nll(targets, y_pred))
+
     # -- targets ----------------------------------------------------------
     def sample_targets(self, y_pred, seed, first_example=0):
         """Targets drawn from the model's predictive distribution.
@@ -156,25 +282,21 @@ class PredictiveDistribution:
         """The training labels, in the format `per_example_nll` expects."""
         raise NotImplementedError
 
-    def per_example_nll(self, targets, y_pred):
-        """Unscaled negative log-likelihood of each example, shape `(batch,)`.
-
-        Summed over every non-batch output element; `targets` are treated as
-        constants.
-        """
-        raise NotImplementedError
-
     def statistics_objective(self, y_pred, y_true, sample_weight, subset, seed,
                              first_example=0):
         """`sum_n sqrt(c_n) NLL_n` over the first `subset` examples.
 
         Its gradient w.r.t. a pre-activation has rows `sqrt(c_n) g_n`, whose
-        mean outer product is the Fisher factor `G` of the objective.
+        mean outer product is the Fisher factor `G` of the objective. With
+        per-position weights `(batch, T)` or a Keras mask on `y_pred`, the
+        sum is over examples and positions, `sum_{n,t} sqrt(c_{n,t})
+        NLL_{n,t}` (`value_scale`).
 
         Args:
             y_pred: the model output (whole batch; `c_n` uses its size).
             y_true: the training labels (used when `seed` is None).
-            sample_weight: optional per-example weights. Defaults to None.
+            sample_weight: optional `(batch,)` or `(batch, T)` weights.
+                Defaults to None.
             subset: int scalar, the number of leading examples used.
             seed: shape-(2,) int32 seed for sampled targets (the true
                 Fisher), or None for the labels (the empirical Fisher).
@@ -182,13 +304,15 @@ class PredictiveDistribution:
                 Defaults to 0.
         """
         y_pred = unwrap_single(y_pred)
-        scale = self.per_example_scale(y_pred, sample_weight)[:subset]
+        scale = self._objective_scale(y_pred, sample_weight)[:subset]
         y_subset = y_pred[:subset]
         if seed is None:
             targets = self.empirical_targets(unwrap_single(y_true)[:subset], y_subset)
         else:
             targets = self.sample_targets(y_subset, seed, first_example)
-        return tf.reduce_sum(tf.sqrt(scale) * self.per_example_nll(targets, y_subset))
+        if scale.shape.rank == 1:
+            return tf.reduce_sum(tf.sqrt(scale) * self.per_example_nll(targets, y_subset))
+        return tf.reduce_sum(tf.sqrt(scale) * self.per_value_nll(targets, y_subset))
 
     # -- output-space Fisher ------------------------------------------------
     def output_hessian_vector_product(self, y_pred, vector):
@@ -226,18 +350,20 @@ class PredictiveDistribution:
         Args:
             y_pred: the model output.
             tangents: list of K output tangents shaped like `y_pred`.
-            sample_weight: optional per-example weights. Defaults to None.
+            sample_weight: optional `(batch,)` or `(batch, T)` weights (a
+                Keras mask on `y_pred` applies too). Defaults to None.
 
         Returns:
             A `(K, K)` float32 tensor.
         """
-        y_pred = _to_float(unwrap_single(y_pred))
-        scale = self.per_example_scale(y_pred, sample_weight)
+        y_pred = unwrap_single(y_pred)
+        scale = self._objective_scale(y_pred, sample_weight)
+        y_pred = _to_float(y_pred)
         batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
         tangents = [_to_float(unwrap_single(t)) for t in tangents]
         products = [self.output_fisher_product(y_pred, t) for t in tangents]
         return tf.stack([
-            tf.stack([tf.reduce_sum(scale * _sum_per_example(left * right)) / batch
+            tf.stack([tf.reduce_sum(scale * _sum_like(left * right, scale)) / batch
                       for right in products])
             for left in tangents])
 
@@ -290,9 +416,8 @@ class Categorical(PredictiveDistribution):
                        + self.label_smoothing / num_classes)
         return tf.stop_gradient(targets)
 
-    def per_example_nll(self, targets, y_pred):
-        nll = -tf.reduce_sum(tf.stop_gradient(targets) * self._log_probs(y_pred), axis=-1)
-        return _sum_per_example(nll)
+    def per_value_nll(self, targets, y_pred):
+        return -tf.reduce_sum(tf.stop_gradient(targets) * self._log_probs(y_pred), axis=-1)
 
     def output_hessian_vector_product(self, y_pred, vector):
         probs = tf.nn.softmax(_to_float(y_pred), axis=-1)
@@ -329,6 +454,13 @@ class _ElementwiseDistribution(PredictiveDistribution):
             return 1
         return _static_count([y_pred.shape[-1]], y_pred)
 
+    @staticmethod
+    def _per_value(elementwise):
+        """Elementwise NLLs summed over the last (output) axis."""
+        if elementwise.shape.rank < 2:
+            return elementwise
+        return tf.reduce_sum(elementwise, axis=-1)
+
 
 class Bernoulli(_ElementwiseDistribution):
     """Sigmoid cross-entropy: independent Bernoulli outputs."""
@@ -352,14 +484,14 @@ class Bernoulli(_ElementwiseDistribution):
             targets = targets * (1.0 - self.label_smoothing) + 0.5 * self.label_smoothing
         return tf.stop_gradient(targets)
 
-    def per_example_nll(self, targets, y_pred):
+    def per_value_nll(self, targets, y_pred):
         targets = tf.stop_gradient(targets)
         if self.from_logits:
             nll = tf.nn.sigmoid_cross_entropy_with_logits(labels=targets, logits=_to_float(y_pred))
         else:
             probs = self._probs(y_pred)
             nll = -(targets * tf.math.log(probs) + (1.0 - targets) * tf.math.log(1.0 - probs))
-        return _sum_per_example(nll)
+        return self._per_value(nll)
 
     def output_hessian_vector_product(self, y_pred, vector):
         probs = tf.sigmoid(_to_float(y_pred))
@@ -391,9 +523,9 @@ class Gaussian(_ElementwiseDistribution):
     def empirical_targets(self, y_true, y_pred):
         return tf.stop_gradient(tf.reshape(_to_float(y_true), tf.shape(y_pred)))
 
-    def per_example_nll(self, targets, y_pred):
+    def per_value_nll(self, targets, y_pred):
         residual = tf.stop_gradient(targets) - _to_float(y_pred)
-        return _sum_per_example(tf.square(residual))
+        return self._per_value(tf.square(residual))
 
     def output_hessian_vector_product(self, y_pred, vector):
         return 2.0 * vector
@@ -439,16 +571,17 @@ class TFPDistribution(PredictiveDistribution):
     def empirical_targets(self, y_true, y_pred):
         return tf.stop_gradient(tf.convert_to_tensor(y_true))
 
-    def per_example_nll(self, targets, y_pred):
-        return _sum_per_example(-self._distribution(y_pred).log_prob(tf.stop_gradient(targets)))
+    def per_value_nll(self, targets, y_pred):
+        return -self._distribution(y_pred).log_prob(tf.stop_gradient(targets))
 
     def output_fisher_gram(self, y_pred, tangents, sample_weight=None):
         """Monte-Carlo estimate with `fisher_samples` draws per example (a
         fixed seed, the same draws for every tangent, so the Gram is
         positive semi-definite): `mean_n c_n mean_s (s_ns . t_i)(s_ns . t_j)`
         with the scores `s_ns = grad_f log p(y_s | f_n)`."""
-        y_pred = tf.stop_gradient(_to_float(unwrap_single(y_pred)))
-        scale = self.per_example_scale(y_pred, sample_weight)
+        y_pred = unwrap_single(y_pred)
+        scale = self._objective_scale(y_pred, sample_weight)
+        y_pred = tf.stop_gradient(_to_float(y_pred))
         batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
         tangents = [_to_float(unwrap_single(t)) for t in tangents]
         gram = 0.0
@@ -458,8 +591,8 @@ class TFPDistribution(PredictiveDistribution):
                 tape.watch(y_pred)
                 log_prob = tf.reduce_sum(-self.per_example_nll(targets, y_pred))
             score = tape.gradient(log_prob, y_pred)
-            projections = tf.stack([_sum_per_example(score * t) for t in tangents], axis=1)
-            gram += tf.einsum("n,ni,nj->ij", scale, projections, projections)
+            projections = tf.stack([_sum_like(score * t, scale) for t in tangents], axis=-1)
+            gram += tf.einsum("n...,n...i,n...j->ij", scale, projections, projections)
         return gram / (batch * float(self.fisher_samples))
 
     def __repr__(self):

@@ -103,6 +103,8 @@ class BatchQuadraticModel:
         def forward():
             y_pred, jvp = fisher_products.jacobian_vector_product(
                 lambda: self.model(self.x, training=True), variables, tangents, method)
+            # The outputs' Keras masks weigh the output Fisher (`fisher_gram`).
+            self._output_masks = [getattr(t, "_keras_mask", None) for t in tf.nest.flatten(y_pred)]
             return tf.nest.map_structure(lambda t: tf.cast(t, tf.float32), (y_pred, jvp))
 
         return self._stateless(forward)
@@ -120,6 +122,9 @@ class BatchQuadraticModel:
             A `(K, K)` float32 tensor.
         """
         outputs = [self.jacobian_vector_product(d, variables) for d in directions]
+        for output, mask in zip(tf.nest.flatten(outputs[0][0]), self._output_masks):
+            if mask is not None:
+                output._keras_mask = mask
         gram = self.distribution.output_fisher_gram(  # losses.py: per-loss, per-output maths
             outputs[0][0], [jv for _, jv in outputs], self.sample_weight)
         return 0.5 * (gram + tf.transpose(gram))

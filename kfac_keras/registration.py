@@ -121,6 +121,7 @@ class Registration:
                                if b.statistics_source is StatisticsSource.CAPTURES]
         self._wrappers = [capture.capture_wrapper(layer, b) for b in self.capture_blocks
                           for layer in b.capture_layers()]
+        capture.install_attention_mask_scopes(model, self._wrappers)  # masks of projections
         #: Chains of Dense layers given block-tridiagonal blocks (layer names).
         self.chains = []
         self._block_of_variable = {}

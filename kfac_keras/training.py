@@ -50,6 +50,7 @@ result equals a single-device step on the same global batch.
 import keras
 import tensorflow as tf
 
+from kfac_keras import capture as capture_lib
 from kfac_keras import distributed
 from kfac_keras import guards
 from kfac_keras import keras_internals
@@ -118,9 +119,12 @@ def _update_loss_scale(loss_scale_optimizer, batch_ok):
 class _ForwardPass:
     """What the forward pass leaves for the rest of the step: the output, the
     (unscaled) loss, its gradients, the persistent tape and captures for the
-    sampled backward pass, the statistics objective and its subset size."""
+    sampled backward pass, the statistics objective and its subset size, and
+    per capture block the row weights of its captures (sample weights times
+    Keras masks, or None)."""
 
-    def __init__(self, y_pred, loss, grads, tape, records, objective, subset):
+    def __init__(self, y_pred, loss, grads, tape, records, objective, subset,
+                 row_weights):
         self.y_pred = y_pred
         self.loss = loss
         self.grads = grads
@@ -128,6 +132,7 @@ class _ForwardPass:
         self.records = records
         self.objective = objective
         self.subset = subset
+        self.row_weights = row_weights
 
 
 class KFACTrainStep:
@@ -259,9 +264,15 @@ class KFACTrainStep:
             grads = _unscale_gradients(grads, self.loss_scale_optimizer.dynamic_scale)
         records = {id(b): registration_lib.block_captures(b, recorder)
                    for b in registration.capture_blocks}
+        masks = {id(b): capture_lib.block_capture_masks(b, recorder)
+                 for b in registration.capture_blocks}
         for block in registration.capture_blocks:
             block.verify_captures(recorder)
-        return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset)
+        row_sample_weight = losses_lib.row_sample_weight(self.distribution, sample_weight)
+        row_weights = {key: [capture_lib.row_weights(row_sample_weight, mask)
+                             for mask in block_masks]
+                       for key, block_masks in masks.items()}
+        return _ForwardPass(y_pred, loss, grads, tape, records, objective, subset, row_weights)
 
     def _block_inputs(self, forward):
         """The sampled objective's backward pass: `(captures, sampled_grads)`
@@ -281,8 +292,10 @@ class KFACTrainStep:
         for block in registration.blocks:
             if block.statistics_source is StatisticsSource.CAPTURES:
                 uses = forward.records[id(block)]
-                captures = [(inputs[:subset], g[:subset])
-                            for (inputs, _), g in zip(uses, sampled[position:position + len(uses)])]
+                weights = forward.row_weights[id(block)]
+                captures = [(inputs[:subset], g[:subset], None if r is None else r[:subset])
+                            for (inputs, _), g, r in zip(
+                                uses, sampled[position:position + len(uses)], weights)]
                 position += len(uses)
                 block_inputs.append((captures, None))
             elif block.statistics_source is StatisticsSource.SAMPLED_GRADIENTS:
@@ -359,24 +372,32 @@ class KFACTrainStep:
     def _replica_estimates(self, record, forward, block_inputs):
         """This replica's new estimates, `record(block_inputs, num_examples)`
         (the curvature's `record_estimates` or `record_scalings`), packed and
-        multiplied by its number of statistics examples, followed by that
-        number; the estimates' keys are left in `_estimated_keys`."""
+        each multiplied by its count (the replica's number of statistics
+        examples, or for an input factor with row weights its weighted count
+        `m_w`), followed by the counts; the estimates' keys are left in
+        `_estimated_keys`."""
         num_examples = tf.cast(forward.subset, tf.float32)
-        pairs = record(block_inputs, num_examples)
-        self._estimated_keys = [key for key, _ in pairs]
-        self._estimate_shapes = [estimate.shape for _, estimate in pairs]
-        return distributed.pack([estimate * num_examples for _, estimate in pairs]
-                                + [num_examples])
+        entries = [(key, estimate, rest[0] if rest else num_examples)
+                   for key, estimate, *rest in record(block_inputs, num_examples)]
+        self._estimated_keys = [key for key, _, _ in entries]
+        self._estimate_shapes = [estimate.shape for _, estimate, _ in entries]
+        return distributed.pack([estimate * count for _, estimate, count in entries]
+                                + [count for _, _, count in entries])
 
     def _mean_estimates(self, strategy, record, forwards, block_inputs):
-        """The `(key, estimate)` pairs of `record` over the global batch: the
-        replicas' estimates averaged with their example counts, in one
-        all-reduce."""
+        """The `(key, estimate, count)` triples of `record` over the global
+        batch: the replicas' estimates averaged with their counts as weights,
+        in one all-reduce."""
         per_replica = strategy.extended.call_for_each_replica(
             self._replica_estimates, args=(record, forwards, block_inputs))
         total = distributed.sum_over_replicas(strategy, per_replica)
-        means = distributed.unpack(total[:-1] / total[-1], self._estimate_shapes)
-        return list(zip(self._estimated_keys, means))
+        count = len(self._estimated_keys)
+        if not count:
+            return []
+        sums = distributed.unpack(total[:-count], self._estimate_shapes)
+        counts = tf.unstack(total[-count:])
+        means = [tf.math.divide_no_nan(estimate, weight) for estimate, weight in zip(sums, counts)]
+        return list(zip(self._estimated_keys, means, counts))
 
     def _cross_replica_update(self, strategy, forwards, packed, frozen_values, batches):
         """The rest of the step, once, in cross-replica context. `batches`:
@@ -446,7 +467,9 @@ class KFACTrainStep:
         Args:
             x: model inputs.
             y: targets, in the format the loss expects.
-            sample_weight: optional per-example weights, shape `(batch,)`.
+            sample_weight: optional weights, shape `(batch,)`, or `(batch, T)`
+                per position of a sequence output; they (and Keras masks)
+                weigh the loss and every factor (docs/weighted_factors.md).
 
         Returns:
             A dict with the batch's `"loss"` (before the update),

@@ -101,10 +101,6 @@ def _weighted_run(garbage_seed, sequence):
     return [v.numpy() for v in model.trainable_variables]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 14: zero-weight rows still enter the input factors A (only G is "
-    "weighted), and (batch, T) weights are refused; needs per-row weights in the "
-    "block interface, proposed in docs/weighted_factors.md"))
 @pytest.mark.parametrize("sequence", [False, True])
 def test_zero_weight_rows_do_not_shape_the_factors(sequence):
     first, second = _weighted_run(1, sequence), _weighted_run(2, sequence)

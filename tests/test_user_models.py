@@ -380,10 +380,10 @@ def _doc_snippets():
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
-def test_your_own_model_doc_has_the_four_snippets():
-    assert len(_doc_snippets()) == 4
+def test_your_own_model_doc_has_the_five_snippets():
+    assert len(_doc_snippets()) == 5
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_your_own_model_doc_snippet_runs(index):
     exec(compile(_doc_snippets()[index], f"README.md#your-own-model[{index}]", "exec"), {})

@@ -36,6 +36,7 @@ import abc
 import enum
 
 import numpy as np
+import tensorflow as tf
 
 
 class StatisticsSource(enum.Enum):
@@ -163,9 +164,13 @@ class FisherBlock(abc.ABC):
         Args:
             captures: for capture blocks, a list (one entry per call of the
                 layer in the forward pass) of `(inputs, preactivation_grads)`
-                pairs restricted to the statistics subset of the batch, where
-                the gradients are those of the sampled objective (see
-                `kfac_keras.losses`); None for other blocks.
+                pairs or `(inputs, preactivation_grads, row_weight)` triples
+                restricted to the statistics subset of the batch, where the
+                gradients are those of the sampled objective (see
+                `kfac_keras.losses`) and `row_weight` is a float32 `(m,)` or
+                `(m, T)` tensor of row weights (sample weights times Keras
+                masks), or None (every row weighs 1; see `split_capture` and
+                docs/weighted_factors.md); None for other blocks.
             sampled_grads: for `SAMPLED_GRADIENTS` blocks, the gradients of the
                 sampled objective (summed, not averaged, over the statistics
                 subset) w.r.t. `self.variables`; None otherwise.
@@ -223,36 +228,55 @@ class FisherBlock(abc.ABC):
         }
 
 
+def split_capture(capture):
+    """`(inputs, grads, row_weight)` of a capture pair or triple (a pair's
+    row weight is None: every row weighs 1)."""
+    if len(capture) == 2:
+        return capture[0], capture[1], None
+    inputs, grads, row_weight = capture
+    return inputs, grads, row_weight
+
+
 class EstimateRecorder:
     """Passed as `decay` to `FisherBlock.update_statistics` (or as
     `factor_decay` to `update_scalings`): collects the block's new estimates
     instead of folding them in.
 
     Every block folds its statistics with `ema_assign`, which, given a
-    recorder, appends `(variable, estimate)` to `pairs` and assigns nothing;
-    EKFAC's Kronecker blocks append `(block, estimate)` to `scalings`, for
-    their `fold_scalings`.
+    recorder, appends `(variable, estimate)` to `pairs` and the estimate's
+    count to `counts` (the weighted number of examples it is a mean over, or
+    None for the statistics subset's size), and assigns nothing. A
+    multi-replica step averages each estimate over replicas with these counts
+    as weights. EKFAC's Kronecker blocks append `(block, estimate)` to
+    `scalings`, for their `fold_scalings`.
     """
 
     def __init__(self):
         self.pairs = []
         self.scalings = []
+        self.counts = []
 
-    def record(self, variable, estimate):
-        """Keeps `estimate` (a tensor shaped like `variable`) for `variable`."""
+    def record(self, variable, estimate, count=None):
+        """Keeps `estimate` (a tensor shaped like `variable`) for `variable`
+        and its count (a float32 scalar, or None)."""
         self.pairs.append((variable, estimate))
+        self.counts.append(count)
 
     def record_scalings(self, block, estimate):
         """Keeps EKFAC's `estimate` of `block`'s corrected diagonal."""
         self.scalings.append((block, estimate))
 
 
-def ema_assign(variable, new_value, decay):
+def ema_assign(variable, new_value, decay, count=None):
     """`variable <- decay * variable + (1 - decay) * new_value`.
 
-    With an `EstimateRecorder` as `decay`, records `new_value` instead.
+    With an `EstimateRecorder` as `decay`, records `new_value` (and `count`,
+    the weighted number of examples `new_value` averages, or None for the
+    statistics subset's size) instead.
     """
     if isinstance(decay, EstimateRecorder):
-        decay.record(variable, new_value)
+        decay.record(variable, new_value, count)
         return
+    if count is not None:  # an estimate over no weight is no estimate: keep the factor
+        decay = tf.where(tf.convert_to_tensor(count) > 0, decay, 1.0)
     variable.assign(decay * variable + (1.0 - decay) * new_value)

@@ -50,7 +50,8 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
+from kfac_keras.blocks.kronecker import (KroneckerBlock, append_homogeneous,
+                                         join_location_weights)
 from kfac_keras.blocks.patches import ConvGeometry
 
 
@@ -163,6 +164,10 @@ class GroupedConvBlock(KroneckerBlock):
 
     def per_example_rows(self, captures):
         return self.group_rows(*self.geometry.example_rows(captures))
+
+    def per_example_weights(self, captures):
+        """Row weights `(m, T)` of the output locations (shared by the groups)."""
+        return self.geometry.example_weights(captures, join_location_weights)
 
 
 class ConvBlock(GroupedConvBlock):

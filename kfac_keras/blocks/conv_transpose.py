@@ -72,7 +72,9 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.kronecker import KroneckerBlock
+from kfac_keras.blocks.factors import location_factors
+from kfac_keras.blocks.kronecker import (KroneckerBlock, join_location_weights, split_capture,
+                                         static_or_dynamic_sizes)
 from kfac_keras.blocks.patches import ConvGeometry, extract_patches, to_channels_last
 
 #: Input lengths checked per spatial axis by `conv_transpose_unsupported_reason`.
@@ -194,7 +196,7 @@ class ConvTransposeBlock(KroneckerBlock):
         the uses of a shared layer concatenated along the location axis `S`
         (for EKFAC, see `KroneckerBlock`)."""
         input_rows, patch_rows = [], []
-        for inputs, grads in captures:
+        for inputs, grads, _ in (split_capture(c) for c in captures):
             inputs = to_channels_last(tf.cast(inputs, tf.float32), self.data_format)
             patches = extract_patches(tf.cast(grads, tf.float32), self.kernel_size,
                                       self.strides, self.dilation_rate, self.padding,
@@ -204,14 +206,22 @@ class ConvTransposeBlock(KroneckerBlock):
             patch_rows.append(tf.reshape(patches, [examples, -1, self.output_dim]))
         return tf.concat(input_rows, axis=1), tf.concat(patch_rows, axis=1)
 
+    def per_example_weights(self, captures):
+        """Row weights `(m, S)` of the input locations (those of the rows), or None."""
+        sizes = []
+        for inputs, _, _ in (split_capture(c) for c in captures):
+            inputs = to_channels_last(inputs, self.data_format)
+            sizes.append((tf.shape(inputs)[0],
+                          static_or_dynamic_sizes(inputs, range(1, len(inputs.shape) - 1))))
+        return join_location_weights(captures, sizes)
+
     def compute_factors(self, captures, num_examples):
         input_rows, patch_rows = self.per_example_rows(captures)
         input_rows = tf.reshape(input_rows, [-1, self.input_dim])
         patch_rows = tf.reshape(patch_rows, [-1, self.output_dim])
-        locations = tf.cast(tf.shape(patch_rows)[0], tf.float32)
-        input_factor = tf.matmul(input_rows, input_rows, transpose_a=True) / num_examples
-        output_grad_factor = tf.matmul(patch_rows, patch_rows, transpose_a=True) / locations
-        return input_factor, output_grad_factor
+        # `A` over input locations, `G` over the same locations' patches.
+        return location_factors(input_rows, patch_rows, num_examples,
+                                self._flat_weights(captures))
 
 
 def make_conv_transpose_block(layer, inverse_method="cholesky"):

@@ -11,7 +11,8 @@ positions are treated like convolution locations (KFAC_NOTES section 6):
 A layer called several times in one forward pass (a shared layer) has its uses
 treated as extra locations in the same way: `|T|` counts positions times uses.
 For a plain rank-2 Dense called once these are the paper's
-`A = E[abar abar^T]`, `G = E[g g^T]`.
+`A = E[abar abar^T]`, `G = E[g g^T]`. With row weights (sample weights,
+masks) `A` is their weighted mean (`KroneckerBlock`).
 
 Memory: `A` is `(d_in + 1)^2` and `G` is `d_out^2` floats, plus the same again
 for their inverses (or eigenvectors).
@@ -20,7 +21,9 @@ for their inverses (or eigenvectors).
 import tensorflow as tf
 
 from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous, example_rows
+from kfac_keras.blocks.kronecker import (KroneckerBlock, append_homogeneous, example_rows,
+                                         join_location_weights, split_capture,
+                                         static_or_dynamic_sizes)
 
 
 def dense_unsupported_reason(layer):
@@ -65,11 +68,19 @@ class DenseBlock(KroneckerBlock):
     def per_example_rows(self, captures):
         """`(examples, positions * uses, d)` rows; uses of a shared layer are
         concatenated along the location axis."""
-        inputs = tf.concat([example_rows(x, self.input_units) for x, _ in captures], axis=1)
-        grads = tf.concat([example_rows(g, self.output_dim) for _, g in captures], axis=1)
+        captures = [split_capture(c) for c in captures]
+        inputs = tf.concat([example_rows(x, self.input_units) for x, _, _ in captures], axis=1)
+        grads = tf.concat([example_rows(g, self.output_dim) for _, g, _ in captures], axis=1)
         if self.has_bias:
             inputs = append_homogeneous(inputs)
         return inputs, grads
+
+    def per_example_weights(self, captures):
+        """Row weights `(examples, positions * uses)`, aligned with
+        `per_example_rows` (per-position weights on `(batch, T, d)` inputs)."""
+        return join_location_weights(captures, [
+            (tf.shape(x)[0], static_or_dynamic_sizes(x, range(1, len(x.shape) - 1)))
+            for x, _, _ in (split_capture(c) for c in captures)])
 
 
 def make_dense_block(layer, inverse_method="cholesky"):

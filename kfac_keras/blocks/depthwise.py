@@ -32,7 +32,8 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import FisherBlock, StatisticsSource, layer_name, trainable_bias
 from kfac_keras.blocks.conv import GroupedConvBlock, conv_unsupported_reason
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
+from kfac_keras.blocks.kronecker import (KroneckerBlock, append_homogeneous,
+                                         join_location_weights, split_capture)
 from kfac_keras.blocks.patches import ConvGeometry
 
 
@@ -61,8 +62,13 @@ class _DepthwisePart(GroupedConvBlock):
     kind = "kronecker (depthwise part)"
 
     def per_example_rows(self, captures):
-        (patch_rows, grad_rows), = captures
+        (patch_rows, grad_rows, _), = (split_capture(c) for c in captures)
         return self.group_rows(patch_rows, grad_rows)
+
+    def per_example_weights(self, captures):
+        """The `(m, T)` location weights the separable block passed, or None."""
+        (_, _, weights), = (split_capture(c) for c in captures)
+        return weights
 
 
 class _PointwisePart(KroneckerBlock):
@@ -92,8 +98,13 @@ class _PointwisePart(KroneckerBlock):
         return [kernel]
 
     def per_example_rows(self, captures):
-        (input_rows, grad_rows), = captures
+        (input_rows, grad_rows, _), = (split_capture(c) for c in captures)
         return (append_homogeneous(input_rows) if self.has_bias else input_rows), grad_rows
+
+    def per_example_weights(self, captures):
+        """The `(m, T)` location weights the separable block passed, or None."""
+        (_, _, weights), = (split_capture(c) for c in captures)
+        return weights
 
 
 class SeparableConvBlock(FisherBlock):
@@ -153,11 +164,12 @@ class SeparableConvBlock(FisherBlock):
         return shapes
 
     def part_captures(self, captures):
-        """Each part's one capture: `([(patches, grads_u)], [(u, grads_s)])`.
+        """Each part's one capture: `([(patches, grads_u, r)], [(u, grads_s, r)])`.
 
         `patches`: `(m, T, k, C)`; `u`: `(m, T, C M)` depthwise outputs;
         `grads_s`: `(m, T, filters)` pre-activation gradients;
-        `grads_u = grads_s P^T`.
+        `grads_u = grads_s P^T`; `r`: `(m, T)` row weights of the output
+        locations, or None.
         """
         patch_rows, grad_rows = self.geometry.example_rows(captures)
         k = self.geometry.num_offsets
@@ -169,7 +181,8 @@ class SeparableConvBlock(FisherBlock):
         middle = tf.reshape(tf.einsum("ntkc,kcj->ntcj", patch_rows, depthwise),
                             [examples, -1, self.channels * self.multiplier])
         middle_grads = tf.matmul(grad_rows, pointwise, transpose_b=True)
-        return [(patch_rows, middle_grads)], [(middle, grad_rows)]
+        weights = self.geometry.example_weights(captures, join_location_weights)
+        return [(patch_rows, middle_grads, weights)], [(middle, grad_rows, weights)]
 
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
         for part, part_captures in zip(self.parts, self.part_captures(captures)):

@@ -39,7 +39,8 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import keras_variant_reason, layer_name, trainable_bias
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.kronecker import KroneckerBlock, append_homogeneous
+from kfac_keras.blocks.kronecker import (KroneckerBlock, append_homogeneous,
+                                         join_location_weights, split_capture)
 
 _EQUATION = re.compile(
     r"^(\.\.\.)?([a-zA-Z]+)(\.\.\.)?,([a-zA-Z]+)->(\.\.\.)?([a-zA-Z]+)(\.\.\.)?$")
@@ -122,6 +123,14 @@ class EinsumStructure:
                                [-1, self.output_dim])
         return input_rows, grad_rows
 
+    def location_sizes(self, inputs):
+        """Sizes of the non-batch location axes of `inputs`, in row order."""
+        input_full, _ = self._full_specs(len(inputs.shape))
+        locations = [c for c in input_full if c not in self.kernel_spec]
+        axes = [input_full.index(c) for c in locations[1:]]
+        return [inputs.shape[a] if inputs.shape[a] is not None else tf.shape(inputs)[a]
+                for a in axes]
+
     def kernel_to_matrix(self, kernel):
         return tf.reshape(tf.transpose(kernel, self.kernel_perm),
                           [self.input_dim, self.output_dim])
@@ -201,7 +210,7 @@ class EinsumDenseBlock(KroneckerBlock):
         `KroneckerBlock`); the batch axis leads the location axes, and the
         uses of a shared layer are concatenated along `L`."""
         input_rows, grad_rows = [], []
-        for inputs, grads in captures:
+        for inputs, grads, _ in (split_capture(c) for c in captures):
             rows_in, rows_grad = self.structure.rows(inputs, grads)
             examples = tf.shape(inputs)[0]
             input_rows.append(tf.reshape(rows_in, [examples, -1, self.structure.input_dim]))
@@ -210,6 +219,12 @@ class EinsumDenseBlock(KroneckerBlock):
         if self.has_bias:
             inputs = append_homogeneous(inputs)
         return inputs, tf.concat(grad_rows, axis=1)
+
+    def per_example_weights(self, captures):
+        """Row weights `(m, L)` aligned with `per_example_rows`, or None."""
+        return join_location_weights(captures, [
+            (tf.shape(inputs)[0], self.structure.location_sizes(inputs))
+            for inputs, _, _ in (split_capture(c) for c in captures)])
 
 
 def make_einsum_dense_block(layer, inverse_method="cholesky"):

@@ -8,7 +8,9 @@ Martens & Grosse 2015 with positions as locations, as in `DenseBlock`):
     A = (1/m) sum_{n,t} e_{id} e_{id}^T = diag(count_v / m)
     G = (1/(m |T|)) sum_{n,t} g_{n,t} g_{n,t}^T
 
-(`g` the gradient w.r.t. the looked-up vector). `A` is stored as a vector of
+(`g` the gradient w.r.t. the looked-up vector). With row weights (sample
+weights, `mask_zero=True`) the counts are weighted, `count_v = sum_{n,t: id =
+v} r_{n,t}`, over `m_w` (`KroneckerBlock`): padding ids add nothing. `A` is stored as a vector of
 length `vocab`; no `vocab x vocab` matrix is ever formed.
 
 Inverse methods (those of `KroneckerBlock`, with a diagonal input factor,
@@ -43,7 +45,9 @@ import tensorflow as tf
 
 from kfac_keras.blocks.base import keras_variant_reason, layer_name
 from kfac_keras.blocks.factors import DiagonalFactor
-from kfac_keras.blocks.kronecker import KroneckerBlock
+from kfac_keras.blocks.factors import weighted_count
+from kfac_keras.blocks.kronecker import (KroneckerBlock, join_location_weights, split_capture,
+                                         static_or_dynamic_sizes)
 
 
 def embedding_unsupported_reason(layer):
@@ -86,23 +90,35 @@ class EmbeddingBlock(KroneckerBlock):
 
     def _ids_and_grads(self, captures):
         """Token ids `(m, L)` and gradient rows `(m, L, d)`, uses along `L`."""
+        captures = [split_capture(c) for c in captures]
         ids = tf.concat([tf.reshape(tf.cast(i, tf.int32), [tf.shape(i)[0], -1])
-                         for i, _ in captures], axis=1)
+                         for i, _, _ in captures], axis=1)
         grads = tf.concat([tf.reshape(tf.cast(g, tf.float32),
                                       [tf.shape(g)[0], -1, self.output_dim])
-                           for _, g in captures], axis=1)
+                           for _, g, _ in captures], axis=1)
         return ids, grads
 
+    def per_example_weights(self, captures):
+        """Row weights `(m, positions * uses)` of the lookups (an
+        `Embedding(mask_zero=True)`'s padding ids weigh 0), or None."""
+        return join_location_weights(captures, [
+            (tf.shape(ids)[0], static_or_dynamic_sizes(ids, range(1, len(ids.shape))))
+            for ids, _, _ in (split_capture(c) for c in captures)])
+
     def compute_factors(self, captures, num_examples):
-        """This estimate's `(freq, G)` from `(ids, grads)` captures."""
+        """This estimate's `(freq, G)` from `(ids, grads)` captures: weighted
+        token counts over `m_w` when the captures carry row weights."""
         ids, grads = self._ids_and_grads(captures)
         ids = tf.reshape(ids, [-1])
         grads = tf.reshape(grads, [-1, self.output_dim])
+        weights = self._flat_weights(captures)
         counts = tf.math.unsorted_segment_sum(
-            tf.ones_like(ids, dtype=tf.float32), ids, self.vocabulary_size)
+            tf.ones_like(ids, dtype=tf.float32) if weights is None else weights,
+            ids, self.vocabulary_size)
         rows = tf.cast(tf.shape(grads)[0], tf.float32)
         grad_factor = tf.matmul(grads, grads, transpose_a=True) / rows
-        return counts / num_examples, grad_factor
+        return (tf.math.divide_no_nan(counts, weighted_count(weights, num_examples)),
+                grad_factor)
 
     def scaling_estimate(self, captures, num_examples):
         """`S_v = mean_n (sum_{t: id = v} g_{n,t} Q)^2`, via the distinct

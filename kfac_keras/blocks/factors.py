@@ -35,7 +35,7 @@ def batched_identity(shape, dtype=None):
     return tf.eye(shape[-1], batch_shape=shape[:-2], dtype=dtype or "float32")
 
 
-def location_factors(input_rows, grad_rows, num_examples):
+def location_factors(input_rows, grad_rows, num_examples, row_weights=None):
     """`A` and `G` from per-location rows, in the KFC/Dense convention.
 
     Args:
@@ -44,15 +44,40 @@ def location_factors(input_rows, grad_rows, num_examples):
         grad_rows: `(..., R, output_dim)` float32 rows `g_{n,t}`, the same
             locations in the same order.
         num_examples: float32 scalar `m`, the number of examples.
+        row_weights: `(R,)` float32 weights `r_{n,t}` of the rows, or None
+            (default: every row weighs 1).
 
     Returns:
-        `(A, G)` with `A = (1/m) sum_{n,t} abar abar^T` and
-        `G = (1/(m |T|)) sum_{n,t} g g^T`, where `|T| = R / m`.
+        `(A, G)` with `A = (1/m_w) sum_{n,t} r_{n,t} abar abar^T` and
+        `G = (1/(m |T|)) sum_{n,t} g g^T`, where `|T| = R / m` and
+        `m_w = sum r / |T|` (`= m` when every weight is 1; `weighted_count`).
+        `G` needs no weights: its rows carry the objective's weights already
+        (`kfac_keras.losses`).
     """
     rows = tf.cast(tf.shape(grad_rows)[-2], tf.float32)
-    input_factor = tf.matmul(input_rows, input_rows, transpose_a=True) / num_examples
     grad_factor = tf.matmul(grad_rows, grad_rows, transpose_a=True) / rows
+    if row_weights is None:
+        input_factor = tf.matmul(input_rows, input_rows, transpose_a=True) / num_examples
+        return input_factor, grad_factor
+    weighted_rows = input_rows * row_weights[:, None]
+    input_factor = tf.math.divide_no_nan(
+        tf.matmul(weighted_rows, input_rows, transpose_a=True),
+        weighted_count(row_weights, num_examples))
     return input_factor, grad_factor
+
+
+def weighted_count(row_weights, num_examples):
+    """`m_w = sum r / |T|`, the weighted number of examples of `R` rows
+    (`|T| = R / m` locations per example).
+
+    Args:
+        row_weights: `(R,)` float32 row weights, or None (the count is `m`).
+        num_examples: float32 scalar `m`.
+    """
+    if row_weights is None:
+        return num_examples
+    rows = tf.cast(tf.shape(row_weights)[0], tf.float32)
+    return tf.reduce_sum(row_weights) * num_examples / rows
 
 
 class DenseFactor:
@@ -95,9 +120,10 @@ class DenseFactor:
     def state_variables(self):
         return [self.factor] + self._decomposition
 
-    def fold(self, estimate, decay):
-        """Moving average of the factor (see `ema_assign`)."""
-        ema_assign(self.factor, estimate, decay)
+    def fold(self, estimate, decay, count=None):
+        """Moving average of the factor (see `ema_assign`; `count` is the
+        weighted number of examples `estimate` averages, or None)."""
+        ema_assign(self.factor, estimate, decay, count)
 
     def mean_trace(self):
         """`tr(F) / dim`, one value per group (shape `batch_shape`)."""
@@ -185,8 +211,8 @@ class DiagonalFactor:
     def state_variables(self):
         return [self.factor] + self._decomposition
 
-    def fold(self, estimate, decay):
-        ema_assign(self.factor, estimate, decay)
+    def fold(self, estimate, decay, count=None):
+        ema_assign(self.factor, estimate, decay, count)
 
     def mean_trace(self):
         return tf.reduce_mean(self.factor)

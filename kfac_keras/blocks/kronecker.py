@@ -36,6 +36,15 @@ decomposition. Preconditioning (KFAC_NOTES section 3):
   least as accurate as K-FAC there. Memory: one extra matrix of the gradient's
   shape.
 
+Row weights (sample weights and Keras masks, docs/weighted_factors.md):
+each capture may carry a row weight `r` (`split_capture`); the layout hook
+`per_example_weights` spreads it over the block's locations, like
+`per_example_rows`. Then `A = (1/m_w) sum_{n,t} r_{n,t} abar abar^T` with
+`m_w = sum r / |T|` (`location_factors`), `G` is unchanged (its rows carry
+the objective's weights already), and EKFAC's per-example gradients are
+those weighted gradients; zero-weight rows enter no factor. Under
+`tf.distribute` the input factor's replica mean is weighted by `m_w`.
+
 Sparse gradients: a block whose input factor is diagonal (Embedding) sets
 `accepts_indexed_slices`; `multiply_damped_inverse` then preconditions only
 the rows of a `tf.IndexedSlices` gradient and returns `tf.IndexedSlices`.
@@ -44,13 +53,14 @@ the rows of a `tf.IndexedSlices` gradient and returns `tf.IndexedSlices`.
 import tensorflow as tf
 
 from kfac_keras import linalg
-from kfac_keras.blocks.base import EstimateRecorder, FisherBlock, StatisticsSource, ema_assign
+from kfac_keras.blocks.base import (EstimateRecorder, FisherBlock, StatisticsSource, ema_assign,
+                                   split_capture)
 from kfac_keras.blocks.errors import UnsupportedLayerError
 from kfac_keras.blocks.factors import (EIGEN_METHODS, INPUT_SIDE, OUTPUT_SIDE, DenseFactor,
-                                       location_factors)
+                                       location_factors, weighted_count)
 
 __all__ = ["KroneckerBlock", "append_homogeneous", "example_rows", "location_factors",
-           "location_rows"]
+           "location_rows", "location_weights", "join_location_weights", "split_capture"]
 
 
 class KroneckerBlock(FisherBlock):
@@ -117,14 +127,41 @@ class KroneckerBlock(FisherBlock):
         """
         raise NotImplementedError(f"{type(self).__name__} must implement per_example_rows")
 
+    def per_example_weights(self, captures):
+        """Row weights aligned with `per_example_rows`: `(examples,
+        locations)` float32, or None when no capture carries weights.
+
+        The default accepts only unweighted captures; a block whose layout
+        supports weights overrides it (with `location_weights`).
+
+        Raises:
+            NotImplementedError: a capture carries row weights.
+        """
+        if any(split_capture(c)[2] is not None for c in captures):
+            raise NotImplementedError(
+                f"{type(self).__name__} ({self.name!r}) cannot weigh its rows: it has "
+                "no `per_example_weights`, so sample weights and masks cannot enter "
+                "its factors.")
+        return None
+
+    def _flat_weights(self, captures):
+        weights = self.per_example_weights(captures)
+        return None if weights is None else tf.reshape(weights, [-1])
+
     def compute_factors(self, captures, num_examples):
         """This estimate's `(A, G)` from the captured tensors (default: the
-        KFC convention of `location_factors` over `per_example_rows`)."""
+        KFC convention of `location_factors` over `per_example_rows`,
+        weighted by `per_example_weights`)."""
         inputs, grads = self.per_example_rows(captures)
         lead = [] if self.num_groups is None else [self.num_groups]
         return location_factors(tf.reshape(inputs, lead + [-1, self.input_dim]),
                                 tf.reshape(grads, lead + [-1, self.output_dim]),
-                                num_examples)
+                                num_examples, self._flat_weights(captures))
+
+    def input_count(self, captures, num_examples):
+        """`m_w`, the weighted number of examples the input factor of
+        `compute_factors` averages (`num_examples` without row weights)."""
+        return weighted_count(self._flat_weights(captures), num_examples)
 
     def scaling_estimate(self, captures, num_examples):
         """EKFAC's estimate `mean_n (Q_A^T dW_n Q_G)^2` in the current basis."""
@@ -187,7 +224,7 @@ class KroneckerBlock(FisherBlock):
     # -- pipeline ------------------------------------------------------------
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
         input_factor, output_grad_factor = self.compute_factors(captures, num_examples)
-        self.input_side.fold(input_factor, decay)
+        self.input_side.fold(input_factor, decay, self.input_count(captures, num_examples))
         self.output_side.fold(output_grad_factor, decay)
 
     def update_inverses(self, damping):
@@ -284,6 +321,61 @@ def example_rows(tensor, width):
         locations = None if (locations is None or size is None) else locations * size
     return tf.reshape(tensor, [tf.shape(tensor)[0], -1 if locations is None else locations,
                                width])
+
+
+def location_weights(row_weight, examples, location_sizes):
+    """`(examples, L)` float32 weights of one capture's `L` locations.
+
+    Args:
+        row_weight: `(m,)` per-example or `(m, T)` per-position weights, or
+            None (ones).
+        examples: int (scalar tensor) `m`.
+        location_sizes: the sizes (ints or scalar tensors) of the capture's
+            location axes, in row order; `L` is their product.
+
+    Per-example weights apply to every location. Per-position weights apply
+    position by position when the capture has one location axis of length
+    `T` (sequence layers: Dense or EinsumDense on `(batch, T, d)`, recurrent
+    steps, embedding lookups); otherwise (e.g. a 2-D convolution, or a layer
+    after a pooling over time) each example weighs its mean position weight.
+    """
+    count = 1
+    for size in location_sizes:
+        count = count * size
+    if row_weight is None:
+        return tf.ones(tf.stack([examples, count]), tf.float32)
+    weight = tf.cast(row_weight, tf.float32)
+    if weight.shape.rank == 2:
+        size = location_sizes[0] if len(location_sizes) == 1 else None
+        static = size if isinstance(size, int) else None
+        aligned = len(location_sizes) == 1 and (
+            weight.shape[1] is None or static is None or weight.shape[1] == static)
+        if aligned:
+            return weight
+        weight = tf.reduce_mean(weight, axis=1)
+    return weight[:, None] * tf.ones(tf.stack([1, count]), tf.float32)
+
+
+def join_location_weights(captures, sizes):
+    """Per-capture `location_weights` concatenated along the location axis
+    (the uses of a shared layer), or None when no capture carries weights.
+
+    Args:
+        captures: the block's captures (pairs or triples).
+        sizes: per capture, `(examples, location_sizes)` as taken by
+            `location_weights`.
+    """
+    weights = [split_capture(c)[2] for c in captures]
+    if all(w is None for w in weights):
+        return None
+    return tf.concat([location_weights(w, examples, location_sizes)
+                      for w, (examples, location_sizes) in zip(weights, sizes)], axis=1)
+
+
+def static_or_dynamic_sizes(tensor, axes):
+    """The sizes of `tensor` along `axes`: ints where static, else tensors."""
+    return [tensor.shape[a] if tensor.shape[a] is not None else tf.shape(tensor)[a]
+            for a in axes]
 
 
 def append_homogeneous(rows):

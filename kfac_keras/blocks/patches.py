@@ -168,7 +168,8 @@ class ConvGeometry:
             captures: `(inputs, preactivation_grads)` pairs, one per call.
         """
         patch_rows, grad_rows = [], []
-        for inputs, grads in captures:
+        for capture in captures:
+            inputs, grads = capture[0], capture[1]
             patches = extract_patches(
                 tf.cast(inputs, tf.float32), self.kernel_size, self.strides,
                 self.dilation_rate, self.padding, self.data_format)
@@ -178,3 +179,14 @@ class ConvGeometry:
             grads = to_channels_last(tf.cast(grads, tf.float32), self.data_format)
             grad_rows.append(tf.reshape(grads, [examples, -1, grads.shape[-1]]))
         return tf.concat(patch_rows, axis=1), tf.concat(grad_rows, axis=1)
+
+    def example_weights(self, captures, join):
+        """Row weights `(m, T)` aligned with `example_rows` (output locations),
+        or None; `join` is `kfac_keras.blocks.kronecker.join_location_weights`."""
+        sizes = []
+        for capture in captures:
+            grads = to_channels_last(capture[1], self.data_format)
+            sizes.append((tf.shape(grads)[0],
+                          [grads.shape[a] if grads.shape[a] is not None else tf.shape(grads)[a]
+                           for a in range(1, len(grads.shape) - 1)]))
+        return join(captures, sizes)

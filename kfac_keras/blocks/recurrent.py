@@ -50,7 +50,10 @@ import tensorflow as tf
 from kfac_keras import keras_internals
 from kfac_keras.blocks.base import FisherBlock, StatisticsSource, layer_name
 from kfac_keras.blocks.errors import UnsupportedLayerError
-from kfac_keras.blocks.kronecker import KroneckerBlock, location_rows
+from kfac_keras.blocks.factors import location_factors
+from kfac_keras.blocks.kronecker import (KroneckerBlock, join_location_weights, location_rows,
+                                         location_weights, split_capture,
+                                         static_or_dynamic_sizes)
 
 #: The recurrent layer classes with a Kronecker block, and their cells.
 RECURRENT_CELLS = {
@@ -129,7 +132,9 @@ class _Recurrence:
     `zero_output_for_mask=True`), as Keras's loop does; its captured input
     row, homogeneous coordinate included, is zeroed, so it adds nothing to
     `A` (its pre-activation gradient is zero, so nothing to `G` either; the
-    `1/T` of `G` counts all steps).
+    `1/T` of `G` counts all steps). The mask is recorded with the rows, so
+    the training step's row weights leave masked steps out of `m_w`, the
+    input factor's count (docs/weighted_factors.md).
     """
 
     def __init__(self, layer, args, kwargs):
@@ -212,19 +217,31 @@ class _SequenceKroneckerBlock(KroneckerBlock):
     handled like `DenseBlock`'s."""
 
     def compute_factors(self, captures, num_examples):
-        inputs = tf.concat([location_rows(x, self.input_dim) for x, _ in captures], axis=0)
-        grads = tf.concat([location_rows(g, self.output_dim) for _, g in captures], axis=0)
-        locations = tf.cast(tf.shape(grads)[0], tf.float32) / num_examples
-        input_factor = tf.matmul(inputs, inputs, transpose_a=True) / num_examples
-        output_grad_factor = tf.matmul(grads, grads, transpose_a=True) / (
-            num_examples * locations)
-        return input_factor, output_grad_factor
+        split = [split_capture(c) for c in captures]
+        inputs = tf.concat([location_rows(x, self.input_dim) for x, _, _ in split], axis=0)
+        grads = tf.concat([location_rows(g, self.output_dim) for _, g, _ in split], axis=0)
+        weights = self._flat_weights(captures)
+        if weights is not None:
+            # Uses are concatenated along the row axis here, along the step
+            # axis in `per_example_weights`: reorder to match.
+            weights = tf.concat([tf.reshape(location_weights(
+                w, tf.shape(x)[0], static_or_dynamic_sizes(x, [1])), [-1])
+                for x, _, w in split], axis=0)
+        return location_factors(inputs, grads, num_examples, weights)
 
     def per_example_rows(self, captures):
         """`(examples, steps * uses, d)` rows for EKFAC's per-example gradients."""
-        inputs = tf.concat([tf.cast(x, tf.float32) for x, _ in captures], axis=1)
-        grads = tf.concat([tf.cast(g, tf.float32) for _, g in captures], axis=1)
+        split = [split_capture(c) for c in captures]
+        inputs = tf.concat([tf.cast(x, tf.float32) for x, _, _ in split], axis=1)
+        grads = tf.concat([tf.cast(g, tf.float32) for _, g, _ in split], axis=1)
         return inputs, grads
+
+    def per_example_weights(self, captures):
+        """Row weights `(examples, steps * uses)` (per-step weights apply step
+        by step; the mask of masked steps is in them), or None."""
+        return join_location_weights(captures, [
+            (tf.shape(x)[0], static_or_dynamic_sizes(x, [1]))
+            for x, _, _ in (split_capture(c) for c in captures)])
 
 
 class RecurrentBlock(_SequenceKroneckerBlock):
@@ -285,7 +302,7 @@ class RecurrentBlock(_SequenceKroneckerBlock):
         outputs, states = recurrence.run(step, [projection])
         previous = recurrence.previous_states(states)
         recorder.record(layer, recurrence.rows([recurrence.sequences, previous], self.has_bias),
-                        projection)
+                        projection, recurrence.mask)
         result = recurrence.layer_outputs(outputs, states)
         return result
 
@@ -416,7 +433,9 @@ class GRUBlock(FisherBlock):
 
         outputs, states = recurrence.run(step, [projection, recurrent_slot])
         previous = recurrence.previous_states(states)
-        recorder.record(layer, recurrence.rows([recurrence.sequences], self.has_bias), projection)
-        recorder.record(layer, recurrence.rows([previous], self.has_bias), recurrent_slot)
+        recorder.record(layer, recurrence.rows([recurrence.sequences], self.has_bias), projection,
+                        recurrence.mask)
+        recorder.record(layer, recurrence.rows([previous], self.has_bias), recurrent_slot,
+                        recurrence.mask)
         result = recurrence.layer_outputs(outputs, states)
         return result

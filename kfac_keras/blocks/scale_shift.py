@@ -41,7 +41,8 @@ Memory: 3 floats per entry (`gamma^2`, `gamma beta` and `beta^2` moments), or
 
 import tensorflow as tf
 
-from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign, layer_name
+from kfac_keras.blocks.base import (FisherBlock, StatisticsSource, ema_assign, layer_name,
+                                    split_capture)
 from kfac_keras.blocks.errors import UnsupportedLayerError
 
 
@@ -143,7 +144,9 @@ class ScaleShiftBlock(FisherBlock):
     def per_example_grads(self, captures):
         """`(dgamma, dbeta)`, each `(m, size)` or None, summed over calls."""
         dscale, dshift = None, None
-        for tangent, grads in captures:
+        # Row weights need no handling: these are per-example gradients of
+        # the sampled objective, which carries the weights already.
+        for tangent, grads, _ in (split_capture(c) for c in captures):
             grads = tf.cast(grads, tf.float32)
             rank = len(grads.shape)
             axes = sorted(a % rank for a in self.axes)

@@ -67,8 +67,9 @@ Activation layer, a residual add) ends the chain.
 import tensorflow as tf
 
 from kfac_keras import linalg
-from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign
+from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign, split_capture
 from kfac_keras.blocks.dense import DenseBlock
+from kfac_keras.blocks.factors import weighted_count
 from kfac_keras.blocks.kronecker import append_homogeneous, location_rows
 
 #: Upper clip of the generalized eigenvalues `s_A`, `s_B` (see module doc).
@@ -242,34 +243,60 @@ class DenseChainBlock(FisherBlock):
                     "changes between calls needs approximation='block_diagonal'.")
 
     def _rows(self, captures):
+        """Per layer: input rows, gradient rows and row weights (or None)."""
         if len(captures) != len(self.members):
             raise ValueError(
                 f"{self.name} expects one capture per layer ({len(self.members)}); "
                 f"received {len(captures)}.")
-        inputs, grads = [], []
-        for member, (layer_inputs, layer_grads) in zip(self.members, captures):
+        inputs, grads, weights = [], [], []
+        for member, capture in zip(self.members, captures):
+            layer_inputs, layer_grads, _ = split_capture(capture)
             rows = location_rows(layer_inputs, member.input_units)
             if member.has_bias:
                 rows = append_homogeneous(rows)
             inputs.append(rows)
             grads.append(location_rows(layer_grads, member.output_dim))
-        return inputs, grads
+            layer_weights = member.per_example_weights([capture])
+            weights.append(None if layer_weights is None else tf.reshape(layer_weights, [-1]))
+        return inputs, grads, weights
 
     # -- pipeline ------------------------------------------------------------
     def update_statistics(self, captures, sampled_grads, num_examples, decay):
-        inputs, grads = self._rows(captures)
+        """Folds `A_ii`, `G_ii` and the cross factors `A_{i,i+1}`, `G_{i,i+1}`.
+
+        With row weights `r_i` (sample weights, masks) the input factors are
+        weighted means (`location_factors`), the cross factor of layers `i`
+        and `i+1` with weights `sqrt(r_i r_{i+1})` (`= r` when both layers see
+        the same rows' weights, as in a chain); `G`s are unweighted.
+        """
+        inputs, grads, weights = self._rows(captures)
 
         def second_moment(left, right):
             return tf.matmul(left, right, transpose_a=True) / num_examples
 
+        def input_moment(left, right, row_weights):
+            if row_weights is None:
+                return second_moment(left, right), None
+            count = weighted_count(row_weights, num_examples)
+            return tf.math.divide_no_nan(tf.matmul(
+                left * row_weights[:, None], right, transpose_a=True), count), count
+
         for index in range(len(self.members)):
-            ema_assign(self.input_factors[index],
-                       second_moment(inputs[index], inputs[index]), decay)
+            moment, count = input_moment(inputs[index], inputs[index], weights[index])
+            ema_assign(self.input_factors[index], moment, decay, count)
             ema_assign(self.output_grad_factors[index],
                        second_moment(grads[index], grads[index]), decay)
         for index in range(len(self.members) - 1):
-            ema_assign(self.input_cross_factors[index],
-                       second_moment(inputs[index], inputs[index + 1]), decay)
+            pair = weights[index:index + 2]
+            if all(w is None for w in pair):
+                cross_weights = None
+            else:
+                ones = [tf.ones_like(inputs[i][:, 0]) for i in (index, index + 1)]
+                cross_weights = tf.sqrt(
+                    (ones[0] if pair[0] is None else pair[0])
+                    * (ones[1] if pair[1] is None else pair[1]))
+            moment, count = input_moment(inputs[index], inputs[index + 1], cross_weights)
+            ema_assign(self.input_cross_factors[index], moment, decay, count)
             ema_assign(self.output_grad_cross_factors[index],
                        second_moment(grads[index], grads[index + 1]), decay)
 

@@ -44,6 +44,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import kfac_keras  # noqa: E402
+from benchmarks.cli import parse_kfac_options  # noqa: E402
 from benchmarks.autoencoder import make_autoencoder  # noqa: E402
 from benchmarks.mnist_data import load_mnist  # noqa: E402
 from benchmarks.small_models import small_cnn  # noqa: E402
@@ -205,13 +206,17 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out-dir", default=os.path.join("benchmark_results", "step_cost"))
+    parser.add_argument("--kfac-options", type=parse_kfac_options, default={},
+                        help='JSON object of KFAC arguments for every K-FAC step measured, '
+                             'e.g. \'{"step_rule": "kl_clip"}\' (default: KFAC() defaults)')
     args = parser.parse_args(argv)
     names = [n.strip() for n in args.models.split(",") if n.strip()]
     unknown = [n for n in names if n not in PROBLEMS]
     if unknown:
         parser.error(f"--models: unknown {unknown}; choose from {sorted(PROBLEMS)}")
-    defaults = kfac_keras.KFAC()
-    print(f"K-FAC defaults: cov_update_every={defaults.cov_update_every}, "
+    defaults = kfac_keras.KFAC(**args.kfac_options)
+    print(f"K-FAC options {args.kfac_options or 'defaults'}: step_rule={defaults.step_rule!r}, "
+          f"cov_update_every={defaults.cov_update_every}, "
           f"inv_update_every={defaults.inv_update_every}, "
           f"inverse_method={defaults.inverse_method!r}, "
           f"statistics_fraction={defaults.statistics_fraction}")
@@ -219,7 +224,7 @@ def main(argv=None):
     for name in names:
         make_model, x, y, loss, label = PROBLEMS[name](args.batch_size, args.data_dir)
         print(f"measuring {label}, batch {args.batch_size} ...", flush=True)
-        result = measure(make_model, x, y, loss, args.repeats)
+        result = measure(make_model, x, y, loss, args.repeats, args.kfac_options)
         rows.append((name, result))
     header = "| model | " + " | ".join(COLUMNS) + " |"
     lines = [header, "|" + "---|" * (len(COLUMNS) + 1)]

@@ -5,11 +5,15 @@ The maths is in `kfac_keras.step_rules` (`orthogonal_direction`); this module
 maps each block's preconditioned gradients `Delta` to its *Kronecker
 matrices* `P` (one per Kronecker pair `A (x) G`, in the pair's own layout
 `(input_dim, output_dim)`, bias row included), replaces each by
-`0.2 sqrt(max(rows, cols)) NS_k(P)`, and maps the result back. Per block:
+`0.2 sqrt(max(rows, cols)) NS_k(P)`, and maps the result back. Each block
+declares its matrices through the block contract
+(`FisherBlock.kronecker_matrices` / `grads_from_kronecker_matrices`,
+`kfac_keras.blocks.base`; None for a block without Kronecker pairs). Per
+block:
 
 * A `KroneckerBlock` (Dense, EinsumDense, convolutions and transposed
   convolutions, SimpleRNN/LSTM `[W; U; b]`, Embedding): its matrix
-  `block.grads_to_matrix`. Grouped and depthwise convolutions have one pair
+  `grads_to_matrix`. Grouped and depthwise convolutions have one pair
   per group, so one matrix per group (a batch of polar factors): the Fisher
   block is block-diagonal over groups, and each group's step gets the fixed
   RMS (a depthwise channel with `depth_multiplier=1` is a `(k + 1, 1)`
@@ -48,61 +52,6 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import step_rules
-from kfac_keras.blocks.depthwise import SeparableConvBlock
-from kfac_keras.blocks.kronecker import KroneckerBlock
-from kfac_keras.blocks.recurrent import GRUBlock
-from kfac_keras.blocks.tridiagonal import DenseChainBlock
-
-
-def _split(grads, parts):
-    """`grads` of a composite block -> one list per part, in variable order."""
-    lists, position = [], 0
-    for part in parts:
-        count = len(part.variables)
-        lists.append(list(grads[position:position + count]))
-        position += count
-    return lists
-
-
-def _composite_parts(block):
-    """The Kronecker parts whose variables, concatenated, are `block.variables`,
-    or None for a block that is not such a composite."""
-    if isinstance(block, DenseChainBlock):
-        return list(block.members)
-    if isinstance(block, SeparableConvBlock):
-        return [block.depthwise_part, block.pointwise_part]
-    return None
-
-
-def block_matrices(block, grads):
-    """The Kronecker matrices of `grads` (aligned with `block.variables`),
-    or None when the block has no Kronecker structure (see the module
-    docstring)."""
-    if isinstance(block, KroneckerBlock):
-        return [block.grads_to_matrix(grads)]
-    if isinstance(block, GRUBlock):
-        if not block.has_bias:
-            return [grads[0], grads[1]]
-        return [tf.concat([grads[0], grads[2][:1]], axis=0),
-                tf.concat([grads[1], grads[2][1:]], axis=0)]
-    parts = _composite_parts(block)
-    if parts is None:
-        return None
-    return [part.grads_to_matrix(part_grads)
-            for part, part_grads in zip(parts, _split(grads, parts))]
-
-
-def block_grads(block, matrices):
-    """Inverse of `block_matrices`: gradients aligned with `block.variables`."""
-    if isinstance(block, KroneckerBlock):
-        return block.matrix_to_grads(matrices[0])
-    if isinstance(block, GRUBlock):
-        if not block.has_bias:
-            return list(matrices)
-        first, second = matrices
-        return [first[:-1], second[:-1], tf.concat([first[-1:], second[-1:]], axis=0)]
-    return [grad for part, matrix in zip(_composite_parts(block), matrices)
-            for grad in part.matrix_to_grads(matrix)]
 
 
 class OrthogonalStep:
@@ -169,13 +118,13 @@ class OrthogonalStep:
             grads = [tf.zeros_like(v, dtype=tf.float32) if i is None
                      else tf.cast(preconditioned[i], tf.float32)
                      for i, v in zip(members, block.variables)]
-            matrices = block_matrices(block, grads)
+            matrices = block.kronecker_matrices(grads)
             if matrices is None:
                 clipped.append(block.name)
                 continue
             orthogonal.append(block.name)
             steps = [step_rules.orthogonal_direction(m, self.iterations) for m in matrices]
-            for i, direction in zip(members, block_grads(block, steps)):
+            for i, direction in zip(members, block.grads_from_kronecker_matrices(steps)):
                 if i is not None:
                     directions[i] = tf.cast(direction, preconditioned[i].dtype)
                     square_sum += tf.reduce_sum(tf.square(tf.cast(direction, tf.float32)))

@@ -249,7 +249,7 @@ class KFAC(keras.optimizers.Optimizer):
             Keras's `Muon` update), without KL clip; `learning_rate` and
             `momentum` then apply as above, so the step is linear in the
             learning rate (`learning_rate=None` means 1e-2 here). Variables
-            without a Kronecker block (and sparse Embedding gradients) take
+            without a Kronecker block (and Embedding blocks) take
             the `"kl_clip"` step (with `norm_constraint`). `step_size` logs the
             learning rate times the RMS entry of the orthogonalised direction.
             Not combinable with `quadratic_model_step`.
@@ -573,7 +573,7 @@ class KFAC(keras.optimizers.Optimizer):
             self, self.precondition(raw_grads, variables))
         if self._orthogonal_step is not None:
             preconditioned, rms = self._orthogonal_step.directions(
-                self._registration.blocks, variables, raw_grads, full_grads, preconditioned,
+                self._registration.blocks, variables, full_grads, preconditioned,
                 self.norm_constraint)
             self._diagnostics.step_size.assign(self._learning_rate_now() * rms)
         elif self.norm_constraint is not None:

@@ -25,12 +25,13 @@ block:
 * A tridiagonal chain (`approximation="tridiagonal"`): the chain couples the
   layers in `Delta`, but each layer keeps its own `[K; b]`: one matrix per
   layer of the chain, orthogonalised after the chain's preconditioning.
-* An Embedding whose gradient arrives as `tf.IndexedSlices` (the usual
-  case): orthogonalising would make its update a dense `(vocabulary, dim)`
-  polar factor every step (the rows of absent tokens stay zero, but the cost
-  and the update are those of the whole table), so it takes the KL-clipped
-  step below instead; a warning says so once. With a dense gradient it is
-  orthogonalised like any Kronecker block.
+* An Embedding block (`accepts_indexed_slices`, whose gradient usually
+  arrives as `tf.IndexedSlices`): orthogonalising would make its update a
+  dense `(vocabulary, dim)` polar factor every step (the cost and the update
+  are those of the whole table), so it takes the KL-clipped step below
+  instead; a warning says so once. This is decided by the block, not by the
+  gradient's form: a multi-replica step all-reduces the gradients densely
+  (`kfac_keras.distributed`), and the step must equal one device's.
 * Every other block (diagonal, identity, LayerNormalization/BatchNorm
   scale-shift, variables of layers without a Kronecker block): the
   `kl_clip` step, `Delta` scaled by `kfac_keras.step_rules.kl_clipping_scale`
@@ -79,19 +80,17 @@ class OrthogonalStep:
                 "step_rule='kl_clip' at this learning rate.", clipped + sparse)
         if sparse:
             logging.warning(
-                "KFAC step_rule='orthogonal': %s receive sparse (IndexedSlices) "
-                "gradients; orthogonalising would densify their update over the whole "
-                "table, so they take the KL-clipped K-FAC step instead.", sparse)
+                "KFAC step_rule='orthogonal': %s are Embedding blocks, whose gradients "
+                "are sparse (IndexedSlices) rows; orthogonalising would densify their "
+                "update over the whole table, so they take the KL-clipped K-FAC step "
+                "instead.", sparse)
 
-    def directions(self, blocks, variables, raw_grads, full_grads, preconditioned,
-                   norm_constraint):
+    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
         """The step directions (to be multiplied by `-lr`, momentum after).
 
         Args:
             blocks: the registration's blocks.
             variables: the variables to update.
-            raw_grads: their gradients as received (tensors or
-                `tf.IndexedSlices`), aligned with `variables`.
             full_grads: the dense gradients of the objective (with `l2_reg`).
             preconditioned: `Delta`, dense, aligned with `variables`.
             norm_constraint: float or None, the KL bound of the variables
@@ -112,7 +111,7 @@ class OrthogonalStep:
             present = [i for i in members if i is not None]
             if not present:
                 continue
-            if any(isinstance(raw_grads[i], tf.IndexedSlices) for i in present):
+            if block.accepts_indexed_slices:
                 sparse.append(block.name)
                 continue
             grads = [tf.zeros_like(v, dtype=tf.float32) if i is None

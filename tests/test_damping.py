@@ -123,7 +123,7 @@ def test_damping_moves_in_the_right_direction(learning_rate, direction):
     x = rng.normal(size=(64, 3)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("int32") + (x[:, 2] > 1).astype("int32")
     model = _model()
-    optimizer = kfac_keras.KFAC(norm_constraint=None, 
+    optimizer = kfac_keras.KFAC(norm_constraint=None, step_rule="kl_clip",
         learning_rate=learning_rate, momentum=0.0, damping=0.01, inverse_method="eigh",
         cov_update_every=1, inv_update_every=5, seed=2,
         adaptive=kfac_keras.AdaptiveOptions(adapt_damping=True, damping_update_every=1))

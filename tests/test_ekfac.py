@@ -247,7 +247,7 @@ def test_ekfac_trains_in_fit():
     x = rng.normal(size=(64, 3)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
     model = _model(False)
-    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.05, momentum=0.5, damping=0.05,
+    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=0.05, momentum=0.5, damping=0.05,
                                             inverse_method="ekfac", scale_update_every=1,
                                             cov_update_every=2, inv_update_every=4, seed=4),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

@@ -10,12 +10,12 @@ adam_lr_ratio``. The harness passes the model's output layer name in
 ``exclude_layers``, as Muon's docstring recommends, and sets both weight
 decays to 0 so that all optimizers minimise the same objective. ``kfac`` is
 ``kfac_keras.KFAC`` (its defaults) plus ``kfac_keras.KFACCallback``. Optional
-K-FAC variants: ``kfac_paper`` (the paper's quadratic-model step size and
-momentum with Levenberg-Marquardt damping), ``kfac_tridiagonal`` (the same
-with the block-tridiagonal inverse) and ``kfac_fixed`` (learning rate 0.01,
-fixed damping, no norm constraint). Optional Muon variant: ``muon_bf16``,
-``muon`` with the matrix products of its Newton-Schulz iterations in
-bfloat16 (``MuonBfloat16``), the counterpart of
+K-FAC variants, all with ``step_rule="kl_clip"``: ``kfac_paper`` (the paper's
+quadratic-model step size and momentum with Levenberg-Marquardt damping),
+``kfac_tridiagonal`` (the same with the block-tridiagonal inverse) and
+``kfac_fixed`` (learning rate 0.01, fixed damping, no norm constraint).
+Optional Muon variant: ``muon_bf16``, ``muon`` with the matrix products of
+its Newton-Schulz iterations in bfloat16 (``MuonBfloat16``), the counterpart of
 ``KFAC(orthogonal_dtype="bfloat16")``, so that Muon gets the same saving when
 K-FAC uses it.
 """
@@ -95,6 +95,10 @@ class OptimizerSpec:
     callbacks: Callable = list
 
 
+#: The variants below are K-FAC's own step (the quadratic-model step is not
+#: combinable with the default ``step_rule="orthogonal"``; ``kfac_fixed`` is
+#: the plain update).
+KL_CLIP = {"step_rule": "kl_clip"}
 #: ``AdaptiveOptions`` arguments of the ``kfac_paper`` variants.
 PAPER_ADAPTIVE = {"quadratic_model_step": True, "adapt_damping": True,
                   "min_damping": 1e-3}
@@ -168,18 +172,19 @@ def get_optimizer_specs(names=DEFAULT_OPTIMIZERS, *, output_layer_name=None,
         # momentum from the quadratic model, Levenberg-Marquardt damping.
         "kfac_paper": OptimizerSpec(
             "kfac_paper", "K-FAC paper (quadratic-model step, LM damping)",
-            lambda lr: _kfac_build(None, adaptive=PAPER_ADAPTIVE, **kfac_kwargs),
+            lambda lr: _kfac_build(None, adaptive=PAPER_ADAPTIVE,
+                                   **{**KL_CLIP, **kfac_kwargs}),
             None, (), (), _make_kfac_callbacks_factory()),
         "kfac_tridiagonal": OptimizerSpec(
             "kfac_tridiagonal", "K-FAC paper, block-tridiagonal",
             lambda lr: _kfac_build(None, adaptive=PAPER_ADAPTIVE,
-                                   approximation="tridiagonal", **kfac_kwargs),
+                                   approximation="tridiagonal", **{**KL_CLIP, **kfac_kwargs}),
             None, (), (), _make_kfac_callbacks_factory()),
         # The plain update: fixed damping, no norm constraint.
         "kfac_fixed": OptimizerSpec(
             "kfac_fixed", "K-FAC fixed damping, no clipping",
             lambda lr: _kfac_build(0.01 if lr is None else lr, adaptive=None,
-                                   norm_constraint=None, **kfac_kwargs),
+                                   norm_constraint=None, **{**KL_CLIP, **kfac_kwargs}),
             0.01, tuple(kfac_grid or ()), tuple(kfac_grid or ()),
             _make_kfac_callbacks_factory()),
     }

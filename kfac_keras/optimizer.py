@@ -80,12 +80,17 @@ class KFAC(keras.optimizers.Optimizer):
     every `cov_update_every` steps, decompositions `O(n^3)` every
     `inv_update_every` steps (outside XLA on CPU, inside XLA on GPU).
 
-    Defaults (chosen on the benchmarks of docs/benchmarks.md): a
-    learning-rate step of 1.0 with momentum 0.9, "KL clipping"
-    (`norm_constraint`) at 1e-4, which sets the step length in most steps,
-    and Levenberg-Marquardt adaptation of the damping every 10 steps
-    (initial 1e-2, floor 1e-3). `KFAC(adaptive=None, norm_constraint=None, learning_rate=...)` is
-    the plain fixed-damping update above.
+    Defaults: `step_rule="orthogonal"` (each Kronecker matrix of the
+    preconditioned gradient replaced by its scaled polar factor, learning
+    rate 1e-2, momentum 0.9 after; chosen on the autoencoder, CNN, LM and MLP
+    of tools/step_efficiency/RESULTS.md, where it took fewer steps and less
+    time than the KL-clipped rule), with Levenberg-Marquardt adaptation of
+    the damping every 10 steps (initial 1e-2, floor 1e-3; docs/benchmarks.md).
+    `KFAC(step_rule="kl_clip")` is the K-FAC step of earlier versions: a
+    learning-rate step of 1.0 with momentum 0.9 and "KL clipping"
+    (`norm_constraint`) at 1e-4, which sets the step length in most steps.
+    `KFAC(step_rule="kl_clip", adaptive=None, norm_constraint=None,
+    learning_rate=...)` is the plain fixed-damping update above.
 
     The rest of the paper's algorithm, and its successors, are options (see
     Args): `approximation="tridiagonal"` (section 4.3), `adaptive` (sections
@@ -108,9 +113,11 @@ class KFAC(keras.optimizers.Optimizer):
 
     Args:
         learning_rate: float or `keras.optimizers.schedules.LearningRateSchedule`,
-            the step size applied to the preconditioned gradient (before the
-            norm constraint, which usually sets the step length). Defaults to
-            None, meaning 1.0 (must stay None with
+            the step size applied to the orthogonalised direction (default
+            `step_rule`) or to the preconditioned gradient after the norm
+            constraint (`step_rule="kl_clip"`). Defaults to None, meaning
+            1e-2 with `step_rule="orthogonal"` and 1.0 with `"kl_clip"` (must
+            stay None with
             `AdaptiveOptions(quadratic_model_step=True)`, which chooses the
             step size itself; `optimizer.learning_rate` then reads the last
             `alpha`).
@@ -195,6 +202,8 @@ class KFAC(keras.optimizers.Optimizer):
             Not available with `quadratic_model_step`. `"auto"` means 1e-4
             with a learning-rate step and None with `quadratic_model_step`;
             None turns the constraint off (the plain `learning_rate` step).
+            With `step_rule="orthogonal"` (the default) it bounds only the
+            variables that are not orthogonalised.
         scale_update_every: int >= 1 or None, `T_scale` of EKFAC: the
             corrected diagonal is re-estimated every this many steps. Only
             with `inverse_method="ekfac"`. Defaults to None (=
@@ -207,8 +216,10 @@ class KFAC(keras.optimizers.Optimizer):
             all-reduces their whole state once per `T_inv` step. On CPU the
             replicated mode is as fast or faster (measured in the README),
             hence the default. With one replica the option changes nothing.
-        step_rule: `"kl_clip"` (default): the K-FAC step with `norm_constraint`
-            as above. `"orthogonal"`: each Kronecker matrix `P` of the
+        step_rule: `"orthogonal"` (default) or `"kl_clip"`. `"kl_clip"`: the
+            K-FAC step with `norm_constraint` as above (the default of
+            earlier versions; needed for `quadratic_model_step`).
+            `"orthogonal"`: each Kronecker matrix `P` of the
             preconditioned gradient (`[K; b]` per layer, per group, per GRU
             projection; `kfac_keras.orthogonal_step`) is replaced by
             `0.2 sqrt(max(rows, cols))` times `orthogonal_iterations`
@@ -216,10 +227,10 @@ class KFAC(keras.optimizers.Optimizer):
             Keras's `Muon` update), without KL clip; `learning_rate` and
             `momentum` then apply as above, so the step is linear in the
             learning rate (`learning_rate=None` means 1e-2 here). Variables
-            without a Kronecker block (and sparse Embedding gradients) take
-            the `"kl_clip"` step. `step_size` logs the learning rate times the
-            RMS entry of the orthogonalised direction. Not combinable with
-            `quadratic_model_step`.
+            without a Kronecker block (and Embedding blocks) take
+            the `"kl_clip"` step (with `norm_constraint`). `step_size` logs the
+            learning rate times the RMS entry of the orthogonalised direction.
+            Not combinable with `quadratic_model_step`.
         orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of
             `step_rule="orthogonal"` (only with it). Defaults to None,
             meaning 3.
@@ -262,7 +273,7 @@ class KFAC(keras.optimizers.Optimizer):
         norm_constraint="auto",
         scale_update_every=None,
         distributed_inverses=False,
-        step_rule="kl_clip",
+        step_rule="orthogonal",
         orthogonal_iterations=None,
         orthogonal_dtype=None,
         name="kfac",
@@ -495,7 +506,7 @@ class KFAC(keras.optimizers.Optimizer):
             self, self.precondition(raw_grads, variables))
         if self._orthogonal_step is not None:
             preconditioned, rms = self._orthogonal_step.directions(
-                self._registration.blocks, variables, raw_grads, full_grads, preconditioned,
+                self._registration.blocks, variables, full_grads, preconditioned,
                 self.norm_constraint)
             self._diagnostics.step_size.assign(self._learning_rate_now() * rms)
         elif self.norm_constraint is not None:

@@ -5,11 +5,15 @@ The maths is in `kfac_keras.step_rules` (`orthogonal_direction`); this module
 maps each block's preconditioned gradients `Delta` to its *Kronecker
 matrices* `P` (one per Kronecker pair `A (x) G`, in the pair's own layout
 `(input_dim, output_dim)`, bias row included), replaces each by
-`0.2 sqrt(max(rows, cols)) NS_k(P)`, and maps the result back. Per block:
+`0.2 sqrt(max(rows, cols)) NS_k(P)`, and maps the result back. Each block
+declares its matrices through the block contract
+(`FisherBlock.kronecker_matrices` / `grads_from_kronecker_matrices`,
+`kfac_keras.blocks.base`; None for a block without Kronecker pairs). Per
+block:
 
 * A `KroneckerBlock` (Dense, EinsumDense, convolutions and transposed
   convolutions, SimpleRNN/LSTM `[W; U; b]`, Embedding): its matrix
-  `block.grads_to_matrix`. Grouped and depthwise convolutions have one pair
+  `grads_to_matrix`. Grouped and depthwise convolutions have one pair
   per group, so one matrix per group (a batch of polar factors): the Fisher
   block is block-diagonal over groups, and each group's step gets the fixed
   RMS (a depthwise channel with `depth_multiplier=1` is a `(k + 1, 1)`
@@ -21,12 +25,13 @@ matrices* `P` (one per Kronecker pair `A (x) G`, in the pair's own layout
 * A tridiagonal chain (`approximation="tridiagonal"`): the chain couples the
   layers in `Delta`, but each layer keeps its own `[K; b]`: one matrix per
   layer of the chain, orthogonalised after the chain's preconditioning.
-* An Embedding whose gradient arrives as `tf.IndexedSlices` (the usual
-  case): orthogonalising would make its update a dense `(vocabulary, dim)`
-  polar factor every step (the rows of absent tokens stay zero, but the cost
-  and the update are those of the whole table), so it takes the KL-clipped
-  step below instead; a warning says so once. With a dense gradient it is
-  orthogonalised like any Kronecker block.
+* An Embedding block (`accepts_indexed_slices`, whose gradient usually
+  arrives as `tf.IndexedSlices`): orthogonalising would make its update a
+  dense `(vocabulary, dim)` polar factor every step (the cost and the update
+  are those of the whole table), so it takes the KL-clipped step below
+  instead; a warning says so once. This is decided by the block, not by the
+  gradient's form: a multi-replica step all-reduces the gradients densely
+  (`kfac_keras.distributed`), and the step must equal one device's.
 * Every other block (diagonal, identity, LayerNormalization/BatchNorm
   scale-shift, variables of layers without a Kronecker block): the
   `kl_clip` step, `Delta` scaled by `kfac_keras.step_rules.kl_clipping_scale`
@@ -48,61 +53,6 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import step_rules
-from kfac_keras.blocks.depthwise import SeparableConvBlock
-from kfac_keras.blocks.kronecker import KroneckerBlock
-from kfac_keras.blocks.recurrent import GRUBlock
-from kfac_keras.blocks.tridiagonal import DenseChainBlock
-
-
-def _split(grads, parts):
-    """`grads` of a composite block -> one list per part, in variable order."""
-    lists, position = [], 0
-    for part in parts:
-        count = len(part.variables)
-        lists.append(list(grads[position:position + count]))
-        position += count
-    return lists
-
-
-def _composite_parts(block):
-    """The Kronecker parts whose variables, concatenated, are `block.variables`,
-    or None for a block that is not such a composite."""
-    if isinstance(block, DenseChainBlock):
-        return list(block.members)
-    if isinstance(block, SeparableConvBlock):
-        return [block.depthwise_part, block.pointwise_part]
-    return None
-
-
-def block_matrices(block, grads):
-    """The Kronecker matrices of `grads` (aligned with `block.variables`),
-    or None when the block has no Kronecker structure (see the module
-    docstring)."""
-    if isinstance(block, KroneckerBlock):
-        return [block.grads_to_matrix(grads)]
-    if isinstance(block, GRUBlock):
-        if not block.has_bias:
-            return [grads[0], grads[1]]
-        return [tf.concat([grads[0], grads[2][:1]], axis=0),
-                tf.concat([grads[1], grads[2][1:]], axis=0)]
-    parts = _composite_parts(block)
-    if parts is None:
-        return None
-    return [part.grads_to_matrix(part_grads)
-            for part, part_grads in zip(parts, _split(grads, parts))]
-
-
-def block_grads(block, matrices):
-    """Inverse of `block_matrices`: gradients aligned with `block.variables`."""
-    if isinstance(block, KroneckerBlock):
-        return block.matrix_to_grads(matrices[0])
-    if isinstance(block, GRUBlock):
-        if not block.has_bias:
-            return list(matrices)
-        first, second = matrices
-        return [first[:-1], second[:-1], tf.concat([first[-1:], second[-1:]], axis=0)]
-    return [grad for part, matrix in zip(_composite_parts(block), matrices)
-            for grad in part.matrix_to_grads(matrix)]
 
 
 class OrthogonalStep:
@@ -133,19 +83,17 @@ class OrthogonalStep:
                 "step_rule='kl_clip' at this learning rate.", clipped + sparse)
         if sparse:
             logging.warning(
-                "KFAC step_rule='orthogonal': %s receive sparse (IndexedSlices) "
-                "gradients; orthogonalising would densify their update over the whole "
-                "table, so they take the KL-clipped K-FAC step instead.", sparse)
+                "KFAC step_rule='orthogonal': %s are Embedding blocks, whose gradients "
+                "are sparse (IndexedSlices) rows; orthogonalising would densify their "
+                "update over the whole table, so they take the KL-clipped K-FAC step "
+                "instead.", sparse)
 
-    def directions(self, blocks, variables, raw_grads, full_grads, preconditioned,
-                   norm_constraint):
+    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
         """The step directions (to be multiplied by `-lr`, momentum after).
 
         Args:
             blocks: the registration's blocks.
             variables: the variables to update.
-            raw_grads: their gradients as received (tensors or
-                `tf.IndexedSlices`), aligned with `variables`.
             full_grads: the dense gradients of the objective (with `l2_reg`).
             preconditioned: `Delta`, dense, aligned with `variables`.
             norm_constraint: float or None, the KL bound of the variables
@@ -166,20 +114,20 @@ class OrthogonalStep:
             present = [i for i in members if i is not None]
             if not present:
                 continue
-            if any(isinstance(raw_grads[i], tf.IndexedSlices) for i in present):
+            if block.accepts_indexed_slices:
                 sparse.append(block.name)
                 continue
             grads = [tf.zeros_like(v, dtype=tf.float32) if i is None
                      else tf.cast(preconditioned[i], tf.float32)
                      for i, v in zip(members, block.variables)]
-            matrices = block_matrices(block, grads)
+            matrices = block.kronecker_matrices(grads)
             if matrices is None:
                 clipped.append(block.name)
                 continue
             orthogonal.append(block.name)
             steps = [step_rules.orthogonal_direction(m, self.iterations, self.dtype)
                      for m in matrices]
-            for i, direction in zip(members, block_grads(block, steps)):
+            for i, direction in zip(members, block.grads_from_kronecker_matrices(steps)):
                 if i is not None:
                     directions[i] = tf.cast(direction, preconditioned[i].dtype)
                     square_sum += tf.reduce_sum(tf.square(tf.cast(direction, tf.float32)))

@@ -73,16 +73,16 @@ def build(options, layers=2):
     model = keras.Sequential([keras.Input((5,))] + hidden
                              + [keras.layers.Dense(3, activation="softmax", name="out")],
                              name="net")
-    # The plain update (learning rate, fixed damping), unless `options` has
-    # `"defaults": True`: then KFAC's defaults (learning rate 1, KL clipping,
-    # Levenberg-Marquardt damping) apart from the seed, the update periods and
-    # the rest of `options`.
+    # The plain update (`step_rule="kl_clip"`, learning rate, fixed damping),
+    # unless `options` has `"defaults": True`: then KFAC's defaults (the
+    # orthogonal step rule, Levenberg-Marquardt damping) apart from the seed,
+    # the update periods and the rest of `options`.
     options = dict(options)
     if options.pop("defaults", False):
         kwargs = dict(seed=3, cov_update_every=2, inv_update_every=4)
     else:
         kwargs = dict(seed=3, learning_rate=0.05, cov_update_every=2, inv_update_every=4,
-                      damping=0.05, adaptive=None, norm_constraint=None)
+                      damping=0.05, adaptive=None, norm_constraint=None, step_rule="kl_clip")
     loss_scaling = kwargs.pop("loss_scaling", False) or options.pop("loss_scaling", False)
     kwargs.update(options)
     optimizer = kfac_keras.KFAC(**kwargs)
@@ -204,15 +204,16 @@ CONFIGURATIONS = {
     "l2_norm_constraint_weight_decay": (
         {"l2_reg": 1e-3, "norm_constraint": 1e-3, "weight_decay": 1e-2}, 2),
     # KFAC(seed=...) defaults: Levenberg-Marquardt damping every 10 steps (at
-    # steps 0 and 10 of its two epochs, see EPOCHS) and KL clipping; then the
-    # rule every 2 steps.
+    # steps 0 and 10 of its two epochs, see EPOCHS) and the orthogonal step
+    # rule; then KL clipping (the defaults of earlier versions) with the
+    # damping rule every 2 steps.
     "defaults": ({"defaults": True}, 2),
-    "adapt_damping_every_2": ({"defaults": True, "adaptive": {
+    "adapt_damping_every_2": ({"defaults": True, "step_rule": "kl_clip", "adaptive": {
         "adapt_damping": True, "min_damping": 1e-3, "damping_update_every": 2}}, 2),
     # Step size and momentum from the quadratic model (2x2 system), with LM damping.
-    "quadratic_model_step": ({"defaults": True, "norm_constraint": None, "adaptive": {
-        "quadratic_model_step": True, "adapt_damping": True, "min_damping": 1e-3,
-        "damping_update_every": 2}}, 2),
+    "quadratic_model_step": ({"defaults": True, "step_rule": "kl_clip", "norm_constraint": None,
+                              "adaptive": {"quadratic_model_step": True, "adapt_damping": True,
+                                           "min_damping": 1e-3, "damping_update_every": 2}}, 2),
     # The orthogonal step rule (kfac_keras.orthogonal_step) with LM damping.
     "orthogonal": ({"defaults": True, "step_rule": "orthogonal"}, 3),
 }
@@ -543,8 +544,8 @@ def scenario_mirrored_layers():
 
 
 def scenario_mirrored_no_arguments():
-    """`KFAC()` with no arguments (learning rate 1, KL clipping,
-    Levenberg-Marquardt damping every 10 steps, statistics every 10 and
+    """`KFAC()` with no arguments (the orthogonal step rule at learning rate
+    1e-2, Levenberg-Marquardt damping every 10 steps, statistics every 10 and
     decompositions every 20 steps, a random seed) under `fit` with
     MirroredStrategy(2 CPUs), 3 epochs of 8 steps: the logged loss is finite
     and falls, the rule ran (rho finite), the factors were estimated and

@@ -55,7 +55,7 @@ ROUND_TRIP_CASES = [
          decomposition_jit_compile=True, distributed_inverses=True),
     dict(adaptive=dict(quadratic_model_step=True, adapt_damping=True,
                        damping_update_every=3, min_damping=1e-6, max_damping=10.0),
-         damping=0.1, global_clipnorm=3.0, inverse_method="inverse"),
+         damping=0.1, global_clipnorm=3.0, inverse_method="inverse", step_rule="kl_clip"),
     dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03,
          step_rule="orthogonal", orthogonal_iterations=5, orthogonal_dtype="bfloat16"),
 ]
@@ -422,12 +422,14 @@ def test_float32_overflowing_numbers_are_rejected():
 
 
 # ------------------------------------------------ the "auto" default options
-def test_auto_defaults_resolve_to_kl_clipping_and_lm_damping():
+def test_auto_defaults_resolve_to_the_orthogonal_rule_and_lm_damping():
     optimizer = kfac_keras.KFAC()
-    assert optimizer.norm_constraint == 1e-4
+    assert optimizer.step_rule == "orthogonal"
+    assert optimizer.norm_constraint == 1e-4  # for the variables it does not orthogonalise
     assert optimizer.adaptive == kfac_keras.AdaptiveOptions(
         adapt_damping=True, min_damping=1e-3, damping_update_every=10)
-    assert float(optimizer.learning_rate.numpy()) == 1.0
+    assert float(optimizer.learning_rate.numpy()) == pytest.approx(1e-2)
+    assert float(kfac_keras.KFAC(step_rule="kl_clip").learning_rate.numpy()) == 1.0
     assert optimizer.momentum == 0.9 and optimizer.initial_damping == 1e-2
     # get_config holds the resolved values, and rebuilding gives the same optimizer.
     config = optimizer.get_config()
@@ -446,7 +448,7 @@ def test_auto_defaults_yield_to_explicit_choices():
     assert kfac_keras.KFAC(weight_decay=1e-4).adaptive is None
     assert kfac_keras.KFAC(use_ema=True, ema_overwrite_frequency=5).adaptive is None
     # The quadratic-model step sets its own length: no norm constraint.
-    model_step = kfac_keras.KFAC(adaptive={"quadratic_model_step": True})
+    model_step = kfac_keras.KFAC(adaptive={"quadratic_model_step": True}, step_rule="kl_clip")
     assert model_step.norm_constraint is None
     # None turns each off; explicit values are kept.
     plain = kfac_keras.KFAC(adaptive=None, norm_constraint=None)
@@ -471,7 +473,8 @@ def test_options_are_frozen_resolved_and_give_the_config():
     assert options.adaptive == kfac_keras.AdaptiveOptions(
         adapt_damping=True, min_damping=1e-5, damping_update_every=10)
     assert options.norm_constraint == 1e-4
-    assert (options.learning_rate, options.momentum) == (1.0, 0.9)
+    assert (options.step_rule, options.orthogonal_iterations) == ("orthogonal", 3)
+    assert (options.learning_rate, options.momentum) == (1e-2, 0.9)
     config = optimizer.get_config()
     for key, value in options.get_config().items():
         assert config[key] == value, key

@@ -82,7 +82,7 @@ def test_rho_and_damping_in_training_match_independent_computation():
     l2, every = 0.01, 2
     options = kfac_keras.AdaptiveOptions(adapt_damping=True, damping_update_every=every,
                                          min_damping=1e-4, max_damping=10.0)
-    optimizer = kfac_keras.KFAC(norm_constraint=None, learning_rate=0.5, momentum=0.5, damping=0.1, l2_reg=l2,
+    optimizer = kfac_keras.KFAC(norm_constraint=None, step_rule="kl_clip", learning_rate=0.5, momentum=0.5, damping=0.1, l2_reg=l2,
                                 cov_update_every=1, inv_update_every=1, seed=1,
                                 adaptive=options)
     step = kfac_keras.make_train_step(model, optimizer, loss)
@@ -123,7 +123,7 @@ def test_damping_moves_in_the_right_direction(learning_rate, direction):
     x = rng.normal(size=(64, 3)).astype("float32")
     y = (x[:, 0] + x[:, 1] > 0).astype("int32") + (x[:, 2] > 1).astype("int32")
     model = _model()
-    optimizer = kfac_keras.KFAC(norm_constraint=None, 
+    optimizer = kfac_keras.KFAC(norm_constraint=None, step_rule="kl_clip",
         learning_rate=learning_rate, momentum=0.0, damping=0.01, inverse_method="eigh",
         cov_update_every=1, inv_update_every=5, seed=2,
         adaptive=kfac_keras.AdaptiveOptions(adapt_damping=True, damping_update_every=1))
@@ -165,7 +165,7 @@ def test_damping_and_momentum_schedules_drive_the_update():
     damping = keras.optimizers.schedules.ExponentialDecay(0.5, 1, 0.5)    # 0.5 * 0.5^k
     momentum = keras.optimizers.schedules.PolynomialDecay(0.2, 4, 0.8)   # 0.2 -> 0.8
     lr = keras.optimizers.schedules.ExponentialDecay(0.3, 1, 0.9)
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=lr, momentum=momentum, damping=damping,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=lr, momentum=momentum, damping=damping,
                                 inverse_method="eigh", cov_update_every=1,
                                 inv_update_every=1, seed=3)
     step = kfac_keras.make_train_step(model, optimizer, loss)

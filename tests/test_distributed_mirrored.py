@@ -34,7 +34,7 @@ def test_two_replicas_match_one_device_fit_and_custom_loop():
 
 
 def test_default_kfac_with_levenberg_marquardt_damping_matches_one_device():
-    """`KFAC(seed=...)` defaults (learning rate 1, KL clipping, the
+    """`KFAC(seed=...)` defaults (the orthogonal step rule, the
     Levenberg-Marquardt rule every 10 steps, which needs the quadratic model's
     Fisher products and the loss after the update on the global batch,
     computed per replica and combined), 16 steps so the rule runs at steps 0

@@ -130,7 +130,7 @@ def test_ekfac_step_that_decomposes_uses_scalings_estimated_in_the_new_basis():
     lr, damping = 0.2, 0.003
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     optimizer = kfac_keras.KFAC(
-        adaptive=None, norm_constraint=None, learning_rate=lr, momentum=0.0,
+        adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=lr, momentum=0.0,
         damping=damping, inverse_method="ekfac", estimation_mode="empirical",
         cov_update_every=1, inv_update_every=1, scale_update_every=1, seed=6)
     step = kfac_keras.make_train_step(model, optimizer, loss)
@@ -161,7 +161,7 @@ def test_ekfac_update_inverts_the_corrected_kronecker_eigenbasis_matrix():
     model = _model(False)
     lr, damping = 0.3, 0.02
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, 
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", 
         learning_rate=lr, momentum=0.0, damping=damping, inverse_method="ekfac",
         cov_update_every=100, inv_update_every=100, scale_update_every=1, seed=2)
     step = kfac_keras.make_train_step(model, optimizer, loss)
@@ -247,7 +247,7 @@ def test_ekfac_trains_in_fit():
     x = rng.normal(size=(64, 3)).astype("float32")
     y = (x[:, 0] > 0).astype("int32")
     model = _model(False)
-    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.05, momentum=0.5, damping=0.05,
+    model.compile(optimizer=kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=0.05, momentum=0.5, damping=0.05,
                                             inverse_method="ekfac", scale_update_every=1,
                                             cov_update_every=2, inv_update_every=4, seed=4),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

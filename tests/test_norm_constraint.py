@@ -61,7 +61,7 @@ def test_norm_constraint(method, bound):
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     model = _model()
     lr, damping, l2 = 0.7, 0.05, 0.01
-    optimizer = kfac_keras.KFAC(adaptive=None, learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
+    optimizer = kfac_keras.KFAC(adaptive=None, step_rule="kl_clip", learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
                                 inverse_method=method, norm_constraint=bound,
                                 cov_update_every=1, inv_update_every=1, seed=1)
     step = kfac_keras.make_train_step(model, optimizer, loss)
@@ -108,7 +108,7 @@ def test_learning_rate_scales_the_step_when_the_bound_binds():
     for lr in (1.0, 0.5):
         keras.utils.set_random_seed(0)
         model = _model()
-        optimizer = kfac_keras.KFAC(adaptive=None, learning_rate=lr, momentum=0.0,
+        optimizer = kfac_keras.KFAC(adaptive=None, step_rule="kl_clip", learning_rate=lr, momentum=0.0,
                                     norm_constraint=1e-6, cov_update_every=1,
                                     inv_update_every=1, seed=1)
         step = kfac_keras.make_train_step(model, optimizer, loss)

@@ -136,7 +136,7 @@ def test_step_coefficients_solve_the_dense_two_by_two_system():
     damping, l2 = 0.3, 0.01
     optimizer = kfac_keras.KFAC(
         damping=damping, l2_reg=l2, inverse_method="eigh", cov_update_every=1,
-        inv_update_every=1, seed=4,
+        inv_update_every=1, seed=4, step_rule="kl_clip",
         adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True))
     step = kfac_keras.make_train_step(model, optimizer, loss)
     variables = model.trainable_variables
@@ -214,7 +214,7 @@ def test_extra_passes_leave_batch_norm_statistics_alone():
     hidden = model.get_layer("hidden")
     h = np.tanh(x @ hidden.kernel.numpy() + hidden.bias.numpy())
     optimizer = kfac_keras.KFAC(
-        damping=1.0, seed=5,
+        damping=1.0, seed=5, step_rule="kl_clip",
         adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True, adapt_damping=True,
                                             damping_update_every=1))
     step = kfac_keras.make_train_step(
@@ -227,13 +227,13 @@ def test_extra_passes_leave_batch_norm_statistics_alone():
 def test_options_are_validated():
     adaptive = kfac_keras.AdaptiveOptions(quadratic_model_step=True)
     with pytest.raises(ValueError, match="learning_rate"):
-        kfac_keras.KFAC(learning_rate=0.1, adaptive=adaptive)
+        kfac_keras.KFAC(learning_rate=0.1, adaptive=adaptive, step_rule="kl_clip")
     with pytest.raises(ValueError, match="momentum"):
-        kfac_keras.KFAC(momentum=0.5, adaptive=adaptive)
+        kfac_keras.KFAC(momentum=0.5, adaptive=adaptive, step_rule="kl_clip")
     with pytest.raises(ValueError, match="norm_constraint"):
-        kfac_keras.KFAC(norm_constraint=0.1, adaptive=adaptive)
+        kfac_keras.KFAC(norm_constraint=0.1, adaptive=adaptive, step_rule="kl_clip")
     with pytest.raises(ValueError, match="weight_decay"):
-        kfac_keras.KFAC(adaptive=adaptive, weight_decay=0.1)
+        kfac_keras.KFAC(adaptive=adaptive, weight_decay=0.1, step_rule="kl_clip")
     with pytest.raises(ValueError, match="enables nothing"):
         kfac_keras.AdaptiveOptions()
     with pytest.raises(TypeError, match="unknown keys"):
@@ -243,7 +243,7 @@ def test_options_are_validated():
     with pytest.raises(TypeError, match="quadratic_model_step"):
         kfac_keras.AdaptiveOptions(quadratic_model_step=1)
     optimizer = kfac_keras.KFAC(adaptive={"quadratic_model_step": True, "adapt_damping": True},
-                                damping=2.0)
+                                damping=2.0, step_rule="kl_clip")
     config = optimizer.get_config()
     assert config["learning_rate"] is None and config["momentum"] is None
     restored = kfac_keras.KFAC.from_config(config)
@@ -252,7 +252,8 @@ def test_options_are_validated():
 
 def test_apply_without_the_training_step_explains_what_to_do():
     model = _model(3)
-    optimizer = kfac_keras.KFAC(adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True))
+    optimizer = kfac_keras.KFAC(adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True),
+                                step_rule="kl_clip")
     optimizer.attach(model)
     grads = [tf.zeros_like(v) for v in model.trainable_variables]
     with pytest.raises(RuntimeError, match="make_train_step"):
@@ -266,7 +267,7 @@ def test_logged_values_in_fit_and_custom_loop(mode):
     y = rng.integers(0, 3, size=32)
     model = _model(3)
     optimizer = kfac_keras.KFAC(
-        damping=1.0, cov_update_every=1, inv_update_every=2, seed=6,
+        damping=1.0, cov_update_every=1, inv_update_every=2, seed=6, step_rule="kl_clip",
         adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True, adapt_damping=True,
                                             damping_update_every=1))
     model.compile(optimizer=optimizer,

@@ -103,7 +103,7 @@ def _exact_update(a, g, v, damping, method):
 def _one_step(case, damping, method):
     x, y = _data(case)
     model = _model(case)
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, 
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", 
         learning_rate=LR, momentum=0.0, damping=damping, inverse_method=method,
         cov_update_every=1, inv_update_every=1, estimation_mode="empirical", seed=1)
     step = kfac_keras.make_train_step(
@@ -159,7 +159,7 @@ def test_tiny_damping_gives_finite_descent_steps(case, method):
 
 def _block(method, damping=1e-3):
     model = _model("normal")
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=LR, damping=damping, inverse_method=method,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=LR, damping=damping, inverse_method=method,
                                 cov_update_every=1, inv_update_every=1, seed=1)
     kfac_keras.make_train_step(model, optimizer, "sparse_categorical_crossentropy")
     return optimizer, block_for_layer(optimizer, model.get_layer("hidden"))

@@ -38,7 +38,7 @@ CONFIGS = {
     "cholesky": dict(momentum=0.9),
     "eigh": dict(inverse_method="eigh"),
     "adaptive": dict(adaptive=dict(quadratic_model_step=True, adapt_damping=True,
-                                   damping_update_every=2)),
+                                   damping_update_every=2), step_rule="kl_clip"),
     "tridiagonal": dict(approximation="tridiagonal", momentum=0.5),
     "ekfac": dict(inverse_method="ekfac"),
     "layers": dict(momentum=0.9),  # on the CNN of _build_model("cnn")

@@ -452,12 +452,15 @@ def test_sparse_embedding_gradient_takes_the_kl_clipped_step(caplog):
 
 
 # ---------------------------------------------------------------- options
-def test_defaults_are_unchanged_and_orthogonal_resolves_its_own():
-    default = kfac_keras.KFAC()
-    assert default.step_rule == "kl_clip"
-    assert default.get_config()["orthogonal_iterations"] is None
-    assert float(default.learning_rate) == 1.0
-    orthogonal = kfac_keras.KFAC(step_rule="orthogonal")
+def test_orthogonal_is_the_default_and_kl_clip_resolves_its_own():
+    kl_clip = kfac_keras.KFAC(step_rule="kl_clip")
+    assert kl_clip.get_config()["orthogonal_iterations"] is None
+    assert float(kl_clip.learning_rate) == 1.0
+    assert kl_clip.norm_constraint == 1e-4
+    restored = kfac_keras.KFAC.from_config(kl_clip.get_config())
+    assert restored.step_rule == "kl_clip" and float(restored.learning_rate) == 1.0
+    orthogonal = kfac_keras.KFAC()
+    assert orthogonal.step_rule == "orthogonal"
     assert orthogonal.get_config()["orthogonal_iterations"] == 3
     assert float(orthogonal.learning_rate) == pytest.approx(1e-2)
     assert orthogonal.norm_constraint == 1e-4  # for the variables it does not orthogonalise
@@ -485,7 +488,8 @@ def test_orthogonal_dtype_resolves_and_round_trips():
      "orthogonal_iterations"),
     (dict(step_rule="orthogonal", orthogonal_iterations=True), TypeError,
      "orthogonal_iterations"),
-    (dict(orthogonal_iterations=3), ValueError, "only applies to step_rule='orthogonal'"),
+    (dict(step_rule="kl_clip", orthogonal_iterations=3), ValueError,
+     "only applies to step_rule='orthogonal'"),
     (dict(step_rule="kl_clip", orthogonal_dtype="bfloat16"), ValueError,
      "orthogonal_dtype.*only applies to step_rule='orthogonal'"),
     (dict(step_rule="kl_clip", orthogonal_dtype="float32"), ValueError,
@@ -496,6 +500,7 @@ def test_orthogonal_dtype_resolves_and_round_trips():
      "orthogonal_dtype.*must be a string"),
     (dict(step_rule="orthogonal", adaptive=dict(quadratic_model_step=True)), ValueError,
      "quadratic_model_step"),
+    (dict(adaptive=dict(quadratic_model_step=True)), ValueError, "step_rule='kl_clip'"),
 ])
 def test_orthogonal_options_are_validated(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -546,3 +551,50 @@ def test_benchmark_muon_bfloat16_matches_the_float64_loop_and_muon():
                                        for v, b in zip(model.trainable_variables, before)]))
     error = np.linalg.norm(updates[1] - updates[0]) / np.linalg.norm(updates[0])
     assert 1e-4 < error < 0.05, error
+
+
+def test_blocks_declare_their_kronecker_matrices():
+    """The block contract's hook (`kronecker_matrices` and its inverse)
+    against the layouts written out with NumPy: `[K; b]` for Dense and each
+    layer of a tridiagonal chain, `[W; b_input]` and `[U; b_recurrent]` for a
+    GRU, the depthwise kernel per channel and `[P; b]` for a separable
+    convolution; None for a LayerNormalization block."""
+    sequence = keras.Input((4, 3))
+    hidden = keras.layers.GRU(5, name="gru")(sequence)
+    hidden = keras.layers.LayerNormalization(name="norm")(hidden)
+    hidden = keras.layers.Dense(6, name="first")(hidden)
+    output = keras.layers.Dense(2, name="second")(hidden)
+    model = keras.Model(sequence, output)
+    image = keras.Input((5, 5, 2))
+    separable = keras.Sequential([image, keras.layers.SeparableConv2D(
+        3, 3, depth_multiplier=2, name="separable")])
+    chain = kfac_keras.register(model, approximation="tridiagonal")
+    blocks = {b.name: b for b in kfac_keras.register(model).blocks + chain.blocks
+              + kfac_keras.register(separable).blocks}
+    rng = np.random.default_rng(0)
+
+    def check(block, expected):
+        grads = [tf.constant(rng.normal(size=v.shape), tf.float32) for v in block.variables]
+        values = [g.numpy() for g in grads]
+        matrices = block.kronecker_matrices(grads)
+        assert len(matrices) == len(expected(values))
+        for matrix, want in zip(matrices, expected(values)):
+            np.testing.assert_array_equal(np.asarray(matrix), want)
+        for back, grad in zip(block.grads_from_kronecker_matrices(matrices), values):
+            np.testing.assert_array_equal(np.asarray(back), grad)
+
+    gru = next(b for name, b in blocks.items() if name.endswith("gru"))
+    check(gru, lambda g: [np.vstack([g[0], g[2][:1]]), np.vstack([g[1], g[2][1:]])])
+    dense = next(b for name, b in blocks.items() if name.endswith("second"))
+    check(dense, lambda g: [np.vstack([g[0], g[1][None]])])
+    tridiagonal = next(b for name, b in blocks.items() if name.startswith("chain["))
+    check(tridiagonal, lambda g: [np.vstack([g[0], g[1][None]]), np.vstack([g[2], g[3][None]])])
+    separable_block = next(b for name, b in blocks.items() if name.endswith("separable"))
+    # Depthwise kernel (3, 3, 2, 2): one (9 offsets, 2 multipliers) matrix per channel.
+    check(separable_block, lambda g: [np.transpose(g[0].reshape(9, 2, 2), (1, 0, 2)),
+                                      np.vstack([g[1].reshape(4, 3), g[2][None]])])
+    norm = next(b for name, b in blocks.items() if name.endswith("norm"))
+    grads = [tf.ones_like(v) for v in norm.variables]
+    assert norm.kronecker_matrices(grads) is None
+    with pytest.raises(ValueError, match="no Kronecker matrices"):
+        norm.grads_from_kronecker_matrices([])

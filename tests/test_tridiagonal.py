@@ -191,7 +191,7 @@ def test_training_step_factors_and_update_match_numpy():
     y = rng.integers(0, 3, size=32)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     lr, damping, l2 = 0.2, 0.05, 0.01
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, 
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", 
         learning_rate=lr, momentum=0.0, damping=damping, l2_reg=l2,
         approximation="tridiagonal", estimation_mode="empirical",
         cov_update_every=1, inv_update_every=1, seed=3)
@@ -354,7 +354,7 @@ def test_tridiagonal_with_the_full_adaptive_algorithm_trains():
                                          damping_update_every=2)
     model.compile(optimizer=kfac_keras.KFAC(damping=0.1, approximation="tridiagonal",
                                             adaptive=options, cov_update_every=1,
-                                            inv_update_every=2, seed=5),
+                                            inv_update_every=2, seed=5, step_rule="kl_clip"),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     history = model.fit(x, y, batch_size=16, epochs=4, verbose=0,
                         callbacks=[kfac_keras.KFACCallback(verbose=0)])

@@ -36,7 +36,7 @@ def test_update_matches_numpy(method, l2_reg):
     model = _model()
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     lr, damping = 0.3, 0.05
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=lr, momentum=0.0, damping=damping,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=lr, momentum=0.0, damping=damping,
                                 l2_reg=l2_reg, inverse_method=method,
                                 cov_update_every=1, inv_update_every=1, seed=5)
     step = kfac_keras.make_train_step(model, optimizer, loss)
@@ -73,7 +73,7 @@ def test_momentum_accumulates_preconditioned_steps():
     options = dict(learning_rate=0.1, damping=0.1, cov_update_every=100,
                    inv_update_every=100, seed=2)
     model = _model()
-    opt = kfac_keras.KFAC(adaptive=None, norm_constraint=None, momentum=0.5, **options)
+    opt = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", momentum=0.5, **options)
     step = kfac_keras.make_train_step(model, opt, loss)
     w0 = model.layers[1].kernel.numpy()
     step(x, y)
@@ -121,7 +121,7 @@ def test_newton_on_ill_conditioned_least_squares():
 
     best = objective(w_opt)
     model = make()
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=1.0, momentum=0.0, damping=1e-8,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=1.0, momentum=0.0, damping=1e-8,
                                 cov_update_every=1, inv_update_every=1, seed=0)
     step = kfac_keras.make_train_step(model, optimizer, "mse")
     gap0 = objective(weights(model)) - best
@@ -172,7 +172,7 @@ def test_softmax_regression_within_one_percent_in_20_steps():
     design = np.concatenate([x, np.ones((n, 1))], axis=1).astype(np.float64)
     best, _ = _softmax_regression_optimum(design, labels, classes)
     model = keras.Sequential([keras.Input((d,)), keras.layers.Dense(classes)])
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=1.0, momentum=0.0, damping=1e-4,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=1.0, momentum=0.0, damping=1e-4,
                                 cov_update_every=1, inv_update_every=1, seed=4)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))

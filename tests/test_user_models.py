@@ -120,7 +120,7 @@ def test_custom_train_step_update_is_the_preconditioned_gradient():
     model = OwnStepRegressor()
     model(x[:1])
     before = [ops.convert_to_numpy(v) for v in model.out.weights]
-    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, learning_rate=0.1,
+    optimizer = kfac_keras.KFAC(adaptive=None, norm_constraint=None, step_rule="kl_clip", learning_rate=0.1,
                                 damping=0.1, cov_update_every=1, seed=0)
     model.compile(optimizer=optimizer)
     weights = [ops.convert_to_numpy(w) for w in (model.hidden.kernel, model.hidden.bias,

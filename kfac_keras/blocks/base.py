@@ -29,6 +29,10 @@ block with `getattr`/`hasattr`:
 * `accepts_indexed_slices`: `multiply_damped_inverse` takes and returns
   `tf.IndexedSlices` (sparse rows) for its single variable.
 * `uses_eigenbasis_scalings`: the block runs `update_scalings` (EKFAC).
+* `kronecker_matrices(grads)` / `grads_from_kronecker_matrices(matrices)`:
+  the gradients as one matrix per Kronecker pair and back, or None for a
+  block without Kronecker pairs (`step_rule="orthogonal"`,
+  `kfac_keras.orthogonal_step`).
 * `registration_note`: why registration chose this block (report column).
 """
 
@@ -202,6 +206,37 @@ class FisherBlock(abc.ABC):
         an `EstimateRecorder`. Blocks without scalings raise."""
         del captures, num_examples, factor_decay
         raise ValueError(f"Block {self.name!r} ({self.kind}) has no eigenbasis scalings.")
+
+    # -- step rules ---------------------------------------------------------
+    def kronecker_matrices(self, grads):
+        """The block's gradients as its Kronecker matrices.
+
+        One matrix per Kronecker pair `A (x) G` of the block, in the pair's
+        layout `(..., input_dim, output_dim)` (bias row included, a leading
+        group axis for grouped pairs). `step_rule="orthogonal"` replaces each
+        by its scaled polar factor (`kfac_keras.orthogonal_step`).
+
+        Args:
+            grads: dense tensors aligned with `self.variables`.
+
+        Returns:
+            A list of tensors, or None (the default) for a block without
+            Kronecker pairs, whose variables then take the KL-clipped step.
+        """
+        del grads
+        return None
+
+    def grads_from_kronecker_matrices(self, matrices):
+        """Inverse of `kronecker_matrices`: tensors aligned with `self.variables`.
+
+        Args:
+            matrices: a list shaped like what `kronecker_matrices` returns.
+
+        Raises:
+            ValueError: for a block whose `kronecker_matrices` is None.
+        """
+        del matrices
+        raise ValueError(f"Block {self.name!r} ({self.kind}) has no Kronecker matrices.")
 
     # -- introspection ------------------------------------------------------
     @abc.abstractmethod

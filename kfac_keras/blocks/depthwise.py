@@ -200,6 +200,17 @@ class SeparableConvBlock(FisherBlock):
         return (self.depthwise_part.multiply_damped_inverse(grads[:1], damping)
                 + self.pointwise_part.multiply_damped_inverse(grads[1:], damping))
 
+    def kronecker_matrices(self, grads):
+        """The depthwise kernel's (one pair per channel) and the pointwise `[K; b]`."""
+        return (self.depthwise_part.kronecker_matrices(grads[:1])
+                + self.pointwise_part.kronecker_matrices(grads[1:]))
+
+    def grads_from_kronecker_matrices(self, matrices):
+        """Inverse of `kronecker_matrices`."""
+        depthwise, pointwise = matrices
+        return (self.depthwise_part.grads_from_kronecker_matrices([depthwise])
+                + self.pointwise_part.grads_from_kronecker_matrices([pointwise]))
+
 
 #: Why a depthwise/separable layer cannot get a KFC block (the conv check).
 depthwise_unsupported_reason = conv_unsupported_reason

@@ -115,6 +115,14 @@ class KroneckerBlock(FisherBlock):
         """Inverse of `grads_to_matrix`."""
         raise NotImplementedError(f"{type(self).__name__} must implement matrix_to_grads")
 
+    def kronecker_matrices(self, grads):
+        """One pair (or one per group): `[grads_to_matrix(grads)]`."""
+        return [self.grads_to_matrix(grads)]
+
+    def grads_from_kronecker_matrices(self, matrices):
+        """Inverse of `kronecker_matrices`."""
+        return self.matrix_to_grads(matrices[0])
+
     def per_example_rows(self, captures):
         """Per-example rows of the captured tensors.
 

@@ -361,6 +361,21 @@ class GRUBlock(FisherBlock):
         return [tf.concat([grads[0], grads[2][:1]], axis=0),
                 tf.concat([grads[1], grads[2][1:]], axis=0)]
 
+    def _part_grads(self, input_matrix, recurrent_matrix):
+        """Inverse of `_part_matrices`."""
+        if not self.has_bias:
+            return [input_matrix, recurrent_matrix]
+        bias = tf.concat([input_matrix[-1:], recurrent_matrix[-1:]], axis=0)
+        return [input_matrix[:-1], recurrent_matrix[:-1], bias]
+
+    def kronecker_matrices(self, grads):
+        """Two pairs: `[W; b_input]` and `[U; b_recurrent]`."""
+        return self._part_matrices(grads)
+
+    def grads_from_kronecker_matrices(self, matrices):
+        """Inverse of `kronecker_matrices`."""
+        return self._part_grads(*matrices)
+
     def build(self, optimizer):
         for part in self.parts:
             part.build(optimizer)
@@ -396,10 +411,7 @@ class GRUBlock(FisherBlock):
         input_matrix, recurrent_matrix = [
             part.multiply_damped_inverse([m], damping)[0]
             for part, m in zip(self.parts, self._part_matrices(grads))]
-        if not self.has_bias:
-            return [input_matrix, recurrent_matrix]
-        bias = tf.concat([input_matrix[-1:], recurrent_matrix[-1:]], axis=0)
-        return [input_matrix[:-1], recurrent_matrix[:-1], bias]
+        return self._part_grads(input_matrix, recurrent_matrix)
 
     def captured_call(self, original_call, recorder, args, kwargs):
         """Runs the GRU with both projections exposed; records `(x, p)` and

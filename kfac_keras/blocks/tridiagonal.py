@@ -386,3 +386,18 @@ class DenseChainBlock(FisherBlock):
         for member, matrix in zip(self.members, results):
             out.extend(member.matrix_to_grads(matrix))
         return out
+
+    def kronecker_matrices(self, grads):
+        """Each layer's `[K; b]`: the chain couples the layers in the
+        preconditioned gradient, but each layer keeps its own pair's layout."""
+        matrices, position = [], 0
+        for member in self.members:
+            count = len(member.variables)
+            matrices.extend(member.kronecker_matrices(grads[position:position + count]))
+            position += count
+        return matrices
+
+    def grads_from_kronecker_matrices(self, matrices):
+        """Inverse of `kronecker_matrices`."""
+        return [grad for member, matrix in zip(self.members, matrices)
+                for grad in member.grads_from_kronecker_matrices([matrix])]

@@ -47,12 +47,13 @@ def test_fit_with_defaults_trains_and_uses_recurrent_blocks(name):
     optimizer = kfac_keras.KFAC(seed=0)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    # 24 steps: the damping rule (every 5 steps) runs through the loops.
-    losses = model.fit(x, y, batch_size=32, epochs=3, verbose=0,
+    # 48 steps: the damping rule runs through the loops; the default rule's
+    # fixed-RMS steps (0.2 x lr per entry) need ~40 to leave ln 2 on this task.
+    losses = model.fit(x, y, batch_size=32, epochs=6, verbose=0,
                        callbacks=[kfac_keras.KFACCallback(verbose=0)]).history["loss"]
 
     assert all(np.isfinite(losses))
-    assert losses[-1] < losses[0] - 0.01, losses
+    assert losses[-1] < losses[0] - 0.05, losses
     recurrent_kinds = [info["kind"] for info in optimizer.registration.describe()
                        if info["layer_class"] in ("LSTM", "GRU", "SimpleRNN")]
     assert recurrent_kinds == EXPECTED_KINDS[name]

@@ -25,6 +25,8 @@ masks and sample weights into the row weights of the factors
 import keras
 import tensorflow as tf
 
+from kfac_keras import keras_internals
+
 #: What a capture wrapper records (a block's `capture_mode`):
 #: * "preactivation": `(inputs, s)` with the layer's activation switched off.
 #: * "output": `(inputs, output)`, the layer run unchanged (e.g. Embedding:
@@ -282,7 +284,7 @@ def install_attention_mask_scopes(model, wrappers):
         wrappers: the registration's `CaptureWrapper`s.
     """
     by_layer = {id(w.layer): w for w in wrappers}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in keras_internals.child_layers(model):
         if not isinstance(layer, keras.layers.MultiHeadAttention) or isinstance(
                 layer.__dict__.get("call"), AttentionMaskScope):
             continue

@@ -326,13 +326,15 @@ def test_fit_with_defaults_trains_conv_autoencoder():
     ])
     model.compile(optimizer=kfac_keras.KFAC(), loss="mse")
     initial = model.evaluate(x, x, verbose=0)
-    model.fit(x, x, batch_size=32, epochs=12, verbose=0,
+    model.fit(x, x, batch_size=32, epochs=24, verbose=0,
               callbacks=[kfac_keras.KFACCallback(verbose=0)])
     final = model.evaluate(x, x, verbose=0)
-    # Standalone 8-epoch runs (32 steps) reached 0.18-0.39x the initial loss
-    # (Adam at its defaults: 0.89x); 12 epochs and this bound leave room for
-    # the noise of the sampled targets.
-    assert final < 0.75 * initial, (initial, final)
+    # The orthogonal default moves every matrix by a fixed RMS, small on these
+    # 4-channel kernels: a standalone run reached 0.85x the initial loss after
+    # 8 epochs and 0.77x after 24 (Adam at its defaults: 0.89x, 0.69x; the
+    # KL-clipped rule, the default before, 0.18-0.39x after 8); this bound
+    # leaves room for the noise of the sampled targets.
+    assert final < 0.85 * initial, (initial, final)
     kinds = {}
     for info in model.optimizer.registration.describe():
         kinds.setdefault(info["block"].split("/")[-1], set()).add(info["kind"].split(" (")[0])

@@ -387,7 +387,8 @@ def test_captured_call_hook_runs_the_layer_for_its_block():
 def test_layering_has_no_import_cycle():
     """optimizer -> registration -> {chains -> capture, blocks}: blocks import
     only blocks, linalg and keras_internals (a leaf over Keras), capture
-    imports no package module, and the package's module graph has no cycle."""
+    imports no package module but that leaf, and the package's module graph
+    has no cycle."""
     import ast
     import pathlib
 
@@ -415,7 +416,7 @@ def test_layering_has_no_import_cycle():
                        or i in ("kfac_keras.linalg", "kfac_keras.keras_internals")
                        for i in imports), (module, imports)
     assert graph["kfac_keras.keras_internals"] == set()
-    assert graph["kfac_keras.capture"] == set()
+    assert graph["kfac_keras.capture"] <= {"kfac_keras.keras_internals"}
     assert "kfac_keras.registration" not in graph["kfac_keras.chains"]
 
     state = {}

@@ -231,6 +231,17 @@ def _serialize_schedule(value):
     return keras.optimizers.schedules.serialize(value) if is_schedule(value) else value
 
 
+def _orthogonal_rule_option(name, value, step_rule):
+    """True if option `name` of `step_rule="orthogonal"` is to be resolved;
+    False without that rule, where a value given would be ignored: refused."""
+    if step_rule == "orthogonal":
+        return True
+    if value is not None:
+        raise ValueError(f"`{name}` only applies to step_rule='orthogonal'; received "
+                         f"{name}={value!r} with step_rule={step_rule!r}.")
+    return False
+
+
 @dataclasses.dataclass(frozen=True)
 class KFACOptions:
     """Every `KFAC` option, checked and with its defaults resolved.
@@ -364,12 +375,7 @@ class KFACOptions:
         """`orthogonal_iterations` resolved: an int with the orthogonal rule,
         else None (a number given without it would be ignored: refused)."""
         iterations = self.orthogonal_iterations
-        if step_rule != "orthogonal":
-            if iterations is not None:
-                raise ValueError(
-                    "`orthogonal_iterations` only applies to step_rule='orthogonal'; "
-                    f"received orthogonal_iterations={iterations!r} with "
-                    f"step_rule={step_rule!r}.")
+        if not _orthogonal_rule_option("orthogonal_iterations", iterations, step_rule):
             return None
         if model_step:
             raise ValueError(
@@ -386,11 +392,7 @@ class KFACOptions:
         """`orthogonal_dtype` resolved: a dtype name with the orthogonal rule,
         else None (a dtype given without it would be ignored: refused)."""
         dtype = self.orthogonal_dtype
-        if step_rule != "orthogonal":
-            if dtype is not None:
-                raise ValueError(
-                    "`orthogonal_dtype` only applies to step_rule='orthogonal'; "
-                    f"received orthogonal_dtype={dtype!r} with step_rule={step_rule!r}.")
+        if not _orthogonal_rule_option("orthogonal_dtype", dtype, step_rule):
             return None
         if dtype is None:
             return DEFAULT_ORTHOGONAL_DTYPE

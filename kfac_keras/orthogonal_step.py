@@ -25,13 +25,14 @@ block:
 * A tridiagonal chain (`approximation="tridiagonal"`): the chain couples the
   layers in `Delta`, but each layer keeps its own `[K; b]`: one matrix per
   layer of the chain, orthogonalised after the chain's preconditioning.
-* An Embedding block (`accepts_indexed_slices`, whose gradient usually
-  arrives as `tf.IndexedSlices`): orthogonalising would make its update a
-  dense `(vocabulary, dim)` polar factor every step (the cost and the update
-  are those of the whole table), so it takes the KL-clipped step below
-  instead; a warning says so once. This is decided by the block, not by the
-  gradient's form: a multi-replica step all-reduces the gradients densely
-  (`kfac_keras.distributed`), and the step must equal one device's.
+* An Embedding block: its `[table]` matrix like any Kronecker block. The
+  preconditioned step of rows absent from the batch is zero and stays zero
+  through the iterations, but the products run over the whole `(vocabulary,
+  dim)` table, `O(vocabulary dim^2)` per step. This is what the measurements
+  behind the default did (keras-io's transformer classifier learns through
+  its token embedding; with the embedding on the KL-clipped step at the
+  orthogonal rule's learning rate it stayed at chance), and it is the same
+  on one device and under a multi-replica step (dense all-reduced gradients).
 * Every other block (diagonal, identity, LayerNormalization/BatchNorm
   scale-shift, variables of layers without a Kronecker block): the
   `kl_clip` step, `Delta` scaled by `kfac_keras.step_rules.kl_clipping_scale`
@@ -69,24 +70,18 @@ class OrthogonalStep:
         self.dtype = dtype
         self._reported = False
 
-    def _report(self, orthogonal, sparse, clipped):
+    def _report(self, orthogonal, clipped):
         if self._reported:
             return
         self._reported = True
         if orthogonal:
             logging.info("KFAC step_rule='orthogonal': orthogonalised blocks %s; KL-clipped "
-                         "step for %s.", orthogonal, clipped + sparse or "none")
+                         "step for %s.", orthogonal, clipped or "none")
         else:
             logging.warning(
                 "KFAC step_rule='orthogonal' found no Kronecker block to orthogonalise "
                 "(blocks %s all take the KL-clipped step), so it trains as "
-                "step_rule='kl_clip' at this learning rate.", clipped + sparse)
-        if sparse:
-            logging.warning(
-                "KFAC step_rule='orthogonal': %s are Embedding blocks, whose gradients "
-                "are sparse (IndexedSlices) rows; orthogonalising would densify their "
-                "update over the whole table, so they take the KL-clipped K-FAC step "
-                "instead.", sparse)
+                "step_rule='kl_clip' at this learning rate.", clipped)
 
     def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
         """The step directions (to be multiplied by `-lr`, momentum after).
@@ -107,18 +102,17 @@ class OrthogonalStep:
         index = {id(v): i for i, v in enumerate(variables)}
         directions = list(preconditioned)
         remaining = set(range(len(variables)))
-        orthogonal, sparse, clipped = [], [], []
+        orthogonal, clipped = [], []
         square_sum, count = tf.constant(0.0), 0
         for block in blocks:
             members = [index.get(id(v)) for v in block.variables]
             present = [i for i in members if i is not None]
             if not present:
                 continue
-            if block.accepts_indexed_slices:
-                sparse.append(block.name)
-                continue
+            # Reshaped to the variable: a densified sparse gradient may have lost
+            # its static shape, which the Newton-Schulz scale needs.
             grads = [tf.zeros_like(v, dtype=tf.float32) if i is None
-                     else tf.cast(preconditioned[i], tf.float32)
+                     else tf.reshape(tf.cast(preconditioned[i], tf.float32), v.shape)
                      for i, v in zip(members, block.variables)]
             matrices = block.kronecker_matrices(grads)
             if matrices is None:
@@ -133,7 +127,7 @@ class OrthogonalStep:
                     square_sum += tf.reduce_sum(tf.square(tf.cast(direction, tf.float32)))
                     count += direction.shape.num_elements()
                     remaining.discard(i)
-        self._report(orthogonal, sparse, clipped)
+        self._report(orthogonal, clipped)
         rest = sorted(remaining)
         if rest and norm_constraint is not None:
             scale = step_rules.kl_clipping_scale([full_grads[i] for i in rest],

@@ -226,9 +226,10 @@ class KFAC(keras.optimizers.Optimizer):
             Newton-Schulz iterations towards its polar factor (the RMS of
             Keras's `Muon` update), without KL clip; `learning_rate` and
             `momentum` then apply as above, so the step is linear in the
-            learning rate (`learning_rate=None` means 1e-2 here). Variables
-            without a Kronecker block (and Embedding blocks) take
-            the `"kl_clip"` step (with `norm_constraint`). `step_size` logs the
+            learning rate (`learning_rate=None` means 1e-2 here). Embedding
+            tables are orthogonalised too (over the whole table); variables
+            without a Kronecker block take the `"kl_clip"` step (with
+            `norm_constraint`). `step_size` logs the
             learning rate times the RMS entry of the orthogonalised direction.
             Not combinable with `quadratic_model_step`.
         orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of

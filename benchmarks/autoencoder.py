@@ -57,7 +57,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import time
 
 import keras
 
@@ -130,11 +129,8 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    t_start = time.perf_counter()
-    cli.print_environment()
-    steps, grid_steps, jit = cli.resolve_common_args(
-        args, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
+    args, t_start, steps, grid_steps, jit = cli.start_race(
+        build_parser(), argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
     if args.targets:
         targets = tuple(float(t) for t in args.targets.split(",") if t.strip())
     else:

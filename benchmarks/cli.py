@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import keras
 
@@ -175,6 +176,25 @@ def resolve_common_args(args, *, default_steps: int, quick_steps: int):
         grid_steps = min(steps, max(5 if args.quick else 20, steps // 4))
     jit = args.jit or ("off" if args.quick else "auto")
     return steps, grid_steps, jit
+
+
+def start_race(parser, argv, *, default_steps: int, quick_steps: int):
+    """The opening of an optimizer-race command: parses ``argv`` (the flags of
+    ``build_common_parser``), refuses a non-positive ``--batch-size``, prints
+    the environment and resolves the ``--quick``-dependent defaults.
+
+    Returns:
+        ``(args, t_start, steps, grid_steps, jit)``; ``t_start`` is
+        ``time.perf_counter()`` at the start of the run.
+    """
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be positive; received {args.batch_size}")
+    t_start = time.perf_counter()
+    print_environment()
+    steps, grid_steps, jit = resolve_common_args(
+        args, default_steps=default_steps, quick_steps=quick_steps)
+    return args, t_start, steps, grid_steps, jit
 
 
 def print_environment():

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 import keras
 import numpy as np
@@ -122,13 +121,8 @@ def held_out_cross_entropy(model, inputs, targets, batch_size=500):
 
 def main(argv=None):
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error(f"--batch-size must be positive; received {args.batch_size}")
-    t_start = time.perf_counter()
-    cli.print_environment()
-    steps, grid_steps, jit = cli.resolve_common_args(
-        args, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
+    args, t_start, steps, grid_steps, jit = cli.start_race(
+        parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
     try:
         gaps = (_parse_gaps(args.target_gaps) if args.target_gaps
                 else (QUICK_TARGET_GAPS if args.quick else DEFAULT_TARGET_GAPS))

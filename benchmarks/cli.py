@@ -21,6 +21,7 @@ __all__ = [
     "kfac_kwargs_from_args",
     "parse_positive_list",
     "race_specs",
+    "race_targets",
     "parse_kfac_options",
     "parse_optimizer_list",
     "print_environment",
@@ -95,6 +96,27 @@ def parse_positive_list(text: str, flag: str):
     if not values or any(not math.isfinite(v) or v <= 0 for v in values):
         raise ValueError(f"{flag} must be positive numbers; received {text!r}")
     return values
+
+
+def race_targets(parser, args, flag, default, quick_default):
+    """The targets of a race: the comma list of ``flag`` if given (refused
+    through ``parser.error`` unless positive numbers), else the command's
+    defaults for ``--quick`` or a full run.
+
+    Args:
+        parser: the command's `argparse.ArgumentParser`.
+        args: its parsed flags.
+        flag: str, e.g. ``"--targets"``.
+        default: tuple, the targets of a full run.
+        quick_default: tuple, the targets with ``--quick``.
+    """
+    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not text:
+        return quick_default if args.quick else default
+    try:
+        return parse_positive_list(text, flag)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def race_specs(args, output_layer_name, grids=None):

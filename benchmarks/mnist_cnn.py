@@ -148,11 +148,7 @@ def main(argv=None):
     parser = build_parser()
     args, t_start, steps, grid_steps, jit = cli.start_race(
         parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
-    try:
-        targets = (cli.parse_positive_list(args.targets, "--targets") if args.targets
-                   else (QUICK_TARGETS if args.quick else DEFAULT_TARGETS))
-    except ValueError as e:
-        parser.error(str(e))
+    targets = cli.race_targets(parser, args, "--targets", DEFAULT_TARGETS, QUICK_TARGETS)
 
     x, y, source = load_mnist(args.data_dir, flatten=False)
     y = np.asarray(y).astype("int32")

@@ -112,11 +112,7 @@ def main(argv=None):
     parser = build_parser()
     args, t_start, steps, grid_steps, jit = cli.start_race(
         parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
-    try:
-        gaps = (cli.parse_positive_list(args.target_gaps, "--target-gaps") if args.target_gaps
-                else (QUICK_TARGET_GAPS if args.quick else DEFAULT_TARGET_GAPS))
-    except ValueError as e:
-        parser.error(str(e))
+    gaps = cli.race_targets(parser, args, "--target-gaps", DEFAULT_TARGET_GAPS, QUICK_TARGET_GAPS)
 
     chain = MarkovChain(vocab=VOCAB, concentration=CONCENTRATION, seed=args.chain_seed)
     floor = chain.floor(LENGTH)

@@ -11,9 +11,9 @@ or K-FAC and prints one JSON line per window of `--window` steps:
 - `path`: the summed length of the window's parameter updates
   (sum over steps of `||w_t - w_{t-1}||`), `displacement`: `||w_end -
   w_start||` over the window, and `efficiency = displacement / path` (1 for
-  steps that all point one way; about `1/sqrt(steps)` for a random walk), per
-  layer too (`layers`: displacement / weight norm at the window's start, the
-  layers that moved most first);
+  steps that all point one way; about `1/sqrt(steps)` for a random walk);
+  `layers`: the six variables with the largest RMS movement per entry over
+  the window;
 - K-FAC's logs averaged over the window (`step_size`, `update_norm`, `damping`).
 
     python tools/keras_programs/schedule_classifier.py --optimizer kfac --seed 0
@@ -90,10 +90,12 @@ class WindowProbe(keras.callbacks.Callback):
                                                     verbose=0)
         moves = [float(np.linalg.norm(c - s)) for c, s in zip(self.previous, self.window_start)]
         displacement = float(np.sqrt(sum(m * m for m in moves)))
-        relative = {n.split("/")[-2] + "/" + n.split("/")[-1]:
-                    round(m / max(float(np.linalg.norm(s)), 1e-12), 4)
+        # RMS movement per entry (comparable across variables; zero-initialised
+        # biases make a relative movement meaningless), largest first.
+        rms_move = {n.split("/")[-2] + "/" + n.split("/")[-1]:
+                    float(f"{m / np.sqrt(max(s.size, 1)):.3g}")
                     for n, m, s in zip(self.names, moves, self.window_start)}
-        top = dict(sorted(relative.items(), key=lambda kv: -kv[1])[:6])
+        top = dict(sorted(rms_move.items(), key=lambda kv: -kv[1])[:6])
         record = {"run": self.tag, "step": self.step, "epoch": round(self.step * BATCH / TRAIN, 2),
                   "val_accuracy": round(val_acc, 4), "val_loss": round(val_loss, 4),
                   "train_accuracy": round(train_acc, 4), "train_loss": round(train_loss, 4),

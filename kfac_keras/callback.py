@@ -101,7 +101,10 @@ class KFACCallback(keras.callbacks.Callback):
     `learning_rate` is the rate used), a change by another callback
     (`ReduceLROnPlateau`) or by the user scales the rest of the curve, and at
     the end of `fit` it holds the user's rate again. The decay is announced
-    at the start of `fit` (printed and logged), never applied silently.
+    at the start of `fit` (printed and logged), never applied silently. The
+    step count starts at `initial_epoch * steps`, so a resumed `fit` continues
+    the curve; with `steps_per_execution > 1` the rate is set once per
+    execution (Keras calls batch hooks once per execution).
 
     Args:
         verbose: 0 or 1; with 1 (default) print the registration report the

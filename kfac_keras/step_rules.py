@@ -81,6 +81,20 @@ polynomial in `X X^T`) and returns a bfloat16 result, and the iterate `X`
 and the linear combinations stay in float32, so the coefficients are
 exact (rounded to bfloat16 they would be (3.4375, -4.78125, 2.03125), an
 error of the same size as the products' rounding). The result is float32.
+
+Fewer iterations for the same effect (`newton_schulz(normalization=,
+coefficients=)`; the optimizer's default is still `"frobenius"`/`"muon"`):
+`X_0 = P / ||P||_F` starts every singular value at `s / ||P||_F`, and on
+the autoencoder's matrices the largest is only 0.2-0.99 of 1
+(tools/step_efficiency/RESULTS.md, S5-cost). `normalization="gram"` divides
+further by `||X_0 X_0^T||_F^(1/2) = (sum s^4)^(1/4) >= s_max`, so the largest
+starts at 0.56-1.0 and all start larger by the same factor; the Gram matrix
+is the one the first iteration needs anyway, so it costs no extra product.
+`coefficients="tuned"` uses a separate `(a, b, c)` per iteration
+(`NEWTON_SCHULZ_TUNED_COEFFICIENTS`, for 1 and 2 iterations), fitted so that
+the composed polynomial sends the widest interval `[l, 1]` into Muon's band
+[0.68, 1.21]: `l = 0.043` with 2 iterations, where Muon's coefficients
+reach 0.061 with 2 and 0.018 with 3.
 """
 
 import tensorflow as tf

@@ -126,7 +126,8 @@ def test_schedule_names_and_arguments_are_checked():
 
 def test_zero_matrix_and_batch_with_gram_normalisation():
     rng = np.random.default_rng(7)
-    matrices = np.stack([np.zeros((4, 6)), rng.standard_normal((4, 6)), rng.standard_normal((4, 6))])
+    matrices = np.stack([np.zeros((4, 6)), rng.standard_normal((4, 6)),
+                         rng.standard_normal((4, 6))])
     got = step_rules.newton_schulz(tf.constant(matrices, tf.float32), 2, normalization="gram",
                                    coefficients="tuned").numpy()
     assert np.all(got[0] == 0.0)

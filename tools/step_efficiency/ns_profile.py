@@ -40,7 +40,8 @@ def main(argv=None):
         full = tf.constant(rng.standard_normal((rows, cols)).astype(np.float32))
         for dtype in ("float32", "bfloat16"):
             w, s = tf.cast(wide, dtype), tf.cast(square, dtype)
-            jobs[(rows, cols, dtype, "gram X X^T")] = tf.function(lambda w=w: tf.matmul(w, w, transpose_b=True))
+            jobs[(rows, cols, dtype, "gram X X^T")] = tf.function(
+                lambda w=w: tf.matmul(w, w, transpose_b=True))
             jobs[(rows, cols, dtype, "gram^2")] = tf.function(lambda s=s: tf.matmul(s, s))
             jobs[(rows, cols, dtype, "poly @ X")] = tf.function(lambda s=s, w=w: tf.matmul(s, w))
             for k in (1, 2, 3):

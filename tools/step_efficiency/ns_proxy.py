@@ -19,7 +19,8 @@ sys.path.insert(0, __file__.rsplit("/", 3)[0])
 from kfac_keras.step_rules import newton_schulz_schedule  # noqa: E402
 
 VARIANTS = [("frobenius", "muon", 3), ("frobenius", "muon", 2), ("gram", "muon", 2),
-            ("gram", "tuned", 2), ("gram", "muon", 3), ("gram", "tuned", 1), ("frobenius", "muon", 1)]
+            ("gram", "tuned", 2), ("gram", "muon", 3), ("gram", "tuned", 1),
+            ("frobenius", "muon", 1)]
 
 
 def mapped(values, normalization, coefficients, iterations):
@@ -36,7 +37,8 @@ def main():
     by_step = {}
     for key in spectra.files:
         by_step.setdefault(int(key.split("_")[0][1:]), []).append(spectra[key])
-    print("| variant | " + " | ".join(f"step {k}: vs default / vs polar" for k in sorted(by_step)) + " |")
+    header = " | ".join(f"step {k}: vs default / vs polar" for k in sorted(by_step))
+    print(f"| variant | {header} |")
     print("|---|" + "---|" * len(by_step))
     for variant in VARIANTS:
         cells = []

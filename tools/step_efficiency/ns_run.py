@@ -26,7 +26,8 @@ def main():
     variant = json.loads(os.environ.get("NS_VARIANT", "{}"))
     unknown = set(variant) - {"normalization", "coefficients"}
     if unknown:
-        raise SystemExit(f"NS_VARIANT keys must be normalization/coefficients; got {sorted(unknown)}")
+        raise SystemExit("NS_VARIANT keys must be normalization/coefficients; "
+                         f"got {sorted(unknown)}")
     if variant:
         step_rules.orthogonal_direction = functools.partial(step_rules.orthogonal_direction,
                                                             **variant)

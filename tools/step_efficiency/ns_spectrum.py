@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="1,5,20,60,120", help="comma list of 1-based steps to record")
+    parser.add_argument("--steps", default="1,5,20,60,120",
+                        help="comma list of 1-based steps to record")
     parser.add_argument("--out", required=True, help=".npz of the spectra")
     args = parser.parse_args(argv)
     record_at = sorted(int(s) for s in args.steps.split(","))
@@ -71,8 +72,9 @@ def main(argv=None):
         fro = np.sqrt(np.sum(values ** 2))
         gram = np.sqrt(np.sqrt(np.sum(values ** 4)))
         tenth = np.quantile(values, 0.1)
-        print(f"{k:4d} {str(shape):12s} {len(values):4d} {values[0] / fro:13.3e}  {values[-1] / fro:13.3e}  "
-              f"{tenth / fro:13.3e}  {values[0] / gram:17.3e}  {values[-1] / gram:17.3e}  {tenth / gram:17.3e}")
+        print(f"{k:4d} {str(shape):12s} {len(values):4d} {values[0] / fro:13.3e}  "
+              f"{values[-1] / fro:13.3e}  {tenth / fro:13.3e}  {values[0] / gram:17.3e}  "
+              f"{values[-1] / gram:17.3e}  {tenth / gram:17.3e}")
         save[f"s{k}_{shape[0]}x{shape[1]}_{i}"] = values
     np.savez(args.out, **save)
 

@@ -54,8 +54,10 @@ def present_rows(matrix):
 class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
     """`OrthogonalStep` with a chosen Embedding treatment (module docstring)."""
 
-    def __init__(self, iterations, dtype, rule, position_rule, row_rms, kl_factor, diagnose):
+    def __init__(self, iterations, dtype, rule, position_rule, row_rms, kl_factor, diagnose,
+                 present_rms=0.2):
         super().__init__(iterations, dtype)
+        self.present_rms = float(present_rms)
         for r in (rule, position_rule):
             if r is not None and r not in RULES:
                 raise ValueError(f"embedding rule must be one of {RULES}; received {r!r}")
@@ -79,7 +81,8 @@ class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
             count = tf.cast(tf.maximum(tf.size(rows), dim), tf.float32)
         else:  # "present_table_scale"
             count = float(max(vocabulary, dim))
-        scale = step_rules.ORTHOGONAL_STEP_RMS * tf.sqrt(count)
+        rms = self.present_rms if rule == "present" else step_rules.ORTHOGONAL_STEP_RMS
+        scale = rms * tf.sqrt(count)
         return tf.scatter_nd(rows[:, None], scale * polar, matrix.shape)
 
     def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
@@ -147,19 +150,20 @@ class EmbeddingRuleKFAC(kfac_keras.KFAC):
             same as `embedding_rule`). Defaults to None.
         row_rms: float, the per-row RMS of `"row"`. Defaults to 0.2.
         kl_factor: float, the multiplier of `"kl"`'s step. Defaults to 1.0.
+        present_rms: float, the RMS entry of `"present"`'s step. Defaults to 0.2.
         diagnose: bool, record per-row statistics when eager. Defaults to False.
         **kwargs: `kfac_keras.KFAC` arguments (`step_rule` must be "orthogonal").
     """
 
     def __init__(self, embedding_rule="row", position_rule=None, row_rms=0.2, kl_factor=1.0,
-                 diagnose=False, **kwargs):
+                 diagnose=False, present_rms=0.2, **kwargs):
         if kwargs.setdefault("step_rule", "orthogonal") != "orthogonal":
             raise ValueError("EmbeddingRuleKFAC needs step_rule='orthogonal'; received "
                              f"{kwargs['step_rule']!r}")
         super().__init__(**kwargs)
         self._orthogonal_step = EmbeddingRuleStep(
             self.options.orthogonal_iterations, self.options.orthogonal_dtype, embedding_rule,
-            position_rule, row_rms, kl_factor, diagnose)
+            position_rule, row_rms, kl_factor, diagnose, present_rms)
 
     @property
     def embedding_stats(self):

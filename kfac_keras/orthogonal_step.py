@@ -98,7 +98,8 @@ class OrthogonalStep:
             logging.warning(
                 "KFAC step_rule='orthogonal' found no Kronecker block to orthogonalise "
                 "(blocks %s all take the KL-clipped step), so it trains as "
-                "step_rule='kl_clip' at this learning rate.", clipped)
+                "step_rule='kl_clip' at this learning rate (Embedding tables at %gx it).",
+                clipped, EMBEDDING_LEARNING_RATE_FACTOR)
 
     def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
         """The step directions (to be multiplied by `-lr`, momentum after).

@@ -72,6 +72,10 @@ def make_optimizer(spec, task):
         kwargs["learning_rate"] = learning_rate_schedule(kwargs.get("learning_rate", 1.0),
                                                          **schedule)
     kwargs.setdefault("seed", 0)
+    if "embedding_rule" in kwargs:  # S5-embed's experimental Embedding treatments
+        from embedding_rules import EmbeddingRuleKFAC
+
+        return EmbeddingRuleKFAC(**kwargs)
     if kwargs.get("step_rule") in LIBRARY_STEP_RULES:
         import kfac_keras
 

@@ -258,7 +258,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
             orthogonal rule's default learning rate).
         trust_grow: float > 1, `"trust"`'s factor on `m`. Defaults to 2.
         trust_max: float >= 1, `"trust"`'s largest `m`. Defaults to 1e6.
-        trust_min: float in (0, 1], the smallest `m`. Defaults to 1.
+        trust_min: float in (0, trust_init], the smallest `m`. Defaults to 1.
+        trust_init: float >= 1, the first `m` (10 = `1 / (1 - 0.9)`: the
+            RMS of the library's heavy-ball velocity at a steady direction).
+            Defaults to 1.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -270,7 +273,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
                  momentum_after=False, ortho_every=1, ortho_refine_steps=0,
                  length_rule="model", length_lr_ref=1e-2, trust_grow=2.0, trust_max=1e6,
-                 trust_min=1.0, **kwargs):
+                 trust_min=1.0, trust_init=1.0, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if length_rule not in LENGTH_RULES:
@@ -310,8 +313,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.trust_grow = float(trust_grow)
         self.trust_max = float(trust_max)
         self.trust_min = float(trust_min)
-        if not 0 < self.trust_min <= 1:
-            raise ValueError(f"`trust_min` must be in (0, 1]; received {trust_min!r}.")
+        self.trust_init = float(trust_init)
+        if not (0 < self.trust_min <= self.trust_init and self.trust_init >= 1):
+            raise ValueError("need 0 < trust_min <= trust_init and trust_init >= 1; received "
+                             f"{trust_min!r}, {trust_init!r}.")
         self.trust_multiplier = None
         self.effective_step = None
         self.velocity_quadratic = None
@@ -329,7 +334,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
             self.sgd_buffers = self.add_optimizer_variables(variables, "sgd_m")
         self.effective_step = tf.Variable(0.0, trainable=False, name="effective_step")
         if self.candidate_rule == "ortho_len":
-            self.trust_multiplier = tf.Variable(1.0, trainable=False, name="trust_multiplier")
+            self.trust_multiplier = tf.Variable(self.trust_init, trainable=False,
+                                                name="trust_multiplier")
         if self.step_rule == "kl_velocity":
             self.velocity_quadratic = tf.Variable(0.0, trainable=False,
                                                   name="velocity_quadratic")

@@ -259,6 +259,11 @@ class StepRuleKFAC(kfac_keras.KFAC):
         trust_grow: float > 1, `"trust"`'s factor on `m`. Defaults to 2.
         trust_max: float >= 1, `"trust"`'s largest `m`. Defaults to 1e6.
         trust_min: float in (0, trust_init], the smallest `m`. Defaults to 1.
+        trust_reject: bool, `"trust"`/`"trust_mu"` undo a step that raised
+            the batch loss (weights and velocity back; the velocity set to
+            zero). Defaults to False.
+        length_damping: float >= 0, the `lambda` of the length's quadratic
+            model is this times the K-FAC damping. Defaults to 1.
         trust_init: float >= 1, the first `m` (10 = `1 / (1 - 0.9)`: the
             RMS of the library's heavy-ball velocity at a steady direction).
             Defaults to 1.
@@ -273,7 +278,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
                  momentum_after=False, ortho_every=1, ortho_refine_steps=0,
                  length_rule="model", length_lr_ref=1e-2, trust_grow=2.0, trust_max=1e6,
-                 trust_min=1.0, trust_init=1.0, **kwargs):
+                 trust_min=1.0, trust_init=1.0, length_damping=1.0,
+                 trust_reject=False, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
         if length_rule not in LENGTH_RULES:
@@ -314,6 +320,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.trust_max = float(trust_max)
         self.trust_min = float(trust_min)
         self.trust_init = float(trust_init)
+        if not length_damping >= 0:
+            raise ValueError(f"`length_damping` must be >= 0; received {length_damping!r}.")
+        self.length_damping = float(length_damping)
+        self.trust_reject = bool(trust_reject)
         if not (0 < self.trust_min <= self.trust_init and self.trust_init >= 1):
             raise ValueError("need 0 < trust_min <= trust_init and trust_init >= 1; received "
                              f"{trust_min!r}, {trust_init!r}.")
@@ -492,7 +502,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         `p` and the batch's quadratic model (module docstring). Returns
         `(deltas, t, predicted)`: `predicted` is the undamped model change of
         `deltas` (`"trust"` judges the step by it)."""
-        damping = tf.cast(self.total_damping(), tf.float32)
+        damping = self.length_damping * tf.cast(self.total_damping(), tf.float32)
         gram = batch.fisher_gram([u, p], variables)
         self._length_cap_bound = None
         uu, up, pp = _dot(u, u), _dot(u, p), _dot(p, p)
@@ -539,6 +549,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
                          m * self.trust_grow, m)
         new = tf.where(rho < 0.25, m / self.trust_grow, grown)
         m.assign(tf.clip_by_value(new, self.trust_min, self.trust_max))
+        return actual
 
     def _kl_scale(self, grads, precond):
         quadratic = _dot(precond, grads)
@@ -642,7 +653,13 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self._iterations.assign_add(1)
         self._diagnostics.update_norm.assign(tf.sqrt(_dot(deltas, deltas)))
         if self.candidate_rule == "ortho_len" and self.length_rule in ("trust", "trust_mu"):
-            self._adapt_trust(loss, length_prediction, batch)
+            actual = self._adapt_trust(loss, length_prediction, batch)
+            if self.trust_reject:
+                reject = actual > 0
+                for v, d in zip(variables, deltas):
+                    v.assign_sub(tf.where(reject, tf.cast(d, v.dtype), tf.zeros_like(v)))
+                    velocity = self.velocities[self._get_variable_index(v)]
+                    velocity.assign(tf.where(reject, tf.zeros_like(velocity), velocity))
         if self.adapts_damping:
             tf.cond(adapt_now,
                     lambda: self._adaptive_step.adapt_damping(loss, change, deltas, variables, batch),

@@ -72,6 +72,8 @@ Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
     of the library's fixed step, `m` adapted by `rho` as in `"trust"`, in
     `[trust_min, trust_max]`), then times `lr / length_lr_ref`:
     `delta = (lr / length_lr_ref) min(1, R / rms(delta*)) delta*`.
+  - `"trust_mu_floor"`: `"trust_mu"`, but the library's update `lr u + p`
+    when that is longer and the previous step's `rho >= 1/4`.
 
   `effective_step` logs the length `t` actually taken (in units of `u`).
 
@@ -100,7 +102,7 @@ from kfac_keras.blocks.kronecker import KroneckerBlock
 STEP_RULES = ("library", "kl", "kl_layer", "rms", "rms_cap", "graft_adam", "graft_sgd",
               "ortho", "kl_velocity", "ortho_len")
 #: `length_rule` values of the `"ortho_len"` rule (module docstring).
-LENGTH_RULES = ("model", "model_mu", "cap", "trust", "trust_mu")
+LENGTH_RULES = ("model", "model_mu", "cap", "trust", "trust_mu", "trust_mu_floor")
 #: Quintic Newton-Schulz coefficients (a, b, c): X <- a X + (b A + c A^2) X,
 #: A = X X^T; they push all singular values of a normalised X towards ~1 fast.
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -346,6 +348,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         if self.candidate_rule == "ortho_len":
             self.trust_multiplier = tf.Variable(self.trust_init, trainable=False,
                                                 name="trust_multiplier")
+            self.last_rho_ok = tf.Variable(True, trainable=False, name="last_rho_ok")
         if self.step_rule == "kl_velocity":
             self.velocity_quadratic = tf.Variable(0.0, trainable=False,
                                                   name="velocity_quadratic")
@@ -514,13 +517,13 @@ class StepRuleKFAC(kfac_keras.KFAC):
         t_best = tf.where(c00 > 0, -(b0 + c01) / safe, 0.0)
         ratio = lr / self.length_lr_ref
         rule = self.length_rule
-        if rule in ("model_mu", "trust_mu"):
+        if rule in ("model_mu", "trust_mu", "trust_mu_floor"):
             det = c00 * c11 - c01 * c01
             solvable = tf.logical_and(pp > 0, det > 1e-12 * tf.abs(c00 * c11))
             det_safe = tf.where(solvable, det, 1.0)
             t = tf.where(solvable, (-b0 * c11 + b1 * c01) / det_safe, -b0 / safe)
             s = tf.where(solvable, (-b1 * c00 + b0 * c01) / det_safe, 0.0)
-            if rule == "trust_mu":
+            if rule in ("trust_mu", "trust_mu_floor"):
                 size = tf.sqrt(tf.maximum(t * t * uu + 2 * t * s * up + s * s * pp, 0.0)
                                / float(sum(a.shape.num_elements() for a in u)))
                 radius = MUON_RMS * self.trust_multiplier * self.length_lr_ref
@@ -528,6 +531,11 @@ class StepRuleKFAC(kfac_keras.KFAC):
                 self._length_cap_bound = cut < 1.0
                 t, s = cut * t, cut * s
             t, s = ratio * t, ratio * s
+            if rule == "trust_mu_floor":
+                model_size = t * t * uu + 2 * t * s * up + s * s * pp
+                library_size = lr * lr * uu + 2 * lr * up + pp
+                use_library = tf.logical_and(model_size < library_size, self.last_rho_ok)
+                t, s = tf.where(use_library, lr, t), tf.where(use_library, 1.0, s)
         elif rule == "model":
             t, s = ratio * t_best, tf.constant(1.0)
         else:
@@ -549,6 +557,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
                          m * self.trust_grow, m)
         new = tf.where(rho < 0.25, m / self.trust_grow, grown)
         m.assign(tf.clip_by_value(new, self.trust_min, self.trust_max))
+        self.last_rho_ok.assign(rho >= 0.25)
         return actual
 
     def _kl_scale(self, grads, precond):
@@ -652,7 +661,8 @@ class StepRuleKFAC(kfac_keras.KFAC):
             v.assign_add(tf.cast(d, v.dtype))
         self._iterations.assign_add(1)
         self._diagnostics.update_norm.assign(tf.sqrt(_dot(deltas, deltas)))
-        if self.candidate_rule == "ortho_len" and self.length_rule in ("trust", "trust_mu"):
+        if self.candidate_rule == "ortho_len" and self.length_rule in ("trust", "trust_mu",
+                                                                         "trust_mu_floor"):
             actual = self._adapt_trust(loss, length_prediction, batch)
             if self.trust_reject:
                 reject = actual > 0

@@ -220,8 +220,7 @@ class KFACCallback(keras.callbacks.Callback):
                 f"steps per epoch are unknown (params: epochs={epochs!r}, steps={steps!r}): "
                 "pass `steps_per_epoch` to fit, or use decay=None with a learning-rate "
                 "schedule of your own.")
-        if is_schedule(optimizer.learning_rate) or is_schedule(
-                getattr(optimizer, "_learning_rate", None)):
+        if is_schedule(keras_internals.learning_rate_variable(optimizer)):
             raise ValueError(
                 f"KFACCallback(decay={self.decay!r}) scales a learning rate that is a number, "
                 "but this optimizer's is a schedule, which already says how the rate changes; "

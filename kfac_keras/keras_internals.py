@@ -36,9 +36,10 @@ def current_learning_rate(optimizer):
 
 
 def learning_rate_variable(optimizer):
-    """The variable behind `optimizer.learning_rate` when it is not a
-    schedule (`Optimizer._learning_rate`; the public setter would replace
-    a schedule instead of assigning)."""
+    """The variable behind `optimizer.learning_rate`, or the
+    `LearningRateSchedule` when it is one (`Optimizer._learning_rate`; the
+    public getter evaluates a schedule, the public setter would replace it
+    instead of assigning)."""
     return optimizer._learning_rate
 
 

@@ -66,7 +66,6 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import step_rules
-from kfac_keras.blocks.embedding import EmbeddingBlock
 
 #: The Embedding tables' KL-clipped step is this many times the learning
 #: rate's (module docstring; tools/step_efficiency/RESULTS.md, S5-embed).
@@ -127,7 +126,7 @@ class OrthogonalStep:
             present = [i for i in members if i is not None]
             if not present:
                 continue
-            if isinstance(block, EmbeddingBlock):
+            if block.lookup_table:
                 # Left in `remaining` (the KL-clipped step), scaled up below.
                 embeddings.extend(present)
                 clipped.append(block.name)

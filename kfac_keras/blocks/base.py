@@ -33,6 +33,9 @@ block with `getattr`/`hasattr`:
   the gradients as one matrix per Kronecker pair and back, or None for a
   block without Kronecker pairs (`step_rule="orthogonal"`,
   `kfac_keras.orthogonal_step`).
+* `lookup_table`: the block's variable is a table whose rows only the
+  looked-up ids touch (Embedding); `step_rule="orthogonal"` steps it with the
+  KL-clipped rule at its own rate instead of orthogonalising it.
 * `registration_note`: why registration chose this block (report column).
 """
 
@@ -95,6 +98,8 @@ class FisherBlock(abc.ABC):
 
     #: Short label shown in the registration report (not a type tag).
     kind = "base"
+    #: True for a lookup table (Embedding): see the module docstring.
+    lookup_table = False
     #: Where `update_statistics` gets its inputs from.
     statistics_source = StatisticsSource.SAMPLED_GRADIENTS
     #: What the capture wrapper records, one of `kfac_keras.capture.CAPTURE_MODES`.

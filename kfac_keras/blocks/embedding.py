@@ -64,6 +64,7 @@ class EmbeddingBlock(KroneckerBlock):
     """
 
     kind = "kronecker (embedding, diagonal A)"
+    lookup_table = True
     #: Record `(token ids, looked-up vectors)`; differentiate w.r.t. the latter.
     capture_mode = "output"
     accepts_indexed_slices = True

@@ -135,3 +135,14 @@ def test_loss_times_32_takes_the_same_steps_with_relative_damping():
 def test_loss_times_32_changes_the_steps_with_absolute_damping():
     # The check above can fail: with absolute damping the same runs differ.
     assert _update_difference("absolute") > 1e-3
+
+
+def test_damping_mode_is_validated_and_in_the_config():
+    with pytest.raises(ValueError, match="damping_mode"):
+        kfac_keras.KFAC(damping_mode="scaled")
+    with pytest.raises(ValueError, match="quadratic-model step"):
+        kfac_keras.KFAC(damping_mode="relative", learning_rate=None, momentum=None,
+                        step_rule="kl_clip",
+                        adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True))
+    assert kfac_keras.KFAC(damping_mode="relative").get_config()["damping_mode"] == "relative"
+    assert kfac_keras.KFAC().get_config()["damping_mode"] == "absolute"

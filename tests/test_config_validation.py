@@ -173,6 +173,8 @@ BAD_ARGUMENTS = [
     (dict(ema_overwrite_frequency=0), ValueError), (dict(loss_scale_factor=0.0), ValueError),
     (dict(gradient_accumulation_steps=4), ValueError),
     (dict(nesterov=True), TypeError),
+    (dict(damping_mode="scaled"), ValueError),
+    (dict(damping_mode=1), ValueError),
     (dict(step_rule="muon"), ValueError),
     (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
     (dict(step_rule="orthogonal", orthogonal_dtype="float16"), ValueError),

@@ -146,3 +146,25 @@ def test_damping_mode_is_validated_and_in_the_config():
                         adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True))
     assert kfac_keras.KFAC(damping_mode="relative").get_config()["damping_mode"] == "relative"
     assert kfac_keras.KFAC().get_config()["damping_mode"] == "absolute"
+
+
+def test_scale_shift_block_damped_with_its_mean_second_moment():
+    from kfac_keras.blocks.scale_shift import ScaleShiftBlock
+    rng = np.random.default_rng(5)
+    norm = keras.layers.BatchNormalization()
+    norm.build((None, 3, 4))
+    block = built(ScaleShiftBlock(norm))
+    block.set_damping_mode("relative")
+    tangent = rng.normal(size=(6, 3, 4)).astype("float32")
+    grads = (50.0 * rng.normal(size=(6, 3, 4))).astype("float32")
+    block.update_statistics([(tangent, grads)], None, tf.constant(6.0), 0.0)
+    per_example = [(tangent * grads).sum(1), grads.sum(1)]  # dscale, dshift: (n, c)
+    v = [rng.normal(size=(4,)).astype("float32") for _ in range(2)]
+    out = block.multiply_damped_inverse(v, tf.constant(0.07))
+    block_lambda = 0.07 * np.mean([np.mean(np.square(p.astype(np.float64)), 0)
+                                   for p in per_example])
+    for c in range(4):
+        rows = np.stack([p[:, c] for p in per_example], axis=1).astype(np.float64)
+        expected = np.linalg.solve(rows.T @ rows / 6 + block_lambda * np.eye(2),
+                                   [vi[c] for vi in v])
+        assert relative_error([o.numpy()[c] for o in out], expected) < 1e-5

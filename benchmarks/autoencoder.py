@@ -55,12 +55,11 @@ every step, so XLA is turned off in this mode.
 from __future__ import annotations
 
 import math
-import os
 import sys
 
 import keras
 
-from benchmarks import cli, harness, optimizers, plotting, reports
+from benchmarks import cli, harness, reports
 from benchmarks.mnist_data import load_mnist
 
 PIXELS = 784
@@ -129,12 +128,10 @@ def build_parser():
 
 
 def main(argv=None):
+    parser = build_parser()
     args, t_start, steps, grid_steps, jit = cli.start_race(
-        build_parser(), argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
-    if args.targets:
-        targets = tuple(float(t) for t in args.targets.split(",") if t.strip())
-    else:
-        targets = QUICK_TARGETS if args.quick else DEFAULT_TARGETS
+        parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
+    targets = cli.race_targets(parser, args, "--targets", DEFAULT_TARGETS, QUICK_TARGETS)
 
     x, _, source = load_mnist(args.data_dir)
     print(f"data: {source}; x {x.shape}", flush=True)
@@ -147,12 +144,8 @@ def main(argv=None):
               f"{x.shape[0]}), full batch at step {args.schedule_full_step}; "
               f"m_1={batch_sizes[0]}, m_{steps}={batch_sizes[-1]} (jit off)", flush=True)
 
-    specs = optimizers.get_optimizer_specs(
-        args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs=cli.kfac_kwargs_from_args(args),
-        kfac_grid=args.kfac_grid, grids=LR_GRIDS)
+    specs = cli.race_specs(args, OUTPUT_LAYER, grids=LR_GRIDS)
     if not specs:
-        print("no optimizer to run", file=sys.stderr)
         return 2
 
     loss = keras.losses.BinaryCrossentropy(from_logits=True)
@@ -180,16 +173,10 @@ def main(argv=None):
     if batch_sizes:
         notes.append("with a batch-size schedule, ms/step is the median over steps of "
                      "different sizes")
-    os.makedirs(args.out_dir, exist_ok=True)
-    text = reports.write_results(
-        runs, targets, args.out_dir, title="Deep autoencoder (MNIST)",
-        loss_scale=PIXELS, loss_name="summed CE", raw_loss_name="mean BCE",
-        notes=notes, grids=grids)
-    plots = plotting.write_loss_plots(runs, args.out_dir, loss_scale=PIXELS,
-                               loss_label="summed CE per image (nats)",
-                               targets=targets, title="Deep autoencoder, MNIST")
-    reports.save_histories(runs, args.out_dir, loss_scale=PIXELS)
-    reports.print_summary(text, args.out_dir, plots, t_start)
+    reports.finish_race(
+        runs, grids, targets, args.out_dir, t_start, title="Deep autoencoder (MNIST)",
+        plot_title="Deep autoencoder, MNIST", loss_scale=PIXELS, loss_name="summed CE",
+        raw_loss_name="mean BCE", loss_label="summed CE per image (nats)", notes=notes)
     return 0
 
 

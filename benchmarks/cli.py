@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 
 import keras
 
-from benchmarks.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES
+from benchmarks.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZER_NAMES, get_optimizer_specs
 from benchmarks.targets import DEFAULT_SMOOTH_WINDOW
 from benchmarks.timing import DEFAULT_WARMUP_STEPS
 from kfac_keras import KFAC
@@ -18,6 +19,9 @@ from kfac_keras import KFAC
 __all__ = [
     "build_common_parser",
     "kfac_kwargs_from_args",
+    "parse_positive_list",
+    "race_specs",
+    "race_targets",
     "parse_kfac_options",
     "parse_optimizer_list",
     "print_environment",
@@ -69,6 +73,69 @@ def kfac_kwargs_from_args(args):
 
 def _parse_float_list(text: str):
     return tuple(float(t) for t in text.split(",") if t.strip())
+
+
+def parse_positive_list(text: str, flag: str):
+    """The positive finite numbers of a comma list such as ``--targets``.
+
+    Args:
+        text: str, e.g. ``"120,100,80"``.
+        flag: str, the flag's name for the error message (``"--targets"``).
+
+    Returns:
+        A non-empty tuple of floats.
+
+    Raises:
+        ValueError: if an entry is not a number, or not finite and positive,
+            or the list is empty.
+    """
+    try:
+        values = _parse_float_list(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a comma list of numbers; received {text!r}") from None
+    if not values or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"{flag} must be positive numbers; received {text!r}")
+    return values
+
+
+def race_targets(parser, args, flag, default, quick_default):
+    """The targets of a race: the comma list of ``flag`` if given (refused
+    through ``parser.error`` unless positive numbers), else the command's
+    defaults for ``--quick`` or a full run.
+
+    Args:
+        parser: the command's `argparse.ArgumentParser`.
+        args: its parsed flags.
+        flag: str, e.g. ``"--targets"``.
+        default: tuple, the targets of a full run.
+        quick_default: tuple, the targets with ``--quick``.
+    """
+    text = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if not text:
+        return quick_default if args.quick else default
+    try:
+        return parse_positive_list(text, flag)
+    except ValueError as e:
+        parser.error(str(e))
+
+
+def race_specs(args, output_layer_name, grids=None):
+    """The optimizers of the race from ``--optimizers``, ``--kfac-damping``,
+    ``--kfac-options`` and ``--kfac-grid`` (`optimizers.get_optimizer_specs`);
+    prints why and returns an empty dict when none is left to run.
+
+    Args:
+        args: the parsed flags of `build_common_parser`.
+        output_layer_name: str, the model's output layer (excluded by Muon).
+        grids: dict of learning-rate grids per optimizer, or None for the
+            shared ones. Defaults to None.
+    """
+    specs = get_optimizer_specs(args.optimizers, output_layer_name=output_layer_name,
+                                kfac_kwargs=kfac_kwargs_from_args(args),
+                                kfac_grid=args.kfac_grid, grids=grids)
+    if not specs:
+        print("no optimizer to run", file=sys.stderr)
+    return specs
 
 
 def build_common_parser(example: str, description: str = "", *,

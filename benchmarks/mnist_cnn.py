@@ -45,13 +45,12 @@ the total wall time; docs/benchmarks.md lists measured runs. ``--quick``
 
 from __future__ import annotations
 
-import os
 import sys
 
 import keras
 import numpy as np
 
-from benchmarks import cli, harness, optimizers, plotting, reports
+from benchmarks import cli, harness, reports
 from benchmarks.mnist_data import load_mnist
 
 OUTPUT_LAYER = "logits"
@@ -145,25 +144,11 @@ def build_parser():
     return p
 
 
-def _parse_targets(text):
-    try:
-        targets = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"--targets must be a comma list of numbers; received {text!r}") from None
-    if not targets or any(not np.isfinite(t) or t <= 0 for t in targets):
-        raise ValueError(f"--targets must be positive numbers; received {text!r}")
-    return targets
-
-
 def main(argv=None):
     parser = build_parser()
     args, t_start, steps, grid_steps, jit = cli.start_race(
         parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
-    try:
-        targets = (_parse_targets(args.targets) if args.targets
-                   else (QUICK_TARGETS if args.quick else DEFAULT_TARGETS))
-    except ValueError as e:
-        parser.error(str(e))
+    targets = cli.race_targets(parser, args, "--targets", DEFAULT_TARGETS, QUICK_TARGETS)
 
     x, y, source = load_mnist(args.data_dir, flatten=False)
     y = np.asarray(y).astype("int32")
@@ -173,12 +158,8 @@ def main(argv=None):
     print(f"data: {source}; {x_train.shape[0]} training and {x_test.shape[0]} held-out "
           f"test images (fixed split, seed {SPLIT_SEED})", flush=True)
 
-    specs = optimizers.get_optimizer_specs(
-        args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs=cli.kfac_kwargs_from_args(args),
-        kfac_grid=args.kfac_grid)
+    specs = cli.race_specs(args, OUTPUT_LAYER)
     if not specs:
-        print("no optimizer to run", file=sys.stderr)
         return 2
 
     def evaluate(model):
@@ -212,20 +193,10 @@ def main(argv=None):
         *cli.protocol_notes(args, grid_steps, jit, loss_name="training cross-entropy"),
     ]
 
-    def test_accuracy(run):
-        evaluation = run.get("evaluation") or {}
-        value = evaluation.get("test_accuracy")
-        return None if value is None else round(value, 4)
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    text = reports.write_results(
-        runs, targets, args.out_dir, title="MNIST CNN classifier",
-        loss_name="train CE", notes=notes, grids=grids,
-        extra_columns=[("test accuracy", test_accuracy)])
-    plots = plotting.write_loss_plots(runs, args.out_dir, loss_label="training cross-entropy (nats)",
-                               targets=targets, title="MNIST CNN classifier")
-    reports.save_histories(runs, args.out_dir)
-    reports.print_summary(text, args.out_dir, plots, t_start)
+    reports.finish_race(
+        runs, grids, targets, args.out_dir, t_start, title="MNIST CNN classifier",
+        loss_name="train CE", loss_label="training cross-entropy (nats)", notes=notes,
+        extra_columns=[("test accuracy", reports.evaluation_column("test_accuracy"))])
     return 0
 
 

@@ -11,6 +11,8 @@ import time
 from benchmarks.targets import compute_ratios, steps_and_seconds_to_target
 
 __all__ = [
+    "evaluation_column",
+    "finish_race",
     "fmt_lr",
     "save_histories",
     "write_grid_table",
@@ -174,3 +176,46 @@ def print_summary(text, out_dir, plots, start_time):
     print(f"wrote {os.path.join(out_dir, 'results.md')}, results.csv, "
           f"{', '.join(os.path.basename(p) for p in plots)}, histories.json")
     print(f"total wall time {time.perf_counter() - start_time:.1f} s", flush=True)
+
+
+def evaluation_column(key, digits=4):
+    """A ``write_results`` extra column: ``run["evaluation"][key]`` rounded
+    to ``digits`` (empty when the run has no such evaluation)."""
+    def column(run):
+        value = (run.get("evaluation") or {}).get(key)
+        return None if value is None else round(value, digits)
+    return column
+
+
+def finish_race(runs, grids, targets, out_dir, start_time, *, title, loss_name, loss_label,
+                notes, plot_title=None, loss_scale=1.0, raw_loss_name=None, extra_columns=()):
+    """The end of an optimizer-race command: the result tables
+    (`write_results`), the loss plots, the histories and the printed summary,
+    all in ``out_dir``.
+
+    Args:
+        runs: dict ``{name: run}`` from `harness.benchmark_optimizers`.
+        grids: its learning-rate grid results.
+        targets: loss targets in scaled units (``loss * loss_scale``).
+        out_dir: folder, created if missing.
+        start_time: ``time.perf_counter()`` at the start of the command.
+        title: str, the tables' title.
+        loss_name: str, the scaled loss's column name.
+        loss_label: str, the plots' y-axis label.
+        notes: list of str, the tables' notes.
+        plot_title: str, the plots' title. Defaults to None (``title``).
+        loss_scale: float, factor from Keras's loss to the reported unit.
+            Defaults to 1.
+        raw_loss_name: str or None, the unscaled loss column. Defaults to None.
+        extra_columns: ``(name, fn)`` pairs of `write_results`. Defaults to ().
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    text = write_results(runs, targets, out_dir, title=title, loss_scale=loss_scale,
+                         loss_name=loss_name, raw_loss_name=raw_loss_name, notes=notes,
+                         grids=grids, extra_columns=extra_columns)
+    # Imported here: plotting imports this module (fmt_lr).
+    from benchmarks import plotting
+    plots = plotting.write_loss_plots(runs, out_dir, loss_scale=loss_scale, loss_label=loss_label,
+                                      targets=targets, title=plot_title or title)
+    save_histories(runs, out_dir, loss_scale=loss_scale)
+    print_summary(text, out_dir, plots, start_time)

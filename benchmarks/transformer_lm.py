@@ -44,13 +44,12 @@ total wall time. ``--quick`` (40 steps, easier targets, two-point grids of
 
 from __future__ import annotations
 
-import os
 import sys
 
 import keras
 import numpy as np
 
-from benchmarks import cli, harness, optimizers, plotting, reports
+from benchmarks import cli, harness, reports
 from benchmarks.markov_lm import MarkovChain, make_transformer_lm, next_token_pairs
 
 OUTPUT_LAYER = "logits"
@@ -73,16 +72,6 @@ DEFAULT_TARGET_GAPS = (1.0, 0.7, 0.5)
 QUICK_TARGET_GAPS = (1.4, 1.25)
 HELD_OUT_SEQUENCES = 2000
 HELD_OUT_SEED = 20261202
-
-
-def _parse_gaps(text):
-    try:
-        gaps = tuple(float(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise ValueError(f"--target-gaps must be a comma list of numbers; received {text!r}") from None
-    if not gaps or any(not np.isfinite(g) or g <= 0 for g in gaps):
-        raise ValueError(f"--target-gaps must be positive numbers; received {text!r}")
-    return gaps
 
 
 def build_parser():
@@ -123,11 +112,7 @@ def main(argv=None):
     parser = build_parser()
     args, t_start, steps, grid_steps, jit = cli.start_race(
         parser, argv, default_steps=DEFAULT_STEPS, quick_steps=QUICK_STEPS)
-    try:
-        gaps = (_parse_gaps(args.target_gaps) if args.target_gaps
-                else (QUICK_TARGET_GAPS if args.quick else DEFAULT_TARGET_GAPS))
-    except ValueError as e:
-        parser.error(str(e))
+    gaps = cli.race_targets(parser, args, "--target-gaps", DEFAULT_TARGET_GAPS, QUICK_TARGET_GAPS)
 
     chain = MarkovChain(vocab=VOCAB, concentration=CONCENTRATION, seed=args.chain_seed)
     floor = chain.floor(LENGTH)
@@ -140,11 +125,8 @@ def main(argv=None):
           f"{x.shape[0]} training sequences of {LENGTH} tokens; entropy floor "
           f"{floor:.4f} nats/token; targets {', '.join(f'{t:g}' for t in targets)}", flush=True)
 
-    specs = optimizers.get_optimizer_specs(
-        args.optimizers, output_layer_name=OUTPUT_LAYER,
-        kfac_kwargs=cli.kfac_kwargs_from_args(args), kfac_grid=args.kfac_grid)
+    specs = cli.race_specs(args, OUTPUT_LAYER)
     if not specs:
-        print("no optimizer to run", file=sys.stderr)
         return 2
 
     def evaluate(model):
@@ -182,20 +164,12 @@ def main(argv=None):
         *cli.protocol_notes(args, grid_steps, jit, loss_name="training cross-entropy"),
     ]
 
-    def held_out(run):
-        value = (run.get("evaluation") or {}).get("held_out_ce")
-        return None if value is None else round(value, 4)
-
-    os.makedirs(args.out_dir, exist_ok=True)
-    text = reports.write_results(
-        runs, targets, args.out_dir, title="Causal transformer LM (order-2 Markov chain)",
-        loss_name="train CE", notes=notes, grids=grids,
-        extra_columns=[("held-out CE", held_out)])
-    plots = plotting.write_loss_plots(
-        runs, args.out_dir, loss_label="training cross-entropy (nats/token)",
-        targets=targets, title="Causal transformer LM, order-2 Markov chain")
-    reports.save_histories(runs, args.out_dir)
-    reports.print_summary(text, args.out_dir, plots, t_start)
+    reports.finish_race(
+        runs, grids, targets, args.out_dir, t_start,
+        title="Causal transformer LM (order-2 Markov chain)",
+        plot_title="Causal transformer LM, order-2 Markov chain", loss_name="train CE",
+        loss_label="training cross-entropy (nats/token)", notes=notes,
+        extra_columns=[("held-out CE", reports.evaluation_column("held_out_ce"))])
     return 0
 
 

@@ -7,7 +7,9 @@ from absl import logging
 from kfac_keras import custom_step as custom_step_lib
 from kfac_keras import distributed
 from kfac_keras import keras_internals
+from kfac_keras import step_length
 from kfac_keras.optimizer import KFAC
+from kfac_keras.validation import is_schedule
 from kfac_keras.training import KFACTrainStep
 
 #: Log keys that hold counts (printed as integers in the progress bar).
@@ -89,16 +91,47 @@ class KFACCallback(keras.callbacks.Callback):
     only, like Keras's own output); `kfac_skipped_steps` is shown as an
     integer.
 
+    Learning-rate decay (`decay="cosine"`, off by default): K-FAC's default
+    step has a fixed length (`0.2 * learning_rate` RMS per matrix), so at a
+    constant rate a run ends on its gradient-noise floor. With `decay`, the
+    callback multiplies the learning rate by a cosine from 1 at the first
+    step to `final_fraction` at the last one of this `fit` (`epochs *
+    steps`, which only `fit` knows; `kfac_keras.step_length`). The rate stays
+    a plain variable: it is written before every batch (so TensorBoard's
+    `learning_rate` is the rate used), a change by another callback
+    (`ReduceLROnPlateau`) or by the user scales the rest of the curve, and at
+    the end of `fit` it holds the user's rate again. The decay is announced
+    at the start of `fit` (printed and logged), never applied silently. The
+    step count starts at `initial_epoch * steps`, so a resumed `fit` continues
+    the curve; with `steps_per_execution > 1` the rate is set once per
+    execution (Keras calls batch hooks once per execution).
+
     Args:
         verbose: 0 or 1; with 1 (default) print the registration report the
-            first time the model is registered.
+            first time the model is registered, and the decay's announcement.
+        decay: None (default: constant learning rate) or `"cosine"`. Needs a
+            `fit` of known length (`steps_per_epoch` for a dataset of
+            unknown size) and a learning rate that is a number, not a
+            schedule (a schedule already says how the rate changes).
+        final_fraction: float in [0, 1], the rate at the last step as a
+            fraction of the user's. Defaults to 0.1. Only with `decay`.
     """
 
-    def __init__(self, verbose=1):
+    def __init__(self, verbose=1, decay=None, final_fraction=None):
         super().__init__()
         if verbose not in (0, 1):
             raise ValueError(f"`verbose` must be 0 or 1; received {verbose!r}.")
+        if decay is None and final_fraction is not None:
+            raise ValueError("`final_fraction` sets the end of a learning-rate decay; pass "
+                             "`decay=\"cosine\"` with it, or leave it unset.")
+        if final_fraction is None:
+            final_fraction = step_length.DEFAULT_FINAL_FRACTION
+        step_length.check_decay(decay, final_fraction)
         self.verbose = verbose
+        self.decay = decay
+        self.final_fraction = final_fraction
+        self._decay = None
+        self._epoch = 0
         self._requested_jit = None
         self._users_instance_step = None
         self._first_time = False
@@ -152,6 +185,7 @@ class KFACCallback(keras.callbacks.Callback):
                 "KFACCallback needs a model compiled with "
                 "`optimizer=kfac_keras.KFAC(...)`; this model's optimizer is "
                 f"{type(optimizer).__name__}.")
+        decay = self._make_decay(optimizer) if self.decay is not None else None
         self._first_time = optimizer.registration is None
         self._requested_jit = bool(model.jit_compile)
         self._users_instance_step = model.__dict__.get("train_step")
@@ -167,6 +201,48 @@ class KFACCallback(keras.callbacks.Callback):
             model.train_step = self._build_then_step(make_step)
         model.jit_compile = False
         model.make_train_function(force=True)
+        self._decay = decay
+        if decay is not None:
+            self._announce(
+                f"K-FAC: KFACCallback(decay={self.decay!r}) sets the learning rate before every "
+                f"step: {decay.base:.4g} at the first step down to {self.final_fraction:g} x that "
+                f"at step {decay.total_steps} ({self.params['epochs']} epochs x "
+                f"{decay.steps_per_epoch} steps); it is {decay.base:.4g} again after fit.")
+
+    def _make_decay(self, optimizer):
+        """The run-length decay of this `fit`; raises before any state changes
+        when the run's length or the learning rate does not allow one."""
+        params = self.params or {}
+        epochs, steps = params.get("epochs"), params.get("steps")
+        if not epochs or not steps:
+            raise ValueError(
+                f"KFACCallback(decay={self.decay!r}) needs the run's length, but this fit's "
+                f"steps per epoch are unknown (params: epochs={epochs!r}, steps={steps!r}): "
+                "pass `steps_per_epoch` to fit, or use decay=None with a learning-rate "
+                "schedule of your own.")
+        if is_schedule(optimizer.learning_rate) or is_schedule(
+                getattr(optimizer, "_learning_rate", None)):
+            raise ValueError(
+                f"KFACCallback(decay={self.decay!r}) scales a learning rate that is a number, "
+                "but this optimizer's is a schedule, which already says how the rate changes; "
+                "pass one or the other.")
+        return step_length.RunLengthDecay(
+            keras_internals.learning_rate_variable(optimizer), epochs * steps, steps,
+            self.final_fraction)
+
+    def _announce(self, message):
+        """Logs `message` and prints it unless `fit` or Keras logging is quiet."""
+        logging.warning(message)
+        if self.verbose and (not self.params or self.params.get("verbose", 1) != 0) \
+                and keras.config.is_interactive_logging_enabled():
+            print(message)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if self._decay is not None:
+            self._decay.before_step(self._epoch, batch)
 
     def _count_logs_as_integers(self, logs):
         if logs:
@@ -181,6 +257,9 @@ class KFACCallback(keras.callbacks.Callback):
         self._count_logs_as_integers(logs)
 
     def on_train_end(self, logs=None):
+        if self._decay is not None:
+            self._decay.restore()
+            self._decay = None
         model = self.model
         model.__dict__.pop("train_step", None)
         if self._users_instance_step is not None:

@@ -229,9 +229,10 @@ class KFAC(keras.optimizers.Optimizer):
             Keras's `Muon` update), without KL clip; `learning_rate` and
             `momentum` then apply as above, so the step is linear in the
             learning rate (`learning_rate=None` means 1e-2 here). Embedding
-            tables are orthogonalised too (over the whole table); variables
-            without a Kronecker block take the `"kl_clip"` step (with
-            `norm_constraint`). `step_size` logs the
+            tables take the `"kl_clip"` step at 30 times the learning rate
+            (`orthogonal_step.EMBEDDING_LEARNING_RATE_FACTOR`), and the other
+            variables without a Kronecker block the `"kl_clip"` step (the
+            clip scale, with `norm_constraint`, over all of them). `step_size` logs the
             learning rate times the RMS entry of the orthogonalised direction.
             Not combinable with `quadratic_model_step`.
         orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of

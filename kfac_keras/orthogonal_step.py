@@ -11,8 +11,8 @@ declares its matrices through the block contract
 `kfac_keras.blocks.base`; None for a block without Kronecker pairs). Per
 block:
 
-* A `KroneckerBlock` (Dense, EinsumDense, convolutions and transposed
-  convolutions, SimpleRNN/LSTM `[W; U; b]`, Embedding): its matrix
+* A `KroneckerBlock` other than an Embedding (Dense, EinsumDense,
+  convolutions and transposed convolutions, SimpleRNN/LSTM `[W; U; b]`): its matrix
   `grads_to_matrix`. Grouped and depthwise convolutions have one pair
   per group, so one matrix per group (a batch of polar factors): the Fisher
   block is block-diagonal over groups, and each group's step gets the fixed
@@ -25,14 +25,26 @@ block:
 * A tridiagonal chain (`approximation="tridiagonal"`): the chain couples the
   layers in `Delta`, but each layer keeps its own `[K; b]`: one matrix per
   layer of the chain, orthogonalised after the chain's preconditioning.
-* An Embedding block: its `[table]` matrix like any Kronecker block. The
-  preconditioned step of rows absent from the batch is zero and stays zero
-  through the iterations, but the products run over the whole `(vocabulary,
-  dim)` table, `O(vocabulary dim^2)` per step. This is what the measurements
-  behind the default did (keras-io's transformer classifier learns through
-  its token embedding; with the embedding on the KL-clipped step at the
-  orthogonal rule's learning rate it stayed at chance), and it is the same
-  on one device and under a multi-replica step (dense all-reduced gradients).
+* An Embedding block (token or position table): not orthogonalised. It
+  takes the KL-clipped step of the other non-orthogonalised variables (its
+  preconditioned table `diag(freq)^-1 (x) G^-1` applied row by row, the clip
+  scale computed jointly with them) times `EMBEDDING_LEARNING_RATE_FACTOR`
+  (30), i.e. the KL-clipped step at 30x the learning rate (0.3 at the default
+  1e-2). Rows absent from the batch have a zero preconditioned gradient, so
+  they stay still (momentum aside), and no `(vocabulary, dim)` matrix product
+  is formed. Why (tools/step_efficiency/RESULTS.md, S5-embed): orthogonalising
+  the table (session 4) left the transformer LM on its unigram plateau for
+  400 steps, at any scale (a wide table of 32 present rows gets every row
+  step normalised and decorrelated, and its weight rows grew 10x while the
+  gradient shrank 50x), and a per-row normalised step did too at RMS 0.2;
+  the KL-clipped step at the orthogonal rule's own learning rate (factor 1)
+  left keras-io's transformer classifier at chance after one epoch. Factor
+  30 was chosen on both together (LM floor+1.0 / +0.7 in 301 / 400 steps, as
+  Muon / better; classifier val accuracy 0.908 / 0.9525 vs Adam 0.6795 /
+  0.953); factor 10 was better on the LM (281 / 369) and worse on the
+  classifier (0.8725 / 0.921), 100 stalled the LM. The same on one device
+  and under a multi-replica step (the clip scale is a sum over all-reduced
+  gradients).
 * Every other block (diagonal, identity, LayerNormalization/BatchNorm
   scale-shift, variables of layers without a Kronecker block): the
   `kl_clip` step, `Delta` scaled by `kfac_keras.step_rules.kl_clipping_scale`
@@ -54,6 +66,11 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import step_rules
+from kfac_keras.blocks.embedding import EmbeddingBlock
+
+#: The Embedding tables' KL-clipped step is this many times the learning
+#: rate's (module docstring; tools/step_efficiency/RESULTS.md, S5-embed).
+EMBEDDING_LEARNING_RATE_FACTOR = 30.0
 
 
 class OrthogonalStep:
@@ -81,7 +98,8 @@ class OrthogonalStep:
             logging.warning(
                 "KFAC step_rule='orthogonal' found no Kronecker block to orthogonalise "
                 "(blocks %s all take the KL-clipped step), so it trains as "
-                "step_rule='kl_clip' at this learning rate.", clipped)
+                "step_rule='kl_clip' at this learning rate (Embedding tables at %gx it).",
+                clipped, EMBEDDING_LEARNING_RATE_FACTOR)
 
     def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
         """The step directions (to be multiplied by `-lr`, momentum after).
@@ -102,12 +120,17 @@ class OrthogonalStep:
         index = {id(v): i for i, v in enumerate(variables)}
         directions = list(preconditioned)
         remaining = set(range(len(variables)))
-        orthogonal, clipped = [], []
+        orthogonal, clipped, embeddings = [], [], []
         square_sum, count = tf.constant(0.0), 0
         for block in blocks:
             members = [index.get(id(v)) for v in block.variables]
             present = [i for i in members if i is not None]
             if not present:
+                continue
+            if isinstance(block, EmbeddingBlock):
+                # Left in `remaining` (the KL-clipped step), scaled up below.
+                embeddings.extend(present)
+                clipped.append(block.name)
                 continue
             # Reshaped to the variable: a densified sparse gradient may have lost
             # its static shape, which the Newton-Schulz scale needs.
@@ -135,5 +158,8 @@ class OrthogonalStep:
                                                  norm_constraint)
             for i in rest:
                 directions[i] = preconditioned[i] * tf.cast(scale, preconditioned[i].dtype)
+        for i in embeddings:
+            directions[i] = directions[i] * tf.cast(EMBEDDING_LEARNING_RATE_FACTOR,
+                                                    directions[i].dtype)
         rms = tf.sqrt(square_sum / count) if count else tf.constant(0.0)
         return directions, rms

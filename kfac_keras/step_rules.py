@@ -81,6 +81,20 @@ polynomial in `X X^T`) and returns a bfloat16 result, and the iterate `X`
 and the linear combinations stay in float32, so the coefficients are
 exact (rounded to bfloat16 they would be (3.4375, -4.78125, 2.03125), an
 error of the same size as the products' rounding). The result is float32.
+
+Fewer iterations for the same effect (`newton_schulz(normalization=,
+coefficients=)`; the optimizer's default is still `"frobenius"`/`"muon"`):
+`X_0 = P / ||P||_F` starts every singular value at `s / ||P||_F`, and on
+the autoencoder's matrices the largest is only 0.2-0.99 of 1
+(tools/step_efficiency/RESULTS.md, S5-cost). `normalization="gram"` divides
+further by `||X_0 X_0^T||_F^(1/2) = (sum s^4)^(1/4) >= s_max`, so the largest
+starts at 0.56-1.0 and all start larger by the same factor; the Gram matrix
+is the one the first iteration needs anyway, so it costs no extra product.
+`coefficients="tuned"` uses a separate `(a, b, c)` per iteration
+(`NEWTON_SCHULZ_TUNED_COEFFICIENTS`, for 1 and 2 iterations), fitted so that
+the composed polynomial sends the widest interval `[l, 1]` into Muon's band
+[0.68, 1.21]: `l = 0.043` with 2 iterations, where Muon's coefficients
+reach 0.061 with 2 and 0.018 with 3.
 """
 
 import tensorflow as tf
@@ -97,6 +111,19 @@ NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 ORTHOGONAL_STEP_RMS = 0.2
 #: Dtypes of the Newton-Schulz matrix products (`newton_schulz(dtype=...)`).
 NEWTON_SCHULZ_DTYPES = ("float32", "bfloat16")
+#: How `newton_schulz` scales `X_0` (`newton_schulz(normalization=...)`).
+NEWTON_SCHULZ_NORMALIZATIONS = ("frobenius", "gram")
+#: Coefficient schedules of `newton_schulz(coefficients=...)`.
+NEWTON_SCHULZ_COEFFICIENT_SCHEDULES = ("muon", "tuned")
+#: Per-iteration `(a, b, c)` for `k` iterations, fitted by
+#: tools/step_efficiency/ns_coefficients.py: the composed map sends the widest
+#: interval `[l, 1]` into Muon's band [0.68, 1.21] (Muon: l = 0.061 at k = 2,
+#: 0.018 at k = 3; these: l = 0.17 at k = 1, 0.043 at k = 2) and stays in
+#: [0, 1.21] on [0, 1.05] (to 4e-5 after rounding to 4 decimals).
+NEWTON_SCHULZ_TUNED_COEFFICIENTS = {
+    1: ((4.1486, -8.2340, 5.0035),),
+    2: ((4.89, -12.2394, 8.0535), (3.4702, -4.8192, 2.0491)),
+}
 
 
 # ----------------------------------------------------------- list algebra
@@ -316,7 +343,8 @@ def levenberg_marquardt_update(damping, rho, factor, min_damping, max_damping):
 
 
 # ------------------------------------------------------- orthogonal step
-def newton_schulz(matrix, iterations, dtype="float32"):
+def newton_schulz(matrix, iterations, dtype="float32", normalization="frobenius",
+                  coefficients="muon"):
     """Approximate polar factor of `matrix` by quintic Newton-Schulz.
 
     Args:
@@ -327,35 +355,93 @@ def newton_schulz(matrix, iterations, dtype="float32"):
         dtype: one of `NEWTON_SCHULZ_DTYPES`, the dtype of the matrix
             products; `X_0`, the iterate and the coefficients are float32
             (module docstring). Defaults to `"float32"`.
+        normalization: one of `NEWTON_SCHULZ_NORMALIZATIONS`, how `X_0` is
+            scaled: `"frobenius"`, `matrix / ||matrix||_F`; `"gram"`, divided
+            further by `||X X^T||_F^(1/2)` of that (which bounds the largest
+            singular value more tightly, so they all start larger), the Gram
+            matrix reused by the first iteration (no extra product).
+            Defaults to `"frobenius"`.
+        coefficients: one of `NEWTON_SCHULZ_COEFFICIENT_SCHEDULES`:
+            `"muon"`, `NEWTON_SCHULZ_COEFFICIENTS` in every iteration;
+            `"tuned"`, the per-iteration `NEWTON_SCHULZ_TUNED_COEFFICIENTS[k]`
+            (defined for the `k` listed there). Defaults to `"muon"`.
 
     Returns:
-        A float32 tensor of the same shape, `X_k` from `X_0 = matrix /
-        ||matrix||_F` (per matrix; a zero matrix stays zero).
+        A float32 tensor of the same shape, `X_k` (per matrix; a zero matrix
+        stays zero).
 
     Raises:
-        ValueError: if `dtype` is not one of `NEWTON_SCHULZ_DTYPES`.
+        ValueError: if `dtype`, `normalization` or `coefficients` is not one
+            of the names above, or `coefficients="tuned"` has no schedule for
+            `iterations`.
     """
     if dtype not in NEWTON_SCHULZ_DTYPES:
         raise ValueError(f"`dtype` must be one of {NEWTON_SCHULZ_DTYPES}; received {dtype!r}.")
-    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    schedule = newton_schulz_schedule(iterations, coefficients)
+    if normalization not in NEWTON_SCHULZ_NORMALIZATIONS:
+        raise ValueError(f"`normalization` must be one of {NEWTON_SCHULZ_NORMALIZATIONS}; "
+                         f"received {normalization!r}.")
     x = tf.cast(matrix, tf.float32)
     tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side, so the Gram matrix is the smaller one
         x = tf.linalg.matrix_transpose(x)
+    # Frobenius first in both cases: the Gram matrix of the raw matrix could
+    # overflow float32 (its squared norm is a sum of fourth powers).
     norm = tf.norm(x, axis=[-2, -1], keepdims=True)
     x = tf.math.divide_no_nan(x, norm)
-    for _ in range(int(iterations)):
+    gram = None
+    if normalization == "gram":
+        low = tf.cast(x, dtype)
+        gram = tf.cast(tf.matmul(low, low, transpose_b=True), tf.float32)
+        # ||X X^T||_F = (sum s^4)^(1/2) >= s_max^2, so s_max <= 1 after this.
+        gram_norm = tf.norm(gram, axis=[-2, -1], keepdims=True)
+        x = tf.math.divide_no_nan(x, tf.sqrt(gram_norm))
+        gram = tf.math.divide_no_nan(gram, gram_norm)
+    for a, b, c in schedule:
         # The casts are no-ops in float32; in bfloat16 only the products'
         # inputs and results are rounded, never the iterate or a coefficient.
         low = tf.cast(x, dtype)
-        gram = tf.matmul(low, low, transpose_b=True)
-        polynomial = (b * tf.cast(gram, tf.float32)
-                      + c * tf.cast(tf.matmul(gram, gram), tf.float32))
+        if gram is None:
+            gram = tf.cast(tf.matmul(low, low, transpose_b=True), tf.float32)
+        gram_low = tf.cast(gram, dtype)
+        polynomial = b * gram + c * tf.cast(tf.matmul(gram_low, gram_low), tf.float32)
         x = a * x + tf.cast(tf.matmul(tf.cast(polynomial, dtype), low), tf.float32)
+        gram = None
     return tf.linalg.matrix_transpose(x) if tall else x
 
 
-def orthogonal_direction(matrix, iterations, dtype="float32"):
+def newton_schulz_schedule(iterations, coefficients="muon"):
+    """The `(a, b, c)` of each Newton-Schulz iteration.
+
+    Args:
+        iterations: int >= 1, `k`.
+        coefficients: one of `NEWTON_SCHULZ_COEFFICIENT_SCHEDULES`
+            (`newton_schulz`). Defaults to `"muon"`.
+
+    Returns:
+        A tuple of `k` tuples `(a, b, c)`.
+
+    Raises:
+        ValueError: if `iterations < 1`, `coefficients` is unknown, or
+            `"tuned"` has no schedule for `iterations`.
+    """
+    if int(iterations) < 1:
+        raise ValueError(f"`iterations` must be >= 1; received {iterations!r}.")
+    if coefficients == "muon":
+        return (NEWTON_SCHULZ_COEFFICIENTS,) * int(iterations)
+    if coefficients == "tuned":
+        if int(iterations) not in NEWTON_SCHULZ_TUNED_COEFFICIENTS:
+            raise ValueError(
+                f"coefficients='tuned' has schedules for iterations in "
+                f"{sorted(NEWTON_SCHULZ_TUNED_COEFFICIENTS)}; received {iterations!r}. Use "
+                f"coefficients='muon' for other iteration counts.")
+        return NEWTON_SCHULZ_TUNED_COEFFICIENTS[int(iterations)]
+    raise ValueError(f"`coefficients` must be one of {NEWTON_SCHULZ_COEFFICIENT_SCHEDULES}; "
+                     f"received {coefficients!r}.")
+
+
+def orthogonal_direction(matrix, iterations, dtype="float32", normalization="frobenius",
+                         coefficients="muon"):
     """`0.2 sqrt(max(rows, cols)) NS_k(matrix)`: the orthogonal step's direction
     for one Kronecker matrix (to be multiplied by `-lr`, momentum after).
 
@@ -366,10 +452,14 @@ def orthogonal_direction(matrix, iterations, dtype="float32"):
         iterations: int >= 1, Newton-Schulz iterations.
         dtype: the dtype of the matrix products (`newton_schulz`).
             Defaults to `"float32"`.
+        normalization: how `X_0` is scaled (`newton_schulz`). Defaults to
+            `"frobenius"`.
+        coefficients: the coefficient schedule (`newton_schulz`). Defaults
+            to `"muon"`.
 
     Returns:
         A float32 tensor of the same shape.
     """
     rows, cols = matrix.shape[-2], matrix.shape[-1]
     scale = ORTHOGONAL_STEP_RMS * float(max(rows, cols)) ** 0.5
-    return scale * newton_schulz(matrix, iterations, dtype)
+    return scale * newton_schulz(matrix, iterations, dtype, normalization, coefficients)

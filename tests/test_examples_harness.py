@@ -370,3 +370,21 @@ def test_protocol_notes_name_the_learning_rate_source():
                                   "off", loss_name="training cross-entropy")
     assert "--no-grid" in fixed[1] and "fixed by --lrs" in fixed[1]
     assert "per-batch training cross-entropy" in fixed[0]
+
+
+def test_parse_positive_list_and_evaluation_column():
+    assert cli.parse_positive_list("120, 100,80", "--targets") == (120.0, 100.0, 80.0)
+    for bad in ("", "1,x", "1,-2", "0", "1,inf", "nan"):
+        with pytest.raises(ValueError, match="--targets"):
+            cli.parse_positive_list(bad, "--targets")
+    column = reports.evaluation_column("acc", digits=2)
+    assert column({"evaluation": {"acc": 0.9876}}) == 0.99
+    assert column({"evaluation": None}) is None and column({}) is None
+
+
+def test_autoencoder_refuses_bad_targets_before_any_run(capsys):
+    from benchmarks import autoencoder
+    with pytest.raises(SystemExit) as raised:
+        autoencoder.main(["--quick", "--targets", "120,-1", "--optimizers", "adam"])
+    assert raised.value.code == 2
+    assert "--targets must be positive numbers" in capsys.readouterr().err

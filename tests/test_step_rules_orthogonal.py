@@ -6,7 +6,8 @@ full training steps on a tiny Dense network against a dense NumPy K-FAC
 (factors from the layer inputs and per-example gradients, factored Tikhonov
 inverses, Newton-Schulz, Muon's scale, momentum); the learning rate's
 linearity; the Levenberg-Marquardt rule on the update taken; one matrix per
-Kronecker pair for multi-block layers; Embedding (sparse gradients); options;
+Kronecker pair for multi-block layers; options (Embedding tables:
+test_orthogonal_embedding.py);
 the bfloat16 products (`orthogonal_dtype`) against the float64 loop.
 """
 
@@ -419,36 +420,6 @@ def test_each_kronecker_matrix_is_orthogonalised(kind):
         scale = lr * 0.2 * np.sqrt(max(matrix.shape))
         singular = np.linalg.svd(-matrix / scale, compute_uv=False)
         assert singular.min() > 0.66 and singular.max() < 1.15, (matrix.shape, singular)
-
-
-def test_embedding_is_orthogonalised_and_absent_rows_stay_still():
-    """Embedding (sparse gradients) gets the polar step of its table matrix:
-    the first step equals `-lr 0.2 sqrt(7) NS_3(Delta)` of the NumPy loop,
-    with `Delta` the KL-clipped rule's unclipped first step on the same
-    factors, and rows of ids absent from the batch do not move."""
-    rng = np.random.default_rng(10)
-    ids = rng.integers(0, 5, size=(8, 3)).astype("int32")  # ids 5 and 6 absent
-    y = rng.integers(0, 2, size=(8,)).astype("int32")
-    lr = 0.05
-    updates = {}
-    for rule in ("kl_clip", "orthogonal"):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((3,), dtype="int32"),
-                                  keras.layers.Embedding(7, 4, name="tokens"),
-                                  keras.layers.GlobalAveragePooling1D(),
-                                  keras.layers.Dense(2, name="out")])
-        optimizer = kfac_keras.KFAC(step_rule=rule, learning_rate=lr, adaptive=None,
-                                    norm_constraint=None, damping=0.1, cov_update_every=1,
-                                    seed=0)
-        step = kfac_keras.make_train_step(model, optimizer, LOSS)
-        before = [v.numpy() for v in model.trainable_variables]
-        step(ids, y)
-        updates[rule] = [v.numpy() - b for v, b in zip(model.trainable_variables, before)]
-    delta = -updates["kl_clip"][0] / lr
-    expected = -lr * 0.2 * np.sqrt(7.0) * _numpy_newton_schulz(delta, 3)
-    np.testing.assert_allclose(updates["orthogonal"][0], expected, rtol=1e-4, atol=1e-7)
-    assert np.abs(updates["orthogonal"][0][:5]).max() > 0
-    np.testing.assert_array_equal(updates["orthogonal"][0][5:], 0.0)
 
 
 # ---------------------------------------------------------------- options

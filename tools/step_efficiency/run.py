@@ -24,7 +24,8 @@ the named configurations against Adam alternately in the same process
 so machine load affects both alike; time to a target is then
 `steps x ratio x Adam's step`.
 
-Targets are in the task's unit (tasks.py), counted on the 10-step trailing
+Targets are in the task's unit (tasks.py), counted on the `task.smooth`-step (10; 1 for the
+full-batch `*_issue` tasks: the raw loss) trailing
 mean of the training loss.
 """
 
@@ -72,6 +73,10 @@ def make_optimizer(spec, task):
         kwargs["learning_rate"] = learning_rate_schedule(kwargs.get("learning_rate", 1.0),
                                                          **schedule)
     kwargs.setdefault("seed", 0)
+    if "embedding_rule" in kwargs:  # S5-embed's experimental Embedding treatments
+        from embedding_rules import EmbeddingRuleKFAC
+
+        return EmbeddingRuleKFAC(**kwargs)
     if kwargs.get("step_rule") in LIBRARY_STEP_RULES:
         import kfac_keras
 
@@ -132,10 +137,10 @@ def train(task, spec, steps, seed=0):
     return np.array(losses), np.array(seconds), extra
 
 
-def smoothed(losses):
+def smoothed(losses, window=SMOOTH):
     c = np.cumsum(np.insert(losses, 0, 0.0))
     k = np.arange(1, len(losses) + 1)
-    lo = np.maximum(0, k - SMOOTH)
+    lo = np.maximum(0, k - window)
     return (c[k] - c[lo]) / (k - lo)
 
 
@@ -163,7 +168,7 @@ def fmt(value):
 def run_config(task, name, spec, args, targets, results):
     t0 = time.perf_counter()
     losses, seconds, extra = train(task, spec, args.steps, args.seed)
-    curve = smoothed(losses)
+    curve = smoothed(losses, getattr(task, "smooth", SMOOTH))
     row = {"task": task.name, "config": name, "kind": spec[0],
            "kwargs": spec[1], "steps": args.steps,
            "reach": {f"{t:.4g}": steps_to(curve, t) for t in targets},
@@ -242,7 +247,7 @@ def alternate_ratio(task, spec, adam_lr, args):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help="autoencoder, cnn, lm, mlp, lsq, softmax, "
-                   "lsq_sum, softmax_sum, autoencoder_sum")
+                   "lsq_issue, softmax_issue, lsq_sum, softmax_sum, autoencoder_sum")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default="{}", help="JSON: name -> StepRuleKFAC kwargs")

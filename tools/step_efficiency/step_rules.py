@@ -45,6 +45,38 @@ Step rules (`step_rule`), with momentum `mu`, learning rate `lr`:
   inverses are unchanged, stale by one inverse update otherwise): three dot
   products, no extra curvature product.
 
+* `"ortho_len"` (S5-convex): the orthogonal direction of the library's
+  default (`D`: per block `0.2 sqrt(max(n_in, n_out)) NS_k(P)`, RMS entry
+  0.2, the rest KL-clipped `P`), with its *length* from the quadratic model
+  `M(delta) = g^T delta + 1/2 delta^T (F + lambda I) delta` of the batch
+  (`F` by the library's forward-mode Fisher products, `batch.fisher_gram`
+  of `[u, p]`, `u = -D`, `p = mu v` the heavy-ball part of the update,
+  `lambda` the K-FAC damping), one global length per step. With
+  `C = [[u'(F+l)u, u'(F+l)p], [.., p'(F+l)p]]`, `b = [g'u, g'p]`,
+  `t* = -(b_0 + C_01) / C_00` (the best length given the momentum part),
+  `length_rule`:
+
+  - `"model"`: `delta = (lr / length_lr_ref) t* u + p` (at the reference
+    learning rate the model's step; halving lr halves the new part);
+  - `"model_mu"`: the paper's 2x2 solve `C [t, s] = -b`, `delta = (lr /
+    length_lr_ref) (t u + s p)` (`s = 0` on the first step);
+  - `"cap"`: `delta = min(max(t*, 0), lr) u + p`: the model's step when it is
+    shorter than the fixed-RMS step `lr u` of the library's rule, else that;
+  - `"trust"`: `delta = min(max(t*, 0), m lr) u + p`, with a multiplier
+    `m` in `[1, trust_max]` adapted after each step by the reduction ratio
+    `rho = (L(theta + delta) - L(theta)) / (g'delta + 1/2 delta'F delta)` on
+    the same batch (one more forward pass): `m <- trust_grow m` when
+    `rho > 3/4` and the cap bound, `m <- m / trust_grow` when `rho < 1/4`.
+  - `"trust_mu"`: the 2x2 solve's update `delta* = t u + s p`, cut to the RMS
+    entry `R = 0.2 m length_lr_ref` when longer (a trust region in the units
+    of the library's fixed step, `m` adapted by `rho` as in `"trust"`, in
+    `[trust_min, trust_max]`), then times `lr / length_lr_ref`:
+    `delta = (lr / length_lr_ref) min(1, R / rms(delta*)) delta*`.
+  - `"trust_mu_floor"`: `"trust_mu"`, but the library's update `lr u + p`
+    when that is longer and the previous step's `rho >= 1/4`.
+
+  `effective_step` logs the length `t` actually taken (in units of `u`).
+
 `kl_relative_to_loss`: the KL clips use `c * loss` (the batch loss before the
 step) instead of `c`, so that multiplying the loss by a constant changes
 nothing once the damping is relative too.
@@ -68,7 +100,9 @@ from kfac_keras import quadratic_model
 from kfac_keras.blocks.kronecker import KroneckerBlock
 
 STEP_RULES = ("library", "kl", "kl_layer", "rms", "rms_cap", "graft_adam", "graft_sgd",
-              "ortho", "kl_velocity")
+              "ortho", "kl_velocity", "ortho_len")
+#: `length_rule` values of the `"ortho_len"` rule (module docstring).
+LENGTH_RULES = ("model", "model_mu", "cap", "trust", "trust_mu", "trust_mu_floor")
 #: Quintic Newton-Schulz coefficients (a, b, c): X <- a X + (b A + c A^2) X,
 #: A = X X^T; they push all singular values of a normalised X towards ~1 fast.
 QUINTIC = (3.4445, -4.7750, 2.0315)
@@ -219,6 +253,22 @@ class StepRuleKFAC(kfac_keras.KFAC):
             rescaled (`apply_scaling`) between full steps; n > 0 runs n
             Newton-Schulz iterations from `S X0` (`warm_newton_schulz`).
             Defaults to 0.
+        length_rule: one of `LENGTH_RULES`, how `"ortho_len"` sets the
+            length. Defaults to `"model"`.
+        length_lr_ref: float > 0, the learning rate at which `"model"` /
+            `"model_mu"` take the model's step. Defaults to 1e-2 (the
+            orthogonal rule's default learning rate).
+        trust_grow: float > 1, `"trust"`'s factor on `m`. Defaults to 2.
+        trust_max: float >= 1, `"trust"`'s largest `m`. Defaults to 1e6.
+        trust_min: float in (0, trust_init], the smallest `m`. Defaults to 1.
+        trust_reject: bool, `"trust"`/`"trust_mu"` undo a step that raised
+            the batch loss (weights and velocity back; the velocity set to
+            zero). Defaults to False.
+        length_damping: float >= 0, the `lambda` of the length's quadratic
+            model is this times the K-FAC damping. Defaults to 1.
+        trust_init: float >= 1, the first `m` (10 = `1 / (1 - 0.9)`: the
+            RMS of the library's heavy-ball velocity at a steady direction).
+            Defaults to 1.
         **kwargs: `kfac_keras.KFAC` arguments (`learning_rate`, `momentum`,
             `damping`, `adaptive`, `cov_update_every`, ...). `norm_constraint`
             is forced to None for rules other than `"library"` (they clip
@@ -228,9 +278,21 @@ class StepRuleKFAC(kfac_keras.KFAC):
     def __init__(self, step_rule="kl", kl_bound=1e-4, ns_steps=2, ortho_min_dim=0,
                  other_lr_ratio=1.0, relative_damping=False, warmup_steps=0,
                  nesterov=False, natural_lr_ratio=100.0, kl_relative_to_loss=False,
-                 momentum_after=False, ortho_every=1, ortho_refine_steps=0, **kwargs):
+                 momentum_after=False, ortho_every=1, ortho_refine_steps=0,
+                 length_rule="model", length_lr_ref=1e-2, trust_grow=2.0, trust_max=1e6,
+                 trust_min=1.0, trust_init=1.0, length_damping=1.0,
+                 trust_reject=False, **kwargs):
         if step_rule not in STEP_RULES:
             raise ValueError(f"`step_rule` must be one of {STEP_RULES}; received {step_rule!r}.")
+        if length_rule not in LENGTH_RULES:
+            raise ValueError(f"`length_rule` must be one of {LENGTH_RULES}; received "
+                             f"{length_rule!r}.")
+        if not (length_lr_ref > 0 and trust_grow > 1 and trust_max >= 1):
+            raise ValueError("need length_lr_ref > 0, trust_grow > 1 and trust_max >= 1; "
+                             f"received {length_lr_ref!r}, {trust_grow!r}, {trust_max!r}.")
+        if step_rule == "ortho_len" and kwargs.get("adaptive", "auto") is None:
+            raise ValueError("step_rule='ortho_len' needs the batch's quadratic model: "
+                             "leave `adaptive` at 'auto' or pass adaptive options.")
         if step_rule != "library":
             if kwargs.get("norm_constraint") not in (None, "auto"):
                 raise ValueError("pass the clip as `kl_bound` for step rules other than "
@@ -254,6 +316,20 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.ortho_every = int(ortho_every)
         self.ortho_refine_steps = int(ortho_refine_steps)
         self.polar_scalings = {}
+        self.length_rule = length_rule
+        self.length_lr_ref = float(length_lr_ref)
+        self.trust_grow = float(trust_grow)
+        self.trust_max = float(trust_max)
+        self.trust_min = float(trust_min)
+        self.trust_init = float(trust_init)
+        if not length_damping >= 0:
+            raise ValueError(f"`length_damping` must be >= 0; received {length_damping!r}.")
+        self.length_damping = float(length_damping)
+        self.trust_reject = bool(trust_reject)
+        if not (0 < self.trust_min <= self.trust_init and self.trust_init >= 1):
+            raise ValueError("need 0 < trust_min <= trust_init and trust_init >= 1; received "
+                             f"{trust_min!r}, {trust_init!r}.")
+        self.trust_multiplier = None
         self.effective_step = None
         self.velocity_quadratic = None
 
@@ -269,6 +345,10 @@ class StepRuleKFAC(kfac_keras.KFAC):
         if self.candidate_rule == "graft_sgd":
             self.sgd_buffers = self.add_optimizer_variables(variables, "sgd_m")
         self.effective_step = tf.Variable(0.0, trainable=False, name="effective_step")
+        if self.candidate_rule == "ortho_len":
+            self.trust_multiplier = tf.Variable(self.trust_init, trainable=False,
+                                                name="trust_multiplier")
+            self.last_rho_ok = tf.Variable(True, trainable=False, name="last_rho_ok")
         if self.step_rule == "kl_velocity":
             self.velocity_quadratic = tf.Variable(0.0, trainable=False,
                                                   name="velocity_quadratic")
@@ -409,6 +489,77 @@ class StepRuleKFAC(kfac_keras.KFAC):
                        lambda: (warm_newton_schulz(matrix, store, self.ortho_refine_steps)
                                 if self.ortho_refine_steps else apply_scaling(matrix, store)))
 
+    def _ortho_direction(self, block, members, precond):
+        """`D` of one block: `0.2 sqrt(max(rows, cols)) NS_k(P)` (or the
+        fixed-RMS `P` below `ortho_min_dim`), momentum not included."""
+        matrix = block.grads_to_matrix([precond[i] for i in members])
+        rows, cols = matrix.shape
+        if min(rows, cols) >= self.ortho_min_dim:
+            step = newton_schulz(matrix, self.ns_steps) * (MUON_RMS * max(rows, cols) ** 0.5)
+        else:
+            step = matrix * (MUON_RMS / (tf.sqrt(tf.reduce_mean(tf.square(matrix))) + 1e-12))
+        return block.matrix_to_grads(step)
+
+    def _length_deltas(self, u, p, grads, variables, batch, lr):
+        """`"ortho_len"`: the update from the direction `u`, the momentum part
+        `p` and the batch's quadratic model (module docstring). Returns
+        `(deltas, t, predicted)`: `predicted` is the undamped model change of
+        `deltas` (`"trust"` judges the step by it)."""
+        damping = self.length_damping * tf.cast(self.total_damping(), tf.float32)
+        gram = batch.fisher_gram([u, p], variables)
+        self._length_cap_bound = None
+        uu, up, pp = _dot(u, u), _dot(u, p), _dot(p, p)
+        c00 = gram[0, 0] + damping * uu
+        c01 = gram[0, 1] + damping * up
+        c11 = gram[1, 1] + damping * pp
+        b0, b1 = _dot(grads, u), _dot(grads, p)
+        safe = tf.where(c00 > 0, c00, 1.0)
+        t_best = tf.where(c00 > 0, -(b0 + c01) / safe, 0.0)
+        ratio = lr / self.length_lr_ref
+        rule = self.length_rule
+        if rule in ("model_mu", "trust_mu", "trust_mu_floor"):
+            det = c00 * c11 - c01 * c01
+            solvable = tf.logical_and(pp > 0, det > 1e-12 * tf.abs(c00 * c11))
+            det_safe = tf.where(solvable, det, 1.0)
+            t = tf.where(solvable, (-b0 * c11 + b1 * c01) / det_safe, -b0 / safe)
+            s = tf.where(solvable, (-b1 * c00 + b0 * c01) / det_safe, 0.0)
+            if rule in ("trust_mu", "trust_mu_floor"):
+                size = tf.sqrt(tf.maximum(t * t * uu + 2 * t * s * up + s * s * pp, 0.0)
+                               / float(sum(a.shape.num_elements() for a in u)))
+                radius = MUON_RMS * self.trust_multiplier * self.length_lr_ref
+                cut = tf.minimum(1.0, radius / (size + 1e-30))
+                self._length_cap_bound = cut < 1.0
+                t, s = cut * t, cut * s
+            t, s = ratio * t, ratio * s
+            if rule == "trust_mu_floor":
+                model_size = t * t * uu + 2 * t * s * up + s * s * pp
+                library_size = lr * lr * uu + 2 * lr * up + pp
+                use_library = tf.logical_and(model_size < library_size, self.last_rho_ok)
+                t, s = tf.where(use_library, lr, t), tf.where(use_library, 1.0, s)
+        elif rule == "model":
+            t, s = ratio * t_best, tf.constant(1.0)
+        else:
+            bound = lr if rule == "cap" else self.trust_multiplier * lr
+            t, s = tf.clip_by_value(t_best, 0.0, bound), tf.constant(1.0)
+        deltas = [t * a + s * b for a, b in zip(u, p)]
+        predicted = (t * b0 + s * b1 + 0.5 * (t * t * gram[0, 0] + 2 * t * s * gram[0, 1]
+                                              + s * s * gram[1, 1]))
+        if rule == "trust":
+            self._length_cap_bound = t >= (1.0 - 1e-6) * self.trust_multiplier * lr
+        return deltas, t, predicted
+
+    def _adapt_trust(self, loss, predicted, batch):
+        """`"trust"`: `m` from the reduction ratio of the step just taken."""
+        actual = tf.cast(batch.loss(), tf.float32) - tf.cast(loss, tf.float32)
+        rho = tf.where(predicted < 0, actual / tf.where(predicted < 0, predicted, -1.0), -1.0)
+        m = self.trust_multiplier
+        grown = tf.where(tf.logical_and(rho > 0.75, self._length_cap_bound),
+                         m * self.trust_grow, m)
+        new = tf.where(rho < 0.25, m / self.trust_grow, grown)
+        m.assign(tf.clip_by_value(new, self.trust_min, self.trust_max))
+        self.last_rho_ok.assign(rho >= 0.25)
+        return actual
+
     def _kl_scale(self, grads, precond):
         quadratic = _dot(precond, grads)
         bound = self.kl_bound if self._bound is None else self._bound
@@ -466,6 +617,23 @@ class StepRuleKFAC(kfac_keras.KFAC):
                 deltas[i] = scale * (momentum * previous[i] - lr * precond[i])
             carried.assign(tf.maximum(scale**2 * quadratic, 0.0))
             self.effective_step.assign(lr * scale)
+        elif self.candidate_rule == "ortho_len":
+            if batch is None or loss is None:
+                raise ValueError("step_rule='ortho_len' needs the batch and its loss "
+                                 "(use make_train_step).")
+            directions = [None] * len(variables)
+            for block, members in groups:
+                for i, d in zip(members, self._ortho_direction(block, members, precond)):
+                    directions[i] = d
+            if rest:
+                s = self._kl_scale([grads[i] for i in rest], [precond[i] for i in rest])
+                for i in rest:
+                    directions[i] = self.other_lr_ratio * s * precond[i]
+            u = [-d for d in directions]
+            p = [momentum * v for v in previous]
+            deltas, length, length_prediction = self._length_deltas(u, p, grads, variables,
+                                                                    batch, lr)
+            self.effective_step.assign(length)
         else:
             for block, members in groups:
                 for i, d in zip(members, self._rule_directions(block, members, grads,
@@ -493,6 +661,15 @@ class StepRuleKFAC(kfac_keras.KFAC):
             v.assign_add(tf.cast(d, v.dtype))
         self._iterations.assign_add(1)
         self._diagnostics.update_norm.assign(tf.sqrt(_dot(deltas, deltas)))
+        if self.candidate_rule == "ortho_len" and self.length_rule in ("trust", "trust_mu",
+                                                                         "trust_mu_floor"):
+            actual = self._adapt_trust(loss, length_prediction, batch)
+            if self.trust_reject:
+                reject = actual > 0
+                for v, d in zip(variables, deltas):
+                    v.assign_sub(tf.where(reject, tf.cast(d, v.dtype), tf.zeros_like(v)))
+                    velocity = self.velocities[self._get_variable_index(v)]
+                    velocity.assign(tf.where(reject, tf.zeros_like(velocity), velocity))
         if self.adapts_damping:
             tf.cond(adapt_now,
                     lambda: self._adaptive_step.adapt_damping(loss, change, deltas, variables, batch),

@@ -60,8 +60,11 @@ class CurvatureEstimator:
             (), initializer="zeros", dtype="float32", name="num_estimates")
 
     def attach(self, registration):
-        """Uses the blocks of `registration` from now on."""
+        """Uses the blocks of `registration` from now on (in the options'
+        `damping_mode`)."""
         self.registration = registration
+        for block in registration.blocks:
+            block.set_damping_mode(self.options.damping_mode)
 
     # --------------------------------------------------------------- schedule
     def step(self):

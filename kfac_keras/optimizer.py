@@ -129,6 +129,8 @@ class KFAC(keras.optimizers.Optimizer):
             and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
             (the default, `adaptive="auto"`) it is the initial value (a
             number). Defaults to 1e-2.
+        damping_mode: `"absolute"` (default) or `"relative"`: each block's damping
+            is `lambda` times its mean eigenvalue (scale-free; README "Damping").
         l2_reg: float >= 0, coefficient `eta` of an L2 penalty
             `(eta / 2) ||theta||^2` that K-FAC adds to the objective: `eta *
             theta` is added to the gradient and `eta` to the damping (the
@@ -259,6 +261,7 @@ class KFAC(keras.optimizers.Optimizer):
         learning_rate=None,
         momentum=None,
         damping=1e-2,
+        damping_mode="absolute",
         l2_reg=0.0,
         factor_decay=0.95,
         cov_update_every=10,
@@ -283,7 +286,7 @@ class KFAC(keras.optimizers.Optimizer):
     ):
         options = KFACOptions(
             learning_rate=learning_rate, momentum=momentum, damping=damping,
-            l2_reg=l2_reg, factor_decay=factor_decay, cov_update_every=cov_update_every,
+            damping_mode=damping_mode, l2_reg=l2_reg, factor_decay=factor_decay, cov_update_every=cov_update_every,
             inv_update_every=inv_update_every, statistics_fraction=statistics_fraction,
             estimation_mode=estimation_mode, inverse_method=inverse_method,
             layer_blocks=layer_blocks, exclude_layers=exclude_layers, seed=seed,

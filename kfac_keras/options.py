@@ -55,6 +55,12 @@ DEFAULT_ORTHOGONAL_DTYPE = "float32"
 #: best of {3e-3, 1e-2} on the four tasks of tools/step_efficiency/RESULTS.md
 #: (the step's RMS entry is `0.2 lr` per matrix, like Keras's Muon).
 DEFAULT_ORTHOGONAL_LEARNING_RATE = 1e-2
+#: How the damping enters each block (`KFAC(damping_mode=...)`): `"absolute"`,
+#: the same `lambda` for every block; `"relative"`, block `l` is damped with
+#: `lambda` times its curvature's mean eigenvalue (`FisherBlock.curvature_scale`),
+#: so `lambda` is dimensionless and the steps do not change with the loss's scale.
+DAMPING_MODES = ("absolute", "relative")
+
 #: What `KFAC(adaptive="auto")` means when `damping` is a number:
 #: Levenberg-Marquardt damping adaptation with a floor (below it, the damping
 #: that the Cholesky inverses use, refreshed every `inv_update_every` steps,
@@ -268,6 +274,7 @@ class KFACOptions:
     learning_rate: object = None
     momentum: object = None
     damping: object = 1e-2
+    damping_mode: str = "absolute"
     l2_reg: float = 0.0
     factor_decay: float = 0.95
     cov_update_every: int = 10
@@ -322,6 +329,13 @@ class KFACOptions:
                         f"`damping` ({damping!r}) must lie in [min_damping, max_damping]"
                         f" = [{adaptive.min_damping!r}, {adaptive.max_damping!r}] "
                         "of AdaptiveOptions.")
+        damping_mode = check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        if damping_mode == "relative" and model_step:
+            raise ValueError(
+                "damping_mode='relative' is not available with the quadratic-model step "
+                "(AdaptiveOptions(quadratic_model_step=True)): its model's `lambda ||d||^2` "
+                "term uses one absolute damping for all blocks. Use damping_mode='absolute' "
+                "with it, or a learning-rate step rule with relative damping.")
         step_rule = check_choice("step_rule", self.step_rule, STEP_RULES)
         orthogonal_iterations = self._resolve_orthogonal_iterations(step_rule, model_step)
         orthogonal_dtype = self._resolve_orthogonal_dtype(step_rule)
@@ -344,7 +358,7 @@ class KFACOptions:
         seed = check_number("seed", self.seed, low=0, integer=True, allow_none=True)
         return dict(
             learning_rate=learning_rate, momentum=momentum, damping=damping,
-            l2_reg=float(check_number("l2_reg", self.l2_reg, low=0.0)),
+            damping_mode=damping_mode, l2_reg=float(check_number("l2_reg", self.l2_reg, low=0.0)),
             factor_decay=float(check_number("factor_decay", self.factor_decay, low=0.0,
                                             high=1.0, high_open=True)),
             cov_update_every=int(check_number("cov_update_every", self.cov_update_every,
@@ -470,6 +484,7 @@ class KFACOptions:
             "momentum": _serialize_schedule(self.momentum),
             "damping": (_serialize_schedule(self.damping_schedule)
                         if self.damping_schedule is not None else self.initial_damping),
+            "damping_mode": self.damping_mode,
             "approximation": self.approximation,
             "adaptive": None if self.adaptive is None else self.adaptive.get_config(),
             "norm_constraint": self.norm_constraint,

@@ -43,7 +43,8 @@ def _schedule(initial=0.1):
 
 # A few option sets that together set every option to a non-default value.
 ROUND_TRIP_CASES = [
-    dict(learning_rate=0.2, momentum=0.3, damping=0.05, l2_reg=1e-4, factor_decay=0.9,
+    dict(learning_rate=0.2, momentum=0.3, damping=0.05, damping_mode="relative", l2_reg=1e-4,
+         factor_decay=0.9,
          cov_update_every=3, inv_update_every=7, statistics_fraction=0.25,
          estimation_mode="empirical", inverse_method="eigh",
          layer_blocks={"hidden": "diagonal", "Dense": "kronecker"}, exclude_layers=["out"],
@@ -172,6 +173,8 @@ BAD_ARGUMENTS = [
     (dict(ema_overwrite_frequency=0), ValueError), (dict(loss_scale_factor=0.0), ValueError),
     (dict(gradient_accumulation_steps=4), ValueError),
     (dict(nesterov=True), TypeError),
+    (dict(damping_mode="scaled"), ValueError),
+    (dict(damping_mode=1), ValueError),
     (dict(step_rule="muon"), ValueError),
     (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
     (dict(step_rule="orthogonal", orthogonal_dtype="float16"), ValueError),

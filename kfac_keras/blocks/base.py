@@ -58,6 +58,11 @@ class StatisticsSource(enum.Enum):
     NONE = "none"
 
 
+#: Lower bound of a block's curvature scale under relative damping (a block
+#: whose statistics are all zero still gets a positive damping).
+RELATIVE_SCALE_FLOOR = 1e-30
+
+
 def layer_name(layer):
     """The name blocks and reports use for `layer`: its path, else its name."""
     return getattr(layer, "path", None) or layer.name
@@ -191,6 +196,35 @@ class FisherBlock(abc.ABC):
                 multi-replica step can average the estimates over replicas
                 before folding them in; see `kfac_keras.distributed`).
         """
+
+    # -- damping -------------------------------------------------------------
+    #: `"absolute"`: the block is damped with the optimizer's damping as is;
+    #: `"relative"`: with it times `curvature_scale()` (`KFAC(damping_mode=)`).
+    damping_mode = "absolute"
+
+    def set_damping_mode(self, mode):
+        """Sets `damping_mode` (composite blocks pass it on to their parts).
+
+        Args:
+            mode: `"absolute"` or `"relative"`.
+        """
+        self.damping_mode = mode
+
+    def curvature_scale(self):
+        """The block's curvature in loss units, a float32 tensor (one value, or
+        one per group): relative damping multiplies the damping by it.
+
+        The default, 1, is for blocks that take no damping (identity)."""
+        return tf.constant(1.0)
+
+    def block_damping(self, damping):
+        """The damping this block uses: `damping` in the absolute mode,
+        `damping * max(curvature_scale(), RELATIVE_SCALE_FLOOR)` in the relative
+        mode (the floor keeps an all-zero block invertible)."""
+        if self.damping_mode == "absolute":
+            return damping
+        return tf.cast(damping, tf.float32) * tf.maximum(
+            tf.cast(self.curvature_scale(), tf.float32), RELATIVE_SCALE_FLOOR)
 
     @abc.abstractmethod
     def update_inverses(self, damping):

@@ -192,6 +192,13 @@ class SeparableConvBlock(FisherBlock):
         for part, part_captures in zip(self.parts, self.part_captures(captures)):
             part.update_scalings(part_captures, num_examples, factor_decay)
 
+    def set_damping_mode(self, mode):
+        """Each part is damped relative to its own curvature (see
+        `FisherBlock.set_damping_mode`)."""
+        super().set_damping_mode(mode)
+        for part in self.parts:
+            part.set_damping_mode(mode)
+
     def update_inverses(self, damping):
         for part in self.parts:
             part.update_inverses(damping)

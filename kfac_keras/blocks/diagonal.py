@@ -60,7 +60,13 @@ class DiagonalBlock(FisherBlock):
         """Nothing to decompose."""
         del damping
 
+    def curvature_scale(self):
+        """The mean of the diagonal Fisher over all the block's entries."""
+        total = tf.add_n([tf.reduce_sum(f) for f in self.diagonal_factors])
+        count = sum(f.shape.num_elements() for f in self.diagonal_factors)
+        return total / count
+
     def multiply_damped_inverse(self, grads, damping):
-        damping = tf.cast(damping, tf.float32)
+        damping = tf.cast(self.block_damping(damping), tf.float32)
         return [tf.cast(g, tf.float32) / (factor + damping)
                 for g, factor in zip(grads, self.diagonal_factors)]

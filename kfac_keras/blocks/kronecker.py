@@ -235,6 +235,11 @@ class KroneckerBlock(FisherBlock):
         self.input_side.fold(input_factor, decay, self.input_count(captures, num_examples))
         self.output_side.fold(output_grad_factor, decay)
 
+    def curvature_scale(self):
+        """`(tr A / dim A) (tr G / dim G)`, the mean eigenvalue of `A (x) G`
+        (one per group)."""
+        return self.input_side.mean_trace() * self.output_side.mean_trace()
+
     def update_inverses(self, damping):
         if self.inverse_method in EIGEN_METHODS:
             self.input_side.decompose_eigen()
@@ -247,7 +252,9 @@ class KroneckerBlock(FisherBlock):
             return
         pi = linalg.trace_ratio_pi(self.input_side.mean_trace(),
                                    self.output_side.mean_trace())
-        gamma = tf.sqrt(tf.cast(damping, tf.float32))
+        # Relative mode: lambda tr(A)/dim tr(G)/dim, so pi gamma = sqrt(lambda) tr(A)/dim
+        # and gamma / pi = sqrt(lambda) tr(G)/dim: each factor by its own mean eigenvalue.
+        gamma = tf.sqrt(tf.cast(self.block_damping(damping), tf.float32))
         self.input_side.decompose_damped(pi * gamma, self.inverse_method)
         self.output_side.decompose_damped(gamma / pi, self.inverse_method)
 
@@ -302,7 +309,10 @@ class KroneckerBlock(FisherBlock):
                 diagonal = tf.gather(diagonal, indices)
         else:
             diagonal = self._kronecker_spectrum(indices)
-        scaled = rotated / (diagonal + tf.cast(damping, tf.float32))
+        damping = tf.cast(self.block_damping(damping), tf.float32)
+        if self.damping_mode == "relative":  # one value per group
+            damping = tf.reshape(damping, self.input_side.batch_shape + (1, 1))
+        scaled = rotated / (diagonal + damping)
         return inputs.from_eigenbasis(
             outputs.from_eigenbasis(scaled, OUTPUT_SIDE), INPUT_SIDE, indices)
 

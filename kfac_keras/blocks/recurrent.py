@@ -403,6 +403,13 @@ class GRUBlock(FisherBlock):
         self.input_projection.update_scalings(captures[0::2], num_examples, factor_decay)
         self.recurrent_projection.update_scalings(captures[1::2], num_examples, factor_decay)
 
+    def set_damping_mode(self, mode):
+        """Each part is damped relative to its own curvature (see
+        `FisherBlock.set_damping_mode`)."""
+        super().set_damping_mode(mode)
+        for part in self.parts:
+            part.set_damping_mode(mode)
+
     def update_inverses(self, damping):
         for part in self.parts:
             part.update_inverses(damping)

@@ -180,8 +180,15 @@ class ScaleShiftBlock(FisherBlock):
         """Nothing to decompose: the 2x2 inverses are closed-form."""
         del damping
 
+    def curvature_scale(self):
+        """The mean diagonal of the block's Fisher: the scale and shift second
+        moments averaged over channels (both together)."""
+        moments = [tf.convert_to_tensor(m) for m in (self.scale_moment, self.shift_moment)
+                   if m is not None]
+        return tf.reduce_mean(tf.concat(moments, 0))
+
     def multiply_damped_inverse(self, grads, damping):
-        damping = tf.cast(damping, tf.float32)
+        damping = tf.cast(self.block_damping(damping), tf.float32)
         flat = [tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads]
         if not self.full:
             moment = self.scale_moment if self.scale_moment is not None else self.shift_moment

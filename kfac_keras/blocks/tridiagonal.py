@@ -67,7 +67,8 @@ Activation layer, a residual add) ends the chain.
 import tensorflow as tf
 
 from kfac_keras import linalg
-from kfac_keras.blocks.base import FisherBlock, StatisticsSource, ema_assign, split_capture
+from kfac_keras.blocks.base import (RELATIVE_SCALE_FLOOR, FisherBlock, StatisticsSource,
+                                    ema_assign, split_capture)
 from kfac_keras.blocks.dense import DenseBlock
 from kfac_keras.blocks.factors import weighted_count
 from kfac_keras.blocks.kronecker import append_homogeneous, location_rows
@@ -305,14 +306,21 @@ class DenseChainBlock(FisherBlock):
 
         Returns:
             `(inputs, output_grads)`: lists of `A_{i-1,i-1} + pi_i gamma I` and
-            `G_ii + (gamma / pi_i) I`, `gamma = sqrt(damping)`.
+            `G_ii + (gamma / pi_i) I`, `gamma = sqrt(damping)` (relative mode:
+            `gamma_i = sqrt(damping (tr A_ii / dim) (tr G_ii / dim))`, each
+            layer damped relative to its own diagonal factors).
         """
-        gamma = tf.sqrt(tf.cast(damping, tf.float32))
         damped_inputs, damped_grads = [], []
         for input_factor, grad_factor in zip(self.input_factors, self.output_grad_factors):
             input_factor = linalg.symmetrize(tf.convert_to_tensor(input_factor))
             grad_factor = linalg.symmetrize(tf.convert_to_tensor(grad_factor))
             pi = linalg.pi_adjustment(input_factor, grad_factor)
+            layer_damping = tf.cast(damping, tf.float32)
+            if self.damping_mode == "relative":
+                layer_damping *= tf.maximum(
+                    linalg.mean_diagonal(input_factor) * linalg.mean_diagonal(grad_factor),
+                    RELATIVE_SCALE_FLOOR)
+            gamma = tf.sqrt(layer_damping)
             damped_inputs.append(
                 input_factor + pi * gamma * tf.eye(tf.shape(input_factor)[0]))
             damped_grads.append(

@@ -85,7 +85,8 @@ class KFAC(keras.optimizers.Optimizer):
     rate 1e-2, momentum 0.9 after; chosen on the autoencoder, CNN, LM and MLP
     of tools/step_efficiency/RESULTS.md, where it took fewer steps and less
     time than the KL-clipped rule), with Levenberg-Marquardt adaptation of
-    the damping every 10 steps (initial 1e-2, floor 1e-3; docs/benchmarks.md).
+    the damping every 10 steps (relative to each block's curvature, initial
+    1.0, floor 1e-3, so the steps do not depend on the loss's scale).
     `KFAC(step_rule="kl_clip")` is the K-FAC step of earlier versions: a
     learning-rate step of 1.0 with momentum 0.9 and "KL clipping"
     (`norm_constraint`) at 1e-4, which sets the step length in most steps.
@@ -128,9 +129,11 @@ class KFAC(keras.optimizers.Optimizer):
             `lambda` added to the Fisher. Larger values make steps shorter
             and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
             (the default, `adaptive="auto"`) it is the initial value (a
-            number). Defaults to 1e-2.
-        damping_mode: `"absolute"` (default) or `"relative"`: each block's damping
-            is `lambda` times its mean eigenvalue (scale-free; README "Damping").
+            number). Defaults to None: 1.0 if relative, else 1e-2.
+        damping_mode: `"absolute"` or `"relative"` (each block's damping is
+            `lambda` times its mean eigenvalue: scale-free). Defaults to None:
+            relative for `step_rule="orthogonal"` with `damping=None`, else
+            absolute (README "Damping").
         l2_reg: float >= 0, coefficient `eta` of an L2 penalty
             `(eta / 2) ||theta||^2` that K-FAC adds to the objective: `eta *
             theta` is added to the gradient and `eta` to the damping (the
@@ -260,8 +263,8 @@ class KFAC(keras.optimizers.Optimizer):
         self,
         learning_rate=None,
         momentum=None,
-        damping=1e-2,
-        damping_mode="absolute",
+        damping=None,
+        damping_mode=None,
         l2_reg=0.0,
         factor_decay=0.95,
         cov_update_every=10,

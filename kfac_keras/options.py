@@ -60,6 +60,11 @@ DEFAULT_ORTHOGONAL_LEARNING_RATE = 1e-2
 #: `lambda` times its curvature's mean eigenvalue (`FisherBlock.curvature_scale`),
 #: so `lambda` is dimensionless and the steps do not change with the loss's scale.
 DAMPING_MODES = ("absolute", "relative")
+#: What `damping=None` means: 1.0 relative to each block's curvature (the
+#: orthogonal rule's default, tools/step_efficiency/RESULTS.md S5-reldamp),
+#: 1e-2 in loss units for an absolute damping.
+DEFAULT_RELATIVE_DAMPING = 1.0
+DEFAULT_ABSOLUTE_DAMPING = 1e-2
 
 #: What `KFAC(adaptive="auto")` means when `damping` is a number:
 #: Levenberg-Marquardt damping adaptation with a floor (below it, the damping
@@ -273,8 +278,8 @@ class KFACOptions:
 
     learning_rate: object = None
     momentum: object = None
-    damping: object = 1e-2
-    damping_mode: str = "absolute"
+    damping: object = None
+    damping_mode: object = None
     l2_reg: float = 0.0
     factor_decay: float = 0.95
     cov_update_every: int = 10
@@ -306,9 +311,8 @@ class KFACOptions:
         """Checks every field; returns the resolved values by field name."""
         base_arguments = dict(self.base_arguments)
         check_base_optimizer_arguments(base_arguments)
-        damping = self.damping
-        if not is_schedule(damping):
-            damping = float(check_number("damping", damping, low=0.0, low_open=True))
+        step_rule = check_choice("step_rule", self.step_rule, STEP_RULES)
+        damping_mode, damping = self._resolve_damping(step_rule)
         adaptive = _resolve_adaptive(self.adaptive, damping, base_arguments)
         model_step = adaptive is not None and adaptive.quadratic_model_step
         if adaptive is not None:
@@ -329,17 +333,17 @@ class KFACOptions:
                         f"`damping` ({damping!r}) must lie in [min_damping, max_damping]"
                         f" = [{adaptive.min_damping!r}, {adaptive.max_damping!r}] "
                         "of AdaptiveOptions.")
-        damping_mode = check_choice("damping_mode", self.damping_mode, DAMPING_MODES)
+        orthogonal_iterations = self._resolve_orthogonal_iterations(step_rule, model_step)
+        orthogonal_dtype = self._resolve_orthogonal_dtype(step_rule)
+        learning_rate, momentum = self._resolve_step_size(model_step, step_rule)
+        # After the step rule's own checks: the orthogonal rule refuses the
+        # quadratic model first, with the message that names the rule.
         if damping_mode == "relative" and model_step:
             raise ValueError(
                 "damping_mode='relative' is not available with the quadratic-model step "
                 "(AdaptiveOptions(quadratic_model_step=True)): its model's `lambda ||d||^2` "
                 "term uses one absolute damping for all blocks. Use damping_mode='absolute' "
                 "with it, or a learning-rate step rule with relative damping.")
-        step_rule = check_choice("step_rule", self.step_rule, STEP_RULES)
-        orthogonal_iterations = self._resolve_orthogonal_iterations(step_rule, model_step)
-        orthogonal_dtype = self._resolve_orthogonal_dtype(step_rule)
-        learning_rate, momentum = self._resolve_step_size(model_step, step_rule)
         norm_constraint = _resolve_norm_constraint(self.norm_constraint, model_step)
         approximation = check_choice("approximation", self.approximation, APPROXIMATIONS)
         inverse_method = check_choice("inverse_method", self.inverse_method,
@@ -384,6 +388,25 @@ class KFACOptions:
             orthogonal_dtype=orthogonal_dtype,
             name=check_scope_name("name", self.name),
             base_arguments=base_arguments)
+
+    def _resolve_damping(self, step_rule):
+        """`(damping_mode, damping)`. `damping_mode=None` is "relative" for the
+        orthogonal rule at its default damping (a scale-free direction, so the
+        steps do not change with the loss's scale), else "absolute" (a number
+        given for `damping` keeps the loss units it always had; the KL-clipped
+        rule's bound is in loss units anyway); `damping=None` is the mode's
+        default value."""
+        mode = self.damping_mode
+        if mode is None:
+            relative = self.damping is None and step_rule == "orthogonal"
+            mode = "relative" if relative else "absolute"
+        mode = check_choice("damping_mode", mode, DAMPING_MODES)
+        damping = self.damping
+        if damping is None:
+            damping = DEFAULT_RELATIVE_DAMPING if mode == "relative" else DEFAULT_ABSOLUTE_DAMPING
+        if not is_schedule(damping):
+            damping = float(check_number("damping", damping, low=0.0, low_open=True))
+        return mode, damping
 
     def _resolve_orthogonal_iterations(self, step_rule, model_step):
         """`orthogonal_iterations` resolved: an int with the orthogonal rule,

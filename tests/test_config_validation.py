@@ -433,7 +433,15 @@ def test_auto_defaults_resolve_to_the_orthogonal_rule_and_lm_damping():
         adapt_damping=True, min_damping=1e-3, damping_update_every=10)
     assert float(optimizer.learning_rate.numpy()) == pytest.approx(1e-2)
     assert float(kfac_keras.KFAC(step_rule="kl_clip").learning_rate.numpy()) == 1.0
-    assert optimizer.momentum == 0.9 and optimizer.initial_damping == 1e-2
+    # Relative damping 1.0 (scale-free) for the orthogonal rule at its default
+    # damping; a number given, or the KL-clipped rule, keeps absolute 1e-2.
+    assert optimizer.momentum == 0.9 and optimizer.initial_damping == 1.0
+    assert optimizer.get_config()["damping_mode"] == "relative"
+    for absolute in (kfac_keras.KFAC(damping=1e-2), kfac_keras.KFAC(step_rule="kl_clip")):
+        assert absolute.get_config()["damping_mode"] == "absolute"
+        assert absolute.initial_damping == 1e-2
+    assert kfac_keras.KFAC(damping_mode="absolute").initial_damping == 1e-2
+    assert kfac_keras.KFAC(damping_mode="relative", damping=0.3).initial_damping == 0.3
     # get_config holds the resolved values, and rebuilding gives the same optimizer.
     config = optimizer.get_config()
     assert config["norm_constraint"] == 1e-4

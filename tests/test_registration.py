@@ -198,7 +198,7 @@ def test_per_layer_choices_and_exclusions_take_effect():
 def test_excluded_layer_gets_the_plain_gradient():
     model = _choice_model()
     optimizer = kfac_keras.KFAC(learning_rate=0.01, seed=0, exclude_layers=["head"],
-                                layer_blocks={"hidden": "diagonal"})
+                                layer_blocks={"hidden": "diagonal"}, damping_mode="absolute")
     step = kfac_keras.make_train_step(model, optimizer, "mse")
     rng = np.random.default_rng(2)
     x = rng.normal(size=(4, 4, 6)).astype("float32")

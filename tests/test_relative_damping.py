@@ -128,7 +128,9 @@ def _update_difference(damping_mode):
     return np.max(np.abs(mean - summed)) / np.max(np.abs(mean))
 
 
-def test_loss_times_32_takes_the_same_steps_with_relative_damping():
+def test_loss_times_32_takes_the_same_steps_at_the_defaults():
+    # damping_mode=None is KFAC()'s default: relative damping for the orthogonal rule.
+    assert _update_difference(None) < 1e-5
     assert _update_difference("relative") < 1e-5
 
 
@@ -145,7 +147,8 @@ def test_damping_mode_is_validated_and_in_the_config():
                         step_rule="kl_clip",
                         adaptive=kfac_keras.AdaptiveOptions(quadratic_model_step=True))
     assert kfac_keras.KFAC(damping_mode="relative").get_config()["damping_mode"] == "relative"
-    assert kfac_keras.KFAC().get_config()["damping_mode"] == "absolute"
+    assert kfac_keras.KFAC(damping=1e-2).get_config()["damping_mode"] == "absolute"
+    assert kfac_keras.KFAC().get_config()["damping_mode"] == "relative"
 
 
 def test_scale_shift_block_damped_with_its_mean_second_moment():

@@ -49,7 +49,9 @@ def test_fixed_step_and_its_predicted_change():
     learning_rate, momentum, l2_reg, step_fisher = 0.3, 0.8, 0.01, 2.5
     step = step_rules.fixed_step(preconditioned, previous, learning_rate, momentum)
     expected = momentum * _flat(previous) - learning_rate * _flat(preconditioned)
-    np.testing.assert_allclose(_flat([s.numpy() for s in step]), expected, rtol=1e-6)
+    # Entries near zero come from cancellation, so float32 rounding is bounded in absolute terms.
+    np.testing.assert_allclose(_flat([s.numpy() for s in step]), expected, rtol=1e-6,
+                               atol=1e-6 * np.abs(expected).max())
     change = step_rules.predicted_change(step, step_fisher, grads, l2_reg)
     assert float(change) == pytest.approx(
         0.5 * (step_fisher + l2_reg * expected @ expected) + _flat(grads) @ expected, rel=1e-5)

@@ -33,6 +33,9 @@ class StepDiagnostics:
         self.rho = tf.Variable(float("nan"), trainable=False, name="kfac_rho")
         self.qmodel_change = tf.Variable(0.0, trainable=False, name="kfac_qmodel_change")
         self.step_size = tf.Variable(0.0, trainable=False, name="kfac_step_size")
+        #: The fraction of the orthogonalised matrices whose step the Newton
+        #: bound shortened (`kfac_keras.orthogonal_step`), last step.
+        self.orthogonal_bound = tf.Variable(0.0, trainable=False, name="kfac_orthogonal_bound")
 
     def logged_values(self, optimizer):
         """The dict `KFAC.logged_values` returns (which lists its entries).
@@ -44,6 +47,8 @@ class StepDiagnostics:
                   "update_norm": tf.convert_to_tensor(self.update_norm)}
         if not optimizer.uses_quadratic_model_step:
             values["step_size"] = tf.convert_to_tensor(self.step_size)
+        if getattr(optimizer.options, "orthogonal_step_bound", None) is not None:
+            values["orthogonal_bound"] = tf.convert_to_tensor(self.orthogonal_bound)
         if optimizer.adapts_damping:
             values["rho"] = tf.convert_to_tensor(self.rho)
         if optimizer.adaptive is not None:

@@ -99,9 +99,8 @@ class KFAC(keras.optimizers.Optimizer):
     2017) and `inverse_method="ekfac"` (George et al. 2018).
 
     The current damping, the update norm and, when enabled, `rho`, `alpha`,
-    `mu` and the quadratic model's predicted change are added to the logs of
-    `fit` (progress bar, History, TensorBoard) and of the custom-loop step;
-    see `logged_values`.
+    `mu`, the quadratic model's predicted change and `orthogonal_bound` are
+    added to the logs of `fit` and of the custom-loop step; see `logged_values`.
 
     Reliability (`kfac_keras.guards`, `kfac_keras.checkpointing`): a batch
     whose loss, gradients or statistics are NaN/Inf is skipped without
@@ -118,10 +117,8 @@ class KFAC(keras.optimizers.Optimizer):
             `step_rule`) or to the preconditioned gradient after the norm
             constraint (`step_rule="kl_clip"`). Defaults to None, meaning
             1e-2 with `step_rule="orthogonal"` and 1.0 with `"kl_clip"` (must
-            stay None with
-            `AdaptiveOptions(quadratic_model_step=True)`, which chooses the
-            step size itself; `optimizer.learning_rate` then reads the last
-            `alpha`).
+            stay None with `AdaptiveOptions(quadratic_model_step=True)`, which
+            chooses it; `optimizer.learning_rate` then reads the last `alpha`).
         momentum: float in [0, 1) or a `LearningRateSchedule`, heavy-ball
             momentum. Defaults to None, meaning 0.9 (must stay None with
             `quadratic_model_step`, which chooses `mu`).
@@ -185,26 +182,23 @@ class KFAC(keras.optimizers.Optimizer):
             or a dict of its arguments: quadratic-model step size and momentum
             and/or Levenberg-Marquardt damping. `"auto"` means
             `AdaptiveOptions(adapt_damping=True, min_damping=1e-3,
-            damping_update_every=10)` (the floor
-            is `damping` itself if that is smaller) when `damping` is a
-            number, and None when it is a schedule or `weight_decay` /
+            damping_update_every=10)` (the floor is `damping` itself if that
+            is smaller) when `damping` is a number, and None when it is a schedule or `weight_decay` /
             `ema_overwrite_frequency` is set (with a logged warning, since
             the damping then stays fixed; `l2_reg` keeps it adaptive), or the
             model has its own `train_step` (`kfac_keras.custom_step`). None
-            keeps the damping fixed and needs no extra forward passes. Adaptive options are not
+            keeps the damping fixed and needs no extra forward passes. Not
             combinable with `weight_decay` or `ema_overwrite_frequency` (they
             change the weights outside the quadratic model).
-        norm_constraint: `"auto"` (default), None, or float c > 0: "KL clipping" (Ba,
-            Grosse & Martens 2017, "Distributed Second-Order Optimization
-            using Kronecker-Factored Approximations"). The
-            preconditioned gradient `Delta = (Fhat + lambda + eta)^{-1} grad`
-            is scaled by `min(1, sqrt(c / (Delta^T (Fhat + lambda + eta)
+        norm_constraint: `"auto"` (default), None, or float c > 0: "KL
+            clipping" (Ba, Grosse & Martens 2017, "Distributed Second-Order
+            Optimization using Kronecker-Factored Approximations"). `Delta =
+            (Fhat + lambda + eta)^{-1} grad` is scaled by `min(1, sqrt(c / (Delta^T (Fhat + lambda + eta)
             Delta)))`, so that `Delta^T Fhat Delta <= c` (with the damped
             `Fhat` the preconditioner inverts); the learning rate multiplies
             the clipped `Delta` (so it scales the step whether or not the
             bound binds; the logged `step_size` is their product), and
-            momentum is added after.
-            Not available with `quadratic_model_step`. `"auto"` means 1e-4
+            momentum is added after. Not available with `quadratic_model_step`. `"auto"` means 1e-4
             with a learning-rate step and None with `quadratic_model_step`;
             None turns the constraint off (the plain `learning_rate` step).
             With `step_rule="orthogonal"` (the default) it bounds only the
@@ -250,6 +244,12 @@ class KFAC(keras.optimizers.Optimizer):
             through oneDNN; measured in tools/step_efficiency/RESULTS.md) and
             may be slower elsewhere; it rounds the products to bfloat16's 8
             significant bits. Defaults to None, meaning `"float32"`.
+        orthogonal_step_bound: float > 0, None or `"auto"` (only with
+            `step_rule="orthogonal"`): each matrix's step `lr D` is shortened
+            to at most this times the Frobenius norm of its preconditioned
+            gradient (the minimiser of the damped model), so it vanishes with
+            the gradient (`kfac_keras.orthogonal_step`; logged as
+            `orthogonal_bound`). None: no bound. Defaults to "auto": 1.0.
         name: string, the optimizer name. Defaults to `"kfac"`.
         **kwargs: the base optimizer's arguments (`weight_decay`, `clipnorm`,
             `clipvalue`, `global_clipnorm`, `use_ema`, `ema_momentum`,
@@ -284,6 +284,7 @@ class KFAC(keras.optimizers.Optimizer):
         step_rule="orthogonal",
         orthogonal_iterations=None,
         orthogonal_dtype=None,
+        orthogonal_step_bound="auto",
         name="kfac",
         **kwargs,
     ):
@@ -298,7 +299,7 @@ class KFAC(keras.optimizers.Optimizer):
             norm_constraint=norm_constraint, scale_update_every=scale_update_every,
             distributed_inverses=distributed_inverses, step_rule=step_rule,
             orthogonal_iterations=orthogonal_iterations, orthogonal_dtype=orthogonal_dtype,
-            name=name, base_arguments=kwargs)
+            orthogonal_step_bound=orthogonal_step_bound, name=name, base_arguments=kwargs)
         # With the quadratic-model step the learning-rate variable holds alpha.
         super().__init__(
             learning_rate=1.0 if options.learning_rate is None else options.learning_rate,
@@ -308,9 +309,9 @@ class KFAC(keras.optimizers.Optimizer):
         sampling_seed = (options.seed if options.seed is not None
                          else random.SystemRandom().randrange(2**31 - 1))
         self.curvature = CurvatureEstimator(options, sampling_seed)
-        self._orthogonal_step = (orthogonal_step.OrthogonalStep(options.orthogonal_iterations,
-                                                                options.orthogonal_dtype)
-                                 if options.step_rule == "orthogonal" else None)
+        self._orthogonal_step = (orthogonal_step.OrthogonalStep(
+            options.orthogonal_iterations, options.orthogonal_dtype, options.orthogonal_step_bound)
+            if options.step_rule == "orthogonal" else None)
         self._diagnostics = None
         self._registration = None
         #: What `adaptive` was before "auto" was resolved (see `custom_step`).
@@ -393,8 +394,7 @@ class KFAC(keras.optimizers.Optimizer):
             model: the built Keras model this optimizer trains.
 
         Returns:
-            The `Registration`.
-        """
+            The `Registration`."""
         if self._registration is not None:
             if self._registration.model is model:
                 return self._registration
@@ -461,12 +461,12 @@ class KFAC(keras.optimizers.Optimizer):
         factor that multiplied the preconditioned gradient in the last step
         (the learning rate times the KL-clipping scale; with
         `step_rule="orthogonal"`, the learning rate times the RMS entry of the
-        orthogonalised direction); with `adapt_damping`, `rho` (last reduction
-        ratio; NaN when undefined) and `qmodel_change` (the last predicted
-        change `M(delta) - M(0)` of the undamped model); with
-        `quadratic_model_step`, also `alpha` and `mu` of the last step
-        (`qmodel_change` is then updated every step).
-        """
+        orthogonalised direction, and with `orthogonal_step_bound` set
+        `orthogonal_bound`, the fraction of its matrices the bound shortened);
+        with `adapt_damping`, `rho` (last reduction ratio; NaN when undefined)
+        and `qmodel_change` (the last `M(delta) - M(0)` of the undamped
+        model); with `quadratic_model_step`, also `alpha` and `mu` of the
+        last step (`qmodel_change` is then updated every step)."""
         return self._diagnostics.logged_values(self)
 
     def _velocities_of(self, variables):
@@ -515,8 +515,9 @@ class KFAC(keras.optimizers.Optimizer):
         if self._orthogonal_step is not None:
             preconditioned, rms = self._orthogonal_step.directions(
                 self._registration.blocks, variables, full_grads, preconditioned,
-                self.norm_constraint)
+                self.norm_constraint, self._learning_rate_now())
             self._diagnostics.step_size.assign(self._learning_rate_now() * rms)
+            self._diagnostics.orthogonal_bound.assign(self._orthogonal_step.bound_fraction)
         elif self.norm_constraint is not None:
             coefficient = step_rules.kl_clipping_scale(
                 full_grads, preconditioned, self.norm_constraint)

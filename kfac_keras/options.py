@@ -51,6 +51,13 @@ DEFAULT_ORTHOGONAL_ITERATIONS = 3
 #: iterations (`KFAC(orthogonal_dtype=...)`), and what None means with it.
 ORTHOGONAL_DTYPES = step_rules.NEWTON_SCHULZ_DTYPES
 DEFAULT_ORTHOGONAL_DTYPE = "float32"
+#: What `KFAC(orthogonal_step_bound="auto")` means with `step_rule="orthogonal"`:
+#: each orthogonalised matrix's step is at most 1.0 times its damped
+#: quadratic model's minimiser (the K-FAC step at learning rate 1;
+#: `kfac_keras.orthogonal_step`, "the Newton bound"), so the fixed-RMS step
+#: stops growing the weights once the gradient has vanished
+#: (tools/keras_programs/FINDINGS.md, S6-bilstm).
+DEFAULT_ORTHOGONAL_STEP_BOUND = 1.0
 #: What `KFAC(learning_rate=None)` means with `step_rule="orthogonal"`: the
 #: best of {3e-3, 1e-2} on the four tasks of tools/step_efficiency/RESULTS.md
 #: (the step's RMS entry is `0.2 lr` per matrix, like Keras's Muon).
@@ -299,6 +306,7 @@ class KFACOptions:
     step_rule: str = DEFAULT_STEP_RULE
     orthogonal_iterations: object = None
     orthogonal_dtype: object = None
+    orthogonal_step_bound: object = "auto"
     name: str = "kfac"
     base_arguments: object = dataclasses.field(default_factory=dict)
 
@@ -335,6 +343,7 @@ class KFACOptions:
                         "of AdaptiveOptions.")
         orthogonal_iterations = self._resolve_orthogonal_iterations(step_rule, model_step)
         orthogonal_dtype = self._resolve_orthogonal_dtype(step_rule)
+        orthogonal_step_bound = self._resolve_orthogonal_step_bound(step_rule)
         learning_rate, momentum = self._resolve_step_size(model_step, step_rule)
         # After the step rule's own checks: the orthogonal rule refuses the
         # quadratic model first, with the message that names the rule.
@@ -385,7 +394,7 @@ class KFACOptions:
             scale_update_every=None if scale_update_every is None else int(scale_update_every),
             distributed_inverses=check_bool("distributed_inverses", self.distributed_inverses),
             step_rule=step_rule, orthogonal_iterations=orthogonal_iterations,
-            orthogonal_dtype=orthogonal_dtype,
+            orthogonal_dtype=orthogonal_dtype, orthogonal_step_bound=orthogonal_step_bound,
             name=check_scope_name("name", self.name),
             base_arguments=base_arguments)
 
@@ -438,6 +447,21 @@ class KFACOptions:
                 f"`orthogonal_dtype` must be a string, one of {ORTHOGONAL_DTYPES}; "
                 f"received {dtype!r} of type {type(dtype).__name__}.")
         return check_choice("orthogonal_dtype", dtype, ORTHOGONAL_DTYPES)
+
+    def _resolve_orthogonal_step_bound(self, step_rule):
+        """`orthogonal_step_bound` resolved: a float > 0 or None (off) with
+        the orthogonal rule; None without it, where only "auto" or None is
+        accepted (a number would be ignored: refused)."""
+        bound = self.orthogonal_step_bound
+        if isinstance(bound, str) and bound == "auto":
+            return DEFAULT_ORTHOGONAL_STEP_BOUND if step_rule == "orthogonal" else None
+        if step_rule != "orthogonal" and bound is not None:
+            raise ValueError(
+                f"`orthogonal_step_bound` only applies to step_rule='orthogonal'; received "
+                f"orthogonal_step_bound={bound!r} with step_rule={step_rule!r}.")
+        if bound is None:
+            return None
+        return float(check_number("orthogonal_step_bound", bound, low=0.0, low_open=True))
 
     def _resolve_step_size(self, model_step, step_rule=DEFAULT_STEP_RULE):
         """`(learning_rate, momentum)`: None with the quadratic-model step."""
@@ -527,4 +551,5 @@ class KFACOptions:
             "step_rule": self.step_rule,
             "orthogonal_iterations": self.orthogonal_iterations,
             "orthogonal_dtype": self.orthogonal_dtype,
+            "orthogonal_step_bound": self.orthogonal_step_bound,
         }

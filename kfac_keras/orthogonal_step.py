@@ -57,6 +57,28 @@ the KL-clipped step; the first step logs which blocks took which (a warning
 if none is orthogonalised, since the option then changes nothing but the
 learning rate's default).
 
+**The Newton bound** (`KFAC(orthogonal_step_bound=...)`, default 1.0):
+each matrix's orthogonal step `lr D` (`D = 0.2 sqrt(max) NS_k(P)`, before
+momentum) is shortened, when it is longer, to `bound * ||P||_F`:
+
+    D <- D * min(1, bound ||P||_F / (lr ||D||_F)).
+
+`P` is the minimiser of the block's damped quadratic model (the K-FAC
+step at learning rate 1), so at bound 1 the rule never steps beyond the
+point its own model says is best. The orthogonal direction's length is
+fixed by the learning rate whatever the gradient's size; once a model
+fits its data the gradient (and `P`) vanishes while the fixed-RMS step
+does not, the weights grow linearly (the logits with them), and a
+misclassified example then costs an enormous loss (the BiLSTM classifier,
+tools/keras_programs/FINDINGS.md, S6-bilstm: training loss ~1e30). While
+`P` is long (early and mid training: `||P||_F` 5-1000x `lr ||D||_F` on
+the BiLSTM) the bound does not bind. Loss-scale invariant at the default
+relative damping (`P` and `D` are both unchanged when the loss is
+multiplied by a constant); it makes the step at most linear in `lr`
+(shorter where it binds). `None` turns it off (the fixed-RMS step).
+`bound_fraction` is the fraction of the orthogonalised matrices it
+shortened at the last step (logged as `orthogonal_bound`).
+
 Momentum (the optimizer's heavy-ball velocity) is applied after this
 direction, and the Levenberg-Marquardt rule judges the update actually
 taken (`mu delta0 - lr direction`).
@@ -79,11 +101,18 @@ class OrthogonalStep:
         iterations: int >= 1, Newton-Schulz iterations per matrix.
         dtype: the dtype of the Newton-Schulz matrix products, one of
             `step_rules.NEWTON_SCHULZ_DTYPES`. Defaults to `"float32"`.
+        bound: float > 0 or None, the Newton bound (module docstring): each
+            matrix's step `lr ||D||_F` is at most `bound ||P||_F`; None: no
+            bound. Defaults to None.
     """
 
-    def __init__(self, iterations, dtype="float32"):
+    def __init__(self, iterations, dtype="float32", bound=None):
         self.iterations = int(iterations)
         self.dtype = dtype
+        self.bound = None if bound is None else float(bound)
+        #: Float32 scalar tensor of the last `directions` call (read in the
+        #: same trace): the fraction of the matrices the bound shortened.
+        self.bound_fraction = tf.constant(0.0)
         self._reported = False
 
     def _report(self, orthogonal, clipped):
@@ -100,7 +129,8 @@ class OrthogonalStep:
                 "step_rule='kl_clip' at this learning rate (Embedding tables at %gx it).",
                 clipped, EMBEDDING_LEARNING_RATE_FACTOR)
 
-    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
+    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint,
+                   learning_rate=None):
         """The step directions (to be multiplied by `-lr`, momentum after).
 
         Args:
@@ -110,6 +140,8 @@ class OrthogonalStep:
             preconditioned: `Delta`, dense, aligned with `variables`.
             norm_constraint: float or None, the KL bound of the variables
                 that are not orthogonalised.
+            learning_rate: scalar, `lr` of this step; required when `bound`
+                is set. Defaults to None.
 
         Returns:
             `(directions, rms)`: a list aligned with `variables`, and the
@@ -119,8 +151,12 @@ class OrthogonalStep:
         index = {id(v): i for i, v in enumerate(variables)}
         directions = list(preconditioned)
         remaining = set(range(len(variables)))
+        if self.bound is not None and learning_rate is None:
+            raise ValueError("OrthogonalStep.directions needs `learning_rate` when `bound` is "
+                             "set (the bound compares lr ||D|| with ||P||).")
         orthogonal, clipped, embeddings = [], [], []
         square_sum, count = tf.constant(0.0), 0
+        bound_count, matrix_count = tf.constant(0.0), 0
         for block in blocks:
             members = [index.get(id(v)) for v in block.variables]
             present = [i for i in members if i is not None]
@@ -143,6 +179,13 @@ class OrthogonalStep:
             orthogonal.append(block.name)
             steps = [step_rules.orthogonal_direction(m, self.iterations, self.dtype)
                      for m in matrices]
+            if self.bound is not None:
+                scales = [step_rules.newton_bound_scale(m, d, learning_rate, self.bound)
+                          for m, d in zip(matrices, steps)]
+                steps = [d * c for d, c in zip(steps, scales)]
+                bound_count += tf.add_n([tf.reduce_sum(tf.cast(c < 1.0, tf.float32))
+                                         for c in scales])
+                matrix_count += sum(c.shape.num_elements() for c in scales)
             for i, direction in zip(members, block.grads_from_kronecker_matrices(steps)):
                 if i is not None:
                     directions[i] = tf.cast(direction, preconditioned[i].dtype)
@@ -161,4 +204,5 @@ class OrthogonalStep:
             directions[i] = directions[i] * tf.cast(EMBEDDING_LEARNING_RATE_FACTOR,
                                                     directions[i].dtype)
         rms = tf.sqrt(square_sum / count) if count else tf.constant(0.0)
+        self.bound_fraction = bound_count / matrix_count if matrix_count else tf.constant(0.0)
         return directions, rms

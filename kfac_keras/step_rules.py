@@ -387,8 +387,10 @@ def newton_schulz(matrix, iterations, dtype="float32", normalization="frobenius"
         x = tf.linalg.matrix_transpose(x)
     # Frobenius first in both cases: the Gram matrix of the raw matrix could
     # overflow float32 (its squared norm is a sum of fourth powers).
-    norm = tf.norm(x, axis=[-2, -1], keepdims=True)
-    x = tf.math.divide_no_nan(x, norm)
+    # Rescaled by a power of two first (exact), so that the squares of a tiny
+    # matrix are not flushed to zero (`power_of_two_scale`).
+    x = power_of_two_rescaled(x)
+    x = tf.math.divide_no_nan(x, tf.norm(x, axis=[-2, -1], keepdims=True))
     gram = None
     if normalization == "gram":
         low = tf.cast(x, dtype)
@@ -408,6 +410,35 @@ def newton_schulz(matrix, iterations, dtype="float32", normalization="frobenius"
         x = a * x + tf.cast(tf.matmul(tf.cast(polynomial, dtype), low), tf.float32)
         gram = None
     return tf.linalg.matrix_transpose(x) if tall else x
+
+
+def power_of_two_scale(matrix):
+    """`2^-e` per matrix, `e = floor(log2(max |entry|))` (1 for a zero matrix).
+
+    `matrix * power_of_two_scale(matrix)` has its largest entry in [1, 2),
+    so its squares neither underflow nor overflow float32, and the product is
+    exact (a power of two changes only the exponent). Why: a preconditioned
+    gradient whose loss is ~0 has entries ~1e-20, whose squares (~1e-40) are
+    below float32's smallest normal number (1.2e-38) and are flushed to zero
+    on CPUs; the Frobenius norm then comes out too small (or 0), `X_0` gets
+    singular values above 1 and the quintic iteration diverges to ~1e34
+    (tools/keras_programs/FINDINGS.md, S6-bilstm).
+
+    Args:
+        matrix: float32 tensor `(..., rows, cols)`.
+
+    Returns:
+        A float32 tensor `(..., 1, 1)`.
+    """
+    largest = tf.reduce_max(tf.abs(matrix), axis=[-2, -1], keepdims=True)
+    exponent = tf.floor(tf.math.log(tf.where(largest > 0.0, largest, 1.0)) / tf.math.log(2.0))
+    # Within float32's normal exponents, so the scale itself is finite.
+    return tf.pow(2.0, -tf.clip_by_value(exponent, -126.0, 126.0))
+
+
+def power_of_two_rescaled(matrix):
+    """`matrix * power_of_two_scale(matrix)` (float32; see there)."""
+    return matrix * power_of_two_scale(matrix)
 
 
 def newton_schulz_schedule(iterations, coefficients="muon"):
@@ -463,3 +494,34 @@ def orthogonal_direction(matrix, iterations, dtype="float32", normalization="fro
     rows, cols = matrix.shape[-2], matrix.shape[-1]
     scale = ORTHOGONAL_STEP_RMS * float(max(rows, cols)) ** 0.5
     return scale * newton_schulz(matrix, iterations, dtype, normalization, coefficients)
+
+
+def frobenius_norm(matrix):
+    """`||matrix||_F` per matrix of `(..., rows, cols)`, shape `(..., 1, 1)`,
+    float32, computed on the power-of-two rescaled matrix (`power_of_two_scale`)
+    so that entries ~1e-20 do not flush their squares to zero."""
+    matrix = tf.cast(matrix, tf.float32)
+    scale = power_of_two_scale(matrix)
+    return tf.norm(matrix * scale, axis=[-2, -1], keepdims=True) / scale
+
+
+def newton_bound_scale(matrix, direction, learning_rate, bound):
+    """`min(1, bound ||P||_F / (lr ||D||_F))` per matrix: the factor that
+    shortens the orthogonal step `lr D` to at most `bound` times the damped
+    quadratic model's minimiser `P` (`kfac_keras.orthogonal_step`, "the
+    Newton bound").
+
+    Args:
+        matrix: float tensor `(..., rows, cols)`, `P` (the preconditioned
+            gradient in its matrix layout).
+        direction: float tensor of the same shape, `D`
+            (`orthogonal_direction(P)`).
+        learning_rate: scalar, `lr`.
+        bound: float > 0.
+
+    Returns:
+        A float32 tensor `(..., 1, 1)` in [0, 1]; 1 where `lr ||D||_F` is 0.
+    """
+    step = tf.cast(learning_rate, tf.float32) * frobenius_norm(direction)
+    limit = bound * frobenius_norm(matrix)
+    return tf.where(step > limit, limit / tf.where(step > 0.0, step, 1.0), 1.0)

@@ -85,7 +85,8 @@ class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
         scale = rms * tf.sqrt(count)
         return tf.scatter_nd(rows[:, None], scale * polar, matrix.shape)
 
-    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint):
+    def directions(self, blocks, variables, full_grads, preconditioned, norm_constraint,
+                   learning_rate=None):
         index = {id(v): i for i, v in enumerate(variables)}
         special = []  # (block, rule, variable index) of Embedding blocks not on "table"
         for block in blocks:
@@ -101,7 +102,8 @@ class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
             b is s for s, rule, _ in special))]
         base, rms = super().directions(base_blocks, [variables[i] for i in kept],
                                        [full_grads[i] for i in kept],
-                                       [preconditioned[i] for i in kept], norm_constraint)
+                                       [preconditioned[i] for i in kept], norm_constraint,
+                                       learning_rate)
         directions = list(preconditioned)
         for j, i in enumerate(kept):
             directions[i] = base[j]

@@ -58,7 +58,8 @@ ROUND_TRIP_CASES = [
                        damping_update_every=3, min_damping=1e-6, max_damping=10.0),
          damping=0.1, global_clipnorm=3.0, inverse_method="inverse", step_rule="kl_clip"),
     dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03,
-         step_rule="orthogonal", orthogonal_iterations=5, orthogonal_dtype="bfloat16"),
+         step_rule="orthogonal", orthogonal_iterations=5, orthogonal_dtype="bfloat16",
+         orthogonal_step_bound=0.5),
 ]
 
 
@@ -179,6 +180,9 @@ BAD_ARGUMENTS = [
     (dict(step_rule="orthogonal", orthogonal_iterations=0), ValueError),
     (dict(step_rule="orthogonal", orthogonal_dtype="float16"), ValueError),
     (dict(step_rule="kl_clip", orthogonal_dtype="bfloat16"), ValueError),  # only with "orthogonal"
+    (dict(orthogonal_step_bound=0.0), ValueError),
+    (dict(orthogonal_step_bound="large"), TypeError),
+    (dict(step_rule="kl_clip", orthogonal_step_bound=1.0), ValueError),  # only with "orthogonal"
 ]
 
 

@@ -119,7 +119,8 @@ def main(argv=None):
         optimizer = "adam"
     if args.out:
         with open(args.out, "a") as handle:
-            handle.write(json.dumps({"argv": sys.argv, "options": args.kfac_options}) + "\n")
+            handle.write(json.dumps({"argv": sys.argv, "options": args.kfac_options,
+                                     "kfac_keras": kfac_keras.__file__}) + "\n")
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

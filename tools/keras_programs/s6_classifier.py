@@ -8,7 +8,10 @@ experimental knobs the benchmark does not have:
 * `--embed-factor F`: sets `kfac_keras.orthogonal_step.EMBEDDING_LEARNING_RATE_FACTOR` before
   the first step is traced (the library's Embedding rule at another factor; tools-only, the
   library file is not edited);
-* `--kfac JSON`: extra `KFAC(...)` arguments.
+* `--kfac JSON`: extra `KFAC(...)` arguments;
+* `--rule JSON`: build `tools/step_efficiency/embedding_rules.EmbeddingRuleKFAC(**rule, **kfac)`
+  (S5-embed's experimental Embedding treatments, e.g. `{"embedding_rule": "present",
+  "present_rms": 0.05}`) instead of `kfac_keras.KFAC(**kfac)`.
 
 Prints one JSON line: the configuration and, per epoch, `val_accuracy`, `val_loss`, `loss`.
 
@@ -17,6 +20,7 @@ Prints one JSON line: the configuration and, per epoch, `val_accuracy`, `val_los
 
 import argparse
 import json
+import os
 import sys
 
 import keras
@@ -28,6 +32,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", choices=("adam", "kfac"), default="kfac")
     parser.add_argument("--kfac", default="{}", help="JSON keyword arguments of KFAC(...)")
+    parser.add_argument("--rule", default=None, help="JSON EmbeddingRuleKFAC arguments")
     parser.add_argument("--decay", default=None, help="KFACCallback(decay=...)")
     parser.add_argument("--embed-factor", type=float, default=None,
                         help="EMBEDDING_LEARNING_RATE_FACTOR (default: the library's)")
@@ -52,7 +57,14 @@ def main(argv=None):
     if args.optimizer == "adam":
         optimizer = "adam"
     else:
-        optimizer = kfac_keras.KFAC(**options)
+        if args.rule is not None:
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+                os.path.abspath(__file__))), "step_efficiency"))
+            from embedding_rules import EmbeddingRuleKFAC
+
+            optimizer = EmbeddingRuleKFAC(**json.loads(args.rule), **options)
+        else:
+            optimizer = kfac_keras.KFAC(**options)
         callbacks.append(kfac_keras.KFACCallback(verbose=0, decay=args.decay))
     model.compile(optimizer=optimizer, loss=program.loss, metrics=list(program.metrics))
     recorder = keras_programs.EpochRecorder()
@@ -60,6 +72,7 @@ def main(argv=None):
               validation_data=(x_val, y_val), verbose=0, callbacks=callbacks + [recorder])
     record = {
         "tag": args.tag, "optimizer": args.optimizer, "kfac": options, "decay": args.decay,
+        "rule": json.loads(args.rule) if args.rule else None,
         "embed_factor": (orthogonal_step.EMBEDDING_LEARNING_RATE_FACTOR
                          if args.optimizer == "kfac" else None),
         "seed": args.seed,

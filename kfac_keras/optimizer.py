@@ -167,8 +167,8 @@ class KFAC(keras.optimizers.Optimizer):
             with the plain gradient. Defaults to None.
         seed: optional int, seed for sampling Fisher targets. Sampling is
             stateless, keyed by `(seed, step)`, so a resumed run draws the same
-            targets. Defaults to None (a seed drawn at construction; it is
-            not part of the config, so pass a seed for reproducible runs).
+            targets. Defaults to None: drawn at construction from Python's
+            `random`, so `keras.utils.set_random_seed` makes runs repeat.
         decomposition_jit_compile: `"auto"` (default: XLA on GPU, not on CPU),
             True or False: whether factor decompositions run in XLA.
         approximation: `"block_diagonal"` (default) or `"tridiagonal"`
@@ -307,7 +307,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.options = options
         self.initial_damping = options.initial_damping
         sampling_seed = (options.seed if options.seed is not None
-                         else random.SystemRandom().randrange(2**31 - 1))
+                         else random.randrange(2**31 - 1))
         self.curvature = CurvatureEstimator(options, sampling_seed)
         self._orthogonal_step = (orthogonal_step.OrthogonalStep(
             options.orthogonal_iterations, options.orthogonal_dtype, options.orthogonal_step_bound)

@@ -57,3 +57,36 @@ def test_fold_in_gives_distinct_reproducible_seeds():
     np.testing.assert_array_equal(compiled(tf.constant(7)).numpy(), eager[7])
     other = sampling.fold_in(tf.constant([11, 13], tf.int32), 7).numpy()
     assert not np.array_equal(other, eager[7])
+
+
+def _fit_with_keras_seed(seed):
+    """A small model built and fitted with `KFAC()` (seed=None) after
+    `keras.utils.set_random_seed(seed)`: its sampling seed and final weights."""
+    import keras
+
+    import kfac_keras
+
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="tanh"),
+                              keras.layers.Dense(3)])
+    optimizer = kfac_keras.KFAC()
+    model.compile(optimizer=optimizer,
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 4)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[kfac_keras.KFACCallback(0)])
+    return optimizer.curvature.sampling_seed_value, [w.numpy() for w in model.weights]
+
+
+def test_keras_set_random_seed_makes_default_sampling_repeat():
+    """`KFAC(seed=None)` draws its Fisher-sampling seed from the generator that
+    `keras.utils.set_random_seed` seeds, so a seeded program repeats exactly
+    (and another seed gives another sampling seed)."""
+    seed_a, weights_a = _fit_with_keras_seed(7)
+    seed_b, weights_b = _fit_with_keras_seed(7)
+    seed_c, _ = _fit_with_keras_seed(8)
+    assert seed_a == seed_b and seed_a != seed_c
+    for a, b in zip(weights_a, weights_b):
+        np.testing.assert_array_equal(a, b)

@@ -16,6 +16,9 @@ rows with a nonzero preconditioned gradient; absent rows are exactly zero in
 * `"kl"`: the KL-clipped step (`P` times the clipping scale computed with the
   other non-orthogonalised variables), times `kl_factor` (so its own learning
   rate is `kl_factor * lr`).
+* `"by_shape"` (S6-classifier): `"present"` for a tall table (`vocabulary >
+  dim`: the present rows' polar factor does not equalise their norms), `"kl"`
+  for a wide one (the LM's `(32, 64)`, the BiLSTM's `(12, 16)`).
 
 `position_rule` (optional) overrides the rule for Embedding blocks whose name
 contains "pos" (the keras-io classifier's position table).
@@ -31,7 +34,7 @@ import kfac_keras
 from kfac_keras import orthogonal_step, step_rules
 from kfac_keras.blocks.embedding import EmbeddingBlock
 
-RULES = ("table", "present", "present_table_scale", "row", "kl")
+RULES = ("table", "present", "present_table_scale", "row", "kl", "by_shape")
 
 
 def newton_schulz_right(matrix, iterations):
@@ -66,9 +69,13 @@ class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
         self.stats = []
 
     def _rule_of(self, block):
+        rule = self.rule
         if self.position_rule is not None and "pos" in block.name:
-            return self.position_rule
-        return self.rule
+            rule = self.position_rule
+        if rule == "by_shape":
+            vocabulary, dim = block.variables[0].shape
+            rule = "present" if vocabulary > dim else "kl"
+        return rule
 
     def _embedding_direction(self, rule, matrix):
         vocabulary, dim = matrix.shape

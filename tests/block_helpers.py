@@ -9,6 +9,7 @@ import itertools
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 
@@ -31,7 +32,14 @@ def seeded_layer(cls, shape, kwargs, filters, seed=0):
     layer = cls(filters, bias_initializer=keras.initializers.RandomNormal(seed=seed + 1),
                 kernel_initializer=keras.initializers.RandomNormal(seed=seed), **kwargs)
     x = np.random.default_rng(seed).normal(size=shape).astype("float32")
-    layer(x)
+    try:
+        layer(x)
+    except tf.errors.UnimplementedError as error:
+        # TensorFlow's CPU kernels without oneDNN run only channels-last, undilated
+        # convolutions (oneDNN, on by default on some CPUs, runs the rest): a user of
+        # this machine cannot run the layer at all, so there is no output to test.
+        pytest.skip(f"{cls.__name__}({kwargs}) does not run on this TensorFlow build's "
+                    f"CPU kernels: {str(error).splitlines()[0][:200]}")
     return layer, x
 
 

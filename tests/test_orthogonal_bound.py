@@ -23,20 +23,9 @@ import tensorflow as tf
 
 import kfac_keras
 from kfac_keras import step_rules
+from orthogonal_oracle import augmented, numpy_direction, numpy_preconditioned, two_layer_model
 
-COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic, written out independently
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _numpy_direction(matrix, iterations=3):
-    """`0.2 sqrt(max(rows, cols)) NS_k(P)` in float64."""
-    a, b, c = COEFFICIENTS
-    x = np.asarray(matrix, np.float64)
-    x = x / np.linalg.norm(x)
-    for _ in range(iterations):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return 0.2 * np.sqrt(max(matrix.shape)) * x
 
 
 # ------------------------------------------------- scale-free Newton-Schulz
@@ -46,7 +35,7 @@ def test_direction_of_a_tiny_or_huge_matrix_matches_numpy(shape, scale):
     matrix = np.random.default_rng(0).normal(size=shape)
     scaled = (matrix * scale).astype(np.float32)
     got = step_rules.orthogonal_direction(tf.constant(scaled), 3).numpy()
-    np.testing.assert_allclose(got, _numpy_direction(matrix), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, numpy_direction(matrix), rtol=1e-4, atol=1e-5)
 
 
 def test_power_of_two_rescaling_leaves_ordinary_matrices_bit_for_bit():
@@ -86,45 +75,16 @@ def test_newton_bound_scale_matches_numpy():
     assert got[0, 0, 0] < 1.0 and got[1, 0, 0] == 1.0
 
 
-def _dense_model():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
-
-
 def _numpy_bounded_directions(weights, x, y, damping, lr, bound):
-    """Dense NumPy K-FAC (empirical Fisher from this batch, factored Tikhonov
-    damping), Newton-Schulz and Muon's scale, then the Newton bound per
-    `[K; b]` matrix. Returns `(directions, scales)`."""
-    k1, b1, k2, b2 = weights
-    n = len(x)
-    hidden = np.tanh(x @ k1 + b1)
-    logits = hidden @ k2 + b2
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    g2 = probs - np.eye(3)[y]
-    g1 = (g2 @ k2.T) * (1.0 - hidden ** 2)
+    """Dense NumPy K-FAC, Newton-Schulz and Muon's scale, then the Newton bound
+    per `[K; b]` matrix. Returns `(directions, scales)`."""
     directions, scales = [], []
-    for inputs, grads in ((x, g1), (hidden, g2)):
-        abar = np.concatenate([inputs, np.ones((n, 1))], axis=1)
-        a_factor = abar.T @ abar / n
-        g_factor = grads.T @ grads / n
-        gradient = abar.T @ grads / n
-        pi = np.sqrt((np.trace(a_factor) / len(a_factor)) / (np.trace(g_factor) / len(g_factor)))
-        gamma = np.sqrt(damping)
-        preconditioned = (np.linalg.inv(a_factor + pi * gamma * np.eye(len(a_factor)))
-                          @ gradient @ np.linalg.inv(g_factor + gamma / pi * np.eye(len(g_factor))))
-        direction = _numpy_direction(preconditioned)
+    for preconditioned in numpy_preconditioned(weights, x, y, damping):
+        direction = numpy_direction(preconditioned)
         scale = min(1.0, bound * np.linalg.norm(preconditioned) / (lr * np.linalg.norm(direction)))
         directions.append(scale * direction)
         scales.append(scale)
     return directions, scales
-
-
-def _augmented(weights):
-    return [np.concatenate([weights[0], weights[1][None]], 0),
-            np.concatenate([weights[2], weights[3][None]], 0)]
 
 
 def test_bounded_steps_match_dense_numpy_kfac():
@@ -134,22 +94,22 @@ def test_bounded_steps_match_dense_numpy_kfac():
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
     lr, mu, damping, bound = 1.15, 0.5, 0.03, 1.0
-    model = _dense_model()
+    model = two_layer_model()
     optimizer = kfac_keras.KFAC(
         learning_rate=lr, momentum=mu, damping=damping, adaptive=None,
         estimation_mode="empirical", factor_decay=0.0, cov_update_every=1, inv_update_every=1,
         orthogonal_step_bound=bound, seed=0)
     step = kfac_keras.make_train_step(model, optimizer, LOSS)
     weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    velocity = [np.zeros_like(w) for w in _augmented(weights)]
+    velocity = [np.zeros_like(w) for w in augmented(weights)]
     bound_fractions = []
     for _ in range(2):
         directions, scales = _numpy_bounded_directions(weights, x.astype(np.float64), y,
                                                        damping, lr, bound)
         bound_fractions.append(np.mean([s < 1.0 for s in scales]))
         velocity = [mu * v - lr * d for v, d in zip(velocity, directions)]
-        augmented = [w + v for w, v in zip(_augmented(weights), velocity)]
-        weights = [augmented[0][:-1], augmented[0][-1], augmented[1][:-1], augmented[1][-1]]
+        moved = [w + v for w, v in zip(augmented(weights), velocity)]
+        weights = [moved[0][:-1], moved[0][-1], moved[1][:-1], moved[1][-1]]
         logs = step(x, y)
         for got, expected in zip(model.trainable_variables, weights):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
@@ -161,7 +121,7 @@ def test_step_size_is_the_rms_of_the_bounded_update():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
-    model = _dense_model()
+    model = two_layer_model()
     # A small bound, so that it shortens both matrices' steps.
     optimizer = kfac_keras.KFAC(learning_rate=0.05, momentum=0.0, adaptive=None,
                                 cov_update_every=1, orthogonal_step_bound=1e-3, seed=0)

@@ -20,22 +20,14 @@ import tensorflow as tf
 
 import kfac_keras
 from kfac_keras import step_rules
+from orthogonal_oracle import (COEFFICIENTS, augmented, numpy_direction, numpy_newton_schulz,
+                               numpy_preconditioned, two_layer_model)
 
-COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Muon's quintic, written out independently
 #: With at least 7 iterations every singular value s of P with s / ||P||_F >= 1e-3
 #: ends in [0.6818, 1.1344] (iterate the scalar polynomial on a grid of s), so
 #: the result is within this spectral-norm distance of the polar factor.
 POLAR_TOLERANCE = 0.32
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def _numpy_newton_schulz(matrix, iterations):
-    a, b, c = COEFFICIENTS
-    x = np.asarray(matrix, np.float64)
-    x = x / np.linalg.norm(x)
-    for _ in range(iterations):
-        x = a * x + b * (x @ x.T) @ x + c * (x @ x.T) @ (x @ x.T) @ x
-    return x
 
 
 def _scalar_polynomial(s, iterations):
@@ -51,7 +43,7 @@ def _scalar_polynomial(s, iterations):
 def test_newton_schulz_matches_numpy_loop(shape, iterations):
     matrix = np.random.default_rng(0).normal(size=shape)
     got = step_rules.newton_schulz(tf.constant(matrix, tf.float32), iterations).numpy()
-    np.testing.assert_allclose(got, _numpy_newton_schulz(matrix, iterations),
+    np.testing.assert_allclose(got, numpy_newton_schulz(matrix, iterations),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -80,7 +72,7 @@ def test_batched_matrices_are_orthogonalised_one_by_one():
     matrices = np.random.default_rng(3).normal(size=(3, 5, 2))
     got = step_rules.newton_schulz(tf.constant(matrices, tf.float32), 4).numpy()
     for index in range(3):
-        np.testing.assert_allclose(got[index], _numpy_newton_schulz(matrices[index], 4),
+        np.testing.assert_allclose(got[index], numpy_newton_schulz(matrices[index], 4),
                                    rtol=1e-4, atol=1e-5)
 
 
@@ -94,7 +86,7 @@ def test_orthogonal_direction_has_muons_rms(shape):
     """`0.2 sqrt(max(rows, cols)) NS_k`: an orthogonal matrix's RMS becomes 0.2."""
     matrix = np.random.default_rng(4).normal(size=shape)
     got = step_rules.orthogonal_direction(tf.constant(matrix, tf.float32), 3).numpy()
-    np.testing.assert_allclose(got, 0.2 * np.sqrt(6.0) * _numpy_newton_schulz(matrix, 3),
+    np.testing.assert_allclose(got, 0.2 * np.sqrt(6.0) * numpy_newton_schulz(matrix, 3),
                                rtol=1e-4, atol=1e-5)
     polar = step_rules.orthogonal_direction(tf.constant(matrix, tf.float32), 30).numpy()
     assert 0.2 * 0.68 < np.sqrt(np.mean(polar ** 2)) < 0.2 * 1.14
@@ -126,7 +118,7 @@ def _bf16_errors(shape, seed):
     """(relative Frobenius error, max singular-value error) of the bfloat16
     `newton_schulz` against the float64 loop with Muon's coefficients."""
     matrix, u, v = _ill_conditioned(shape, seed)
-    expected = _numpy_newton_schulz(matrix, 3)
+    expected = numpy_newton_schulz(matrix, 3)
     got = step_rules.newton_schulz(tf.constant(matrix, tf.float32), 3, "bfloat16")
     assert got.dtype == tf.float32
     got = got.numpy()
@@ -161,51 +153,17 @@ def test_bfloat16_newton_schulz_batches_zero_and_bad_dtype():
     got = step_rules.newton_schulz(tf.constant(matrices, tf.float32), 3, "bfloat16").numpy()
     np.testing.assert_array_equal(got[1], np.zeros((9, 6)))
     for index in (0, 2):
-        expected = _numpy_newton_schulz(matrices[index], 3)
+        expected = numpy_newton_schulz(matrices[index], 3)
         assert np.linalg.norm(got[index] - expected) / np.linalg.norm(expected) < 0.03
     with pytest.raises(ValueError, match="float16"):
         step_rules.newton_schulz(tf.constant(matrices[0], tf.float32), 3, "float16")
 
 
 # ----------------------------------------------------- full step vs NumPy
-def _dense_model(seed=0):
-    keras.utils.set_random_seed(seed)
-    inputs = keras.Input((4,))
-    hidden = keras.layers.Dense(5, activation="tanh", name="hidden")(inputs)
-    return keras.Model(inputs, keras.layers.Dense(3, name="out")(hidden))
-
-
 def _numpy_orthogonal_kfac_direction(weights, x, y, damping, iterations):
-    """Dense NumPy K-FAC (empirical Fisher, factored Tikhonov), then NS and scale.
-
-    `weights` = [K1, b1, K2, b2]; returns the directions `[D1, D2]` of `[K; b]`.
-    """
-    k1, b1, k2, b2 = weights
-    n = len(x)
-    hidden = np.tanh(x @ k1 + b1)
-    logits = hidden @ k2 + b2
-    probs = np.exp(logits - logits.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
-    g2 = probs - np.eye(3)[y]                   # d l_n / d s2, per example
-    g1 = (g2 @ k2.T) * (1.0 - hidden ** 2)      # d l_n / d s1
-    directions = []
-    for inputs, grads in ((x, g1), (hidden, g2)):
-        abar = np.concatenate([inputs, np.ones((n, 1))], axis=1)
-        a_factor = abar.T @ abar / n
-        g_factor = grads.T @ grads / n
-        gradient = abar.T @ grads / n            # the batch-mean loss's [dK; db]
-        pi = np.sqrt((np.trace(a_factor) / len(a_factor)) / (np.trace(g_factor) / len(g_factor)))
-        gamma = np.sqrt(damping)
-        preconditioned = (np.linalg.inv(a_factor + pi * gamma * np.eye(len(a_factor)))
-                          @ gradient @ np.linalg.inv(g_factor + gamma / pi * np.eye(len(g_factor))))
-        scale = 0.2 * np.sqrt(max(preconditioned.shape))
-        directions.append(scale * _numpy_newton_schulz(preconditioned, iterations))
-    return directions
-
-
-def _augmented(weights):
-    return [np.concatenate([weights[0], weights[1][None]], 0),
-            np.concatenate([weights[2], weights[3][None]], 0)]
+    """Dense NumPy K-FAC, then Newton-Schulz and Muon's scale: the directions
+    `[D1, D2]` of `[K; b]` for `weights = [K1, b1, K2, b2]`."""
+    return [numpy_direction(p, iterations) for p in numpy_preconditioned(weights, x, y, damping)]
 
 
 def test_two_steps_match_dense_numpy_kfac():
@@ -215,20 +173,20 @@ def test_two_steps_match_dense_numpy_kfac():
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
     lr, mu, damping, iterations = 0.05, 0.5, 0.03, 3
-    model = _dense_model()
+    model = two_layer_model()
     optimizer = kfac_keras.KFAC(
         step_rule="orthogonal", orthogonal_iterations=iterations, learning_rate=lr,
         momentum=mu, damping=damping, adaptive=None, estimation_mode="empirical",
         factor_decay=0.0, cov_update_every=1, inv_update_every=1, seed=0)
     step = kfac_keras.make_train_step(model, optimizer, LOSS)
     weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    velocity = [np.zeros_like(w) for w in _augmented(weights)]
+    velocity = [np.zeros_like(w) for w in augmented(weights)]
     for _ in range(2):
         directions = _numpy_orthogonal_kfac_direction(weights, x.astype(np.float64), y,
                                                       damping, iterations)
         velocity = [mu * v - lr * d for v, d in zip(velocity, directions)]
-        augmented = [w + v for w, v in zip(_augmented(weights), velocity)]
-        weights = [augmented[0][:-1], augmented[0][-1], augmented[1][:-1], augmented[1][-1]]
+        moved = [w + v for w, v in zip(augmented(weights), velocity)]
+        weights = [moved[0][:-1], moved[0][-1], moved[1][:-1], moved[1][-1]]
         step(x, y)
         for got, expected in zip(model.trainable_variables, weights):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
@@ -244,7 +202,7 @@ def test_bfloat16_step_matches_dense_numpy_kfac_and_differs_from_float32():
     lr, damping, iterations = 0.05, 0.03, 3
     updates = {}
     for dtype in ("float32", "bfloat16"):
-        model = _dense_model()
+        model = two_layer_model()
         optimizer = kfac_keras.KFAC(
             step_rule="orthogonal", orthogonal_iterations=iterations, orthogonal_dtype=dtype,
             learning_rate=lr, momentum=0.0, damping=damping, adaptive=None,
@@ -253,7 +211,7 @@ def test_bfloat16_step_matches_dense_numpy_kfac_and_differs_from_float32():
         step = kfac_keras.make_train_step(model, optimizer, LOSS)
         weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
         step(x, y)
-        updates[dtype] = _augmented([v.numpy() - w for v, w in
+        updates[dtype] = augmented([v.numpy() - w for v, w in
                                      zip(model.trainable_variables, weights)])
     directions = _numpy_orthogonal_kfac_direction(weights, x.astype(np.float64), y, damping,
                                                   iterations)
@@ -296,7 +254,7 @@ def test_step_size_is_the_rms_of_the_orthogonalised_update():
     rng = np.random.default_rng(7)
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
-    model = _dense_model()
+    model = two_layer_model()
     optimizer = kfac_keras.KFAC(step_rule="orthogonal", learning_rate=0.01, momentum=0.0,
                                 adaptive=None, cov_update_every=1, seed=0)
     step = kfac_keras.make_train_step(model, optimizer, LOSS)
@@ -327,7 +285,7 @@ def test_levenberg_marquardt_judges_the_update_taken():
     rng = np.random.default_rng(8)
     x = rng.normal(size=(10, 4)).astype("float32")
     y = rng.integers(0, 3, size=10)
-    model = _dense_model()
+    model = two_layer_model()
     optimizer = kfac_keras.KFAC(
         step_rule="orthogonal", learning_rate=0.02, momentum=0.5, damping=0.1,
         adaptive=dict(adapt_damping=True, damping_update_every=1, min_damping=1e-4),
@@ -498,7 +456,7 @@ def test_benchmark_muon_bfloat16_matches_the_float64_loop_and_muon():
     from benchmarks.optimizers import MuonBfloat16
 
     matrix, u, v = _ill_conditioned((40, 24), 0)
-    expected = _numpy_newton_schulz(matrix, 3)
+    expected = numpy_newton_schulz(matrix, 3)
     got = MuonBfloat16().zeropower_via_newtonschulz5(tf.constant(matrix, tf.float32), 3)
     assert got.dtype == tf.float32
     got = got.numpy()
@@ -511,7 +469,7 @@ def test_benchmark_muon_bfloat16_matches_the_float64_loop_and_muon():
     y = rng.integers(0, 3, size=16)
     updates = []
     for optimizer_class in (keras.optimizers.Muon, MuonBfloat16):
-        model = _dense_model()
+        model = two_layer_model()
         optimizer = optimizer_class(learning_rate=0.01, exclude_layers=["out"])
         before = [v.numpy() for v in model.trainable_variables]
         with tf.GradientTape() as tape:

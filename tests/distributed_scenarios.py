@@ -32,6 +32,11 @@ import numpy as np  # noqa: E402
 GLOBAL_BATCH = 16
 STEPS = 8  # = 2 * inv_update_every below
 RTOL, ATOL = 1e-4, 1e-6
+#: The scenarios' timeouts only stop a hung process; a loaded 2-core machine
+#: (the suite runs on two pytest workers, each scenario starts TensorFlow afresh)
+#: took up to twice the quiet time, so every timeout is this many times the
+#: quiet-machine bound written at the call.
+HANG_GUARD_FACTOR = 3
 
 
 def run_scenario(name, *arguments, timeout=110, env=None):
@@ -43,7 +48,7 @@ def run_scenario(name, *arguments, timeout=110, env=None):
     env["PYTHONPATH"] = repo + os.pathsep + env.get("PYTHONPATH", "")
     result = subprocess.run(
         [sys.executable, os.path.abspath(__file__), name] + [json.dumps(a) for a in arguments],
-        capture_output=True, text=True, timeout=timeout, env=env)
+        capture_output=True, text=True, timeout=HANG_GUARD_FACTOR * timeout, env=env)
     assert result.returncode == 0 and "ALL DONE" in result.stdout, (
         result.stdout[-3000:] + result.stderr[-5000:])
     return result.stdout
@@ -690,7 +695,7 @@ def scenario_multiworker(directory, timeout):
         x, y = data()
         expected = state(*train_single(MULTIWORKER_OPTIONS, "loop", loop_batches(x, y)))
         for index, worker in enumerate(workers):
-            log, _ = worker.communicate(timeout=timeout)
+            log, _ = worker.communicate(timeout=HANG_GUARD_FACTOR * timeout)
             assert worker.returncode == 0, f"worker {index}:\n{log[-5000:]}"
     finally:
         for worker in workers:
@@ -753,7 +758,7 @@ def scenario_mirrored_resume(directory, kill_after_steps, timeout):
         return subprocess.run(
             [sys.executable, os.path.abspath(__file__), "mirrored_resume_worker",
              json.dumps(backup_dir), json.dumps(output), json.dumps(kill)],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True, text=True, timeout=HANG_GUARD_FACTOR * timeout,
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
 
     killed = run(kill_after_steps)
@@ -848,7 +853,7 @@ def scenario_multiworker_resume(directory, kill_after_steps, timeout):
 
     workers = start(kill_after_steps, free_ports(2))
     try:
-        log, _ = workers[1].communicate(timeout=timeout)
+        log, _ = workers[1].communicate(timeout=HANG_GUARD_FACTOR * timeout)
         assert workers[1].returncode == -9 and "KILLING" in log, (workers[1].returncode, log[-4000:])
     finally:
         for worker in workers:  # the job restarts: stop the surviving worker too
@@ -860,7 +865,7 @@ def scenario_multiworker_resume(directory, kill_after_steps, timeout):
 
     workers = start(0, free_ports(2))
     try:
-        logs = [worker.communicate(timeout=timeout)[0] for worker in workers]
+        logs = [worker.communicate(timeout=HANG_GUARD_FACTOR * timeout)[0] for worker in workers]
     finally:
         for worker in workers:
             if worker.poll() is None:

@@ -29,6 +29,20 @@ Variants (`polar["kind"]`):
   `X`, unlike Muon's quintic, whose fixed point is not 1). Cost per non-refresh
   step: one `m n^2` product (`T R`), against `3 (2 m n^2 + n^3)` for the
   default's three quintic iterations (the code iterates on the short side).
+* `"ema"`: the right factor of an exponential moving average of the
+  normalised Gram matrices, `Gbar <- beta Gbar + (1 - beta) T^T T / ||T||_F^2`
+  (the first accumulation counts fully), accumulated every `gram_every`
+  steps, eigendecomposed every `refresh_every` steps into
+  `R = V diag(1 / sqrt(s + eps)) V^T`; every step's direction is `T_t R`,
+  rescaled to the Frobenius norm `sqrt(sum s / (s + eps))` (the polar
+  factor's norm, `sqrt(n)` at full rank). Why: a right factor of one batch's
+  `P` goes stale at once (`"cached"` diverges, as session 4's reused
+  Newton-Schulz scaling did, RESULTS.md section 7: it multiplies the new
+  `P`'s components along the old batch's small singular directions by up to
+  `1 / sqrt(eps)`), while an average over batches changes slowly, so a
+  factor of it stays valid between refreshes. This is one-sided Shampoo
+  (exponent -1/2) on the preconditioned gradient rather than a polar factor
+  per step. Cost per step: `T R` plus, every `gram_every` steps, `T^T T`.
 * `"split"`: Muon's quintic Newton-Schulz as the library does it, with
   `large_iterations` iterations for matrices whose smaller dimension is
   `>= large_min_dim` (the four big matrices of the autoencoder carry 96% of
@@ -46,7 +60,7 @@ import tensorflow as tf
 import kfac_keras
 from kfac_keras import orthogonal_step, step_rules
 
-POLAR_KINDS = ("cached", "split")
+POLAR_KINDS = ("cached", "split", "ema")
 
 
 def _tall(matrix):
@@ -90,8 +104,10 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
         self.kind = polar.pop("kind")
         if self.kind not in POLAR_KINDS:
             raise ValueError(f"polar kind must be one of {POLAR_KINDS}; got {self.kind!r}")
-        defaults = ({"refresh_every": 10, "relative_eps": 1e-6, "polish": False}
-                    if self.kind == "cached" else {"large_min_dim": 500, "large_iterations": 2})
+        defaults = {
+            "cached": {"refresh_every": 10, "relative_eps": 1e-6, "polish": False},
+            "ema": {"refresh_every": 10, "gram_every": 1, "beta": 0.9, "relative_eps": 1e-6},
+            "split": {"large_min_dim": 500, "large_iterations": 2}}[self.kind]
         unknown = set(polar) - set(defaults)
         if unknown:
             raise ValueError(f"unknown polar keys for {self.kind!r}: {sorted(unknown)}")
@@ -104,7 +120,7 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
         """Creates the cached right factors, one per Kronecker matrix, in the order
         `directions` meets them (blocks in order; Embedding tables and blocks
         without Kronecker matrices are not orthogonalised)."""
-        if self._caches is not None or self.kind != "cached":
+        if self._caches is not None or self.kind == "split":
             return
         self._caches = []
         for block in blocks:
@@ -121,7 +137,10 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
                                      name=f"polar_right_factor_{len(self._caches)}")
                 norm = tf.Variable(tf.zeros(shape[:-2] + (1, 1)), trainable=False,
                                    name=f"polar_norm_{len(self._caches)}")
-                self._caches.append((factor, norm, shape))
+                gram = (tf.Variable(tf.zeros(shape[:-2] + (n, n)), trainable=False,
+                                    name=f"polar_gram_average_{len(self._caches)}")
+                        if self.kind == "ema" else None)
+                self._caches.append((factor, norm, shape, gram))
 
     def directions(self, *args, **kwargs):
         self._position = 0
@@ -140,11 +159,47 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
             if min(rows, cols) >= self.settings["large_min_dim"]:
                 iterations = self.settings["large_iterations"]
             return scale * step_rules.newton_schulz(matrix, iterations, dtype)
-        factor, norm, shape = self._caches[self._position]
+        factor, norm, shape, gram = self._caches[self._position]
         self._position += 1
         if tuple(matrix.shape) != shape:
             raise ValueError(f"cache order mismatch: matrix {matrix.shape}, cache {shape}")
+        if self.kind == "ema":
+            return scale * self._averaged_polar(matrix, factor, norm, gram)
         return scale * self._cached_polar(matrix, factor, norm)
+
+    def _averaged_polar(self, matrix, factor, norm, gram_average):
+        tall, transposed = _tall(step_rules.power_of_two_rescaled(tf.cast(matrix, tf.float32)))
+        step = tf.cast(self.step_counter, tf.int64)
+        accumulate = tf.equal(tf.math.floormod(step, int(self.settings["gram_every"])), 0)
+        refresh = tf.equal(tf.math.floormod(step, int(self.settings["refresh_every"])), 0)
+        # Accumulations so far (this one included), for `min(1 - 1/k, beta)`.
+        count = tf.cast(step // int(self.settings["gram_every"]) + 1, tf.float32)
+        beta = tf.minimum(1.0 - 1.0 / count, float(self.settings["beta"]))
+        eps = float(self.settings["relative_eps"])
+
+        def accumulated():
+            unit = tf.math.divide_no_nan(tall, tf.norm(tall, axis=[-2, -1], keepdims=True))
+            gram_average.assign(beta * gram_average
+                                + (1.0 - beta) * tf.matmul(unit, unit, transpose_a=True))
+            return tf.constant(True)
+
+        done = tf.cond(accumulate, accumulated, lambda: tf.constant(False))
+
+        def refreshed():
+            with tf.control_dependencies([done]):
+                values, vectors = tf.linalg.eigh(tf.identity(gram_average))
+            values = tf.maximum(values, 0.0)
+            floor = tf.maximum(eps * tf.reduce_max(values, axis=-1, keepdims=True), 1.2e-38)
+            scaled = vectors * tf.math.rsqrt(values + floor)[..., None, :]
+            factor.assign(tf.matmul(scaled, vectors, transpose_b=True))
+            norm.assign(tf.sqrt(tf.reduce_sum(values / (values + floor), axis=-1))[..., None, None])
+            return tf.constant(True)
+
+        fresh = tf.cond(refresh, refreshed, lambda: tf.constant(False))
+        with tf.control_dependencies([fresh]):
+            polar = tf.matmul(tall, tf.identity(factor))
+        polar = polar * tf.math.divide_no_nan(norm, tf.norm(polar, axis=[-2, -1], keepdims=True))
+        return tf.linalg.matrix_transpose(polar) if transposed else polar
 
     def _cached_polar(self, matrix, factor, norm):
         # Rescaled by an exact power of two first (the polar factor does not

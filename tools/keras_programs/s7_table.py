@@ -2,6 +2,7 @@
 
     python tools/keras_programs/s7_table.py LOG.jsonl ...          # per-run checkpoint tables
     python tools/keras_programs/s7_table.py --summary LOG.jsonl ... # one row per run (epochs)
+    python tools/keras_programs/s7_table.py --epoch2 LOG.jsonl ...  # epoch 2's checkpoints
 """
 
 import json
@@ -56,9 +57,37 @@ def summary(paths):
                       + f" | {e[-1]['val_loss']:.3f} | {e[-1]['loss']:.3f} | {e[-1]['seconds']} |")
 
 
+def epoch2(paths):
+    """Epoch 2's four checkpoints (steps 235-376): how far val accuracy and margins swing."""
+    print("| run | val acc at steps 235/282/329/376 | mean | val margin mean, max over them | "
+          "train-probe loss min-max | final |tok| / |ff2| / |d20| |")
+    print("|---|---|---|---|---|---|")
+    for path in paths:
+        records = [r for r in read(path) if r.get("kind") == "checkpoint" and r["step"] > 188]
+        seen, rows = set(), []
+        for r in records:
+            if r["step"] not in seen:
+                seen.add(r["step"])
+                rows.append(r)
+        if not rows:
+            continue
+        tag = [r for r in read(path) if r.get("kind") == "summary"]
+        name = tag[0]["tag"] if tag else path
+        accuracies = [r["val_accuracy"] for r in rows]
+        losses = [r["train_probe_loss"] for r in rows]
+        last = rows[-1]["norms"]
+        paths_ = list(SHOWN)
+        print(f"| {name} | " + " / ".join(f"{a:.4f}" for a in accuracies)
+              + f" | {sum(accuracies) / len(accuracies):.4f} | "
+              f"{max(r['val_margin_mean'] for r in rows):.2f} | {min(losses):.3f}-{max(losses):.3f} | "
+              f"{last[paths_[0]]:.1f} / {last[paths_[3]]:.2f} / {last[paths_[4]]:.2f} |")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--summary":
         summary(sys.argv[2:])
+    elif sys.argv[1] == "--epoch2":
+        epoch2(sys.argv[2:])
     else:
         for p in sys.argv[1:]:
             checkpoints(p)

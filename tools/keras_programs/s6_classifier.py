@@ -28,6 +28,17 @@ import keras
 from benchmarks import keras_programs
 
 
+def seeded_transformer(seed, epochs=None):
+    """The benchmark's transformer program, data and a model built after
+    `keras.utils.set_random_seed(seed)`: `(program, train, val, epochs, model)`
+    (`epochs` None: the program's)."""
+    program = keras_programs.PROGRAMS["transformer"]
+    train, val, _ = program.load_data(program.train, program.val, None)
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(seed)
+    return program, train, val, epochs or program.epochs, program.build_model()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--optimizer", choices=("adam", "kfac"), default="kfac")
@@ -46,12 +57,7 @@ def main(argv=None):
 
     if args.embed_factor is not None:
         orthogonal_step.EMBEDDING_LEARNING_RATE_FACTOR = args.embed_factor
-    program = keras_programs.PROGRAMS["transformer"]
-    (x, y), (x_val, y_val), _ = program.load_data(program.train, program.val, None)
-    epochs = args.epochs or program.epochs
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(args.seed)
-    model = program.build_model()
+    program, (x, y), (x_val, y_val), epochs, model = seeded_transformer(args.seed, args.epochs)
     callbacks = []
     options = json.loads(args.kfac)
     if args.optimizer == "adam":

@@ -32,6 +32,7 @@ import keras
 import numpy as np
 
 from benchmarks import keras_programs
+from s6_classifier import seeded_transformer
 
 #: Keras's clipping of probabilities in `sparse_categorical_crossentropy`.
 PROBABILITY_EPSILON = 1e-7
@@ -117,12 +118,7 @@ def main(argv=None):
 
     import kfac_keras
 
-    program = keras_programs.PROGRAMS["transformer"]
-    (x, y), (x_val, y_val), _ = program.load_data(program.train, program.val, None)
-    epochs = args.epochs or program.epochs
-    keras.backend.clear_session()
-    keras.utils.set_random_seed(args.seed)
-    model = program.build_model()
+    program, (x, y), (x_val, y_val), epochs, model = seeded_transformer(args.seed, args.epochs)
     callbacks = []
     options = json.loads(args.kfac)
     if args.optimizer == "adam":

@@ -10,7 +10,10 @@ bound: per Kronecker matrix it keeps the running maximum `M` of `||P||_F` over t
     min(1, ||P||_F / M) ** power
 
 so the step keeps its fixed RMS while `P` is at its largest and shrinks once `P` shrinks below
-it. `P` is the block's preconditioned gradient (the damped quadratic model's minimiser), so the
+it. With `"reference": "ema"` the reference `M` is instead a slow exponential moving average of
+`||P||_F` (`M <- b M + (1 - b) ||P||_F`, `b = min(1 - 1/k, beta)` at the k-th step, so the first
+counts fully), so an early spike of `||P||` is forgotten after ~1/(1-beta) steps and the factor
+measures whether `P` is below its recent typical size. `P` is the block's preconditioned gradient (the damped quadratic model's minimiser), so the
 factor also falls when the adaptive damping rises. The library's own absolute Newton bound (and
 everything else of the rule: the Embedding tables' KL-clipped step x30, the KL-clipped step of the
 other variables, momentum after) is applied unchanged, after this factor.
@@ -48,11 +51,20 @@ class ShrinkStep(orthogonal_step.OrthogonalStep):
         iterations, dtype, bound: `OrthogonalStep`'s (`bound`: the library's absolute Newton
             bound, applied after the factor).
         power: float > 0, the exponent `p`.
+        reference: "max" (running maximum of `||P||_F`) or "ema" (its moving average).
+        beta: float in (0, 1), the moving average's decay (only for "ema").
     """
 
-    def __init__(self, iterations, dtype, bound, power):
+    def __init__(self, iterations, dtype, bound, power, reference="max", beta=0.99):
         super().__init__(iterations, dtype, bound)
+        if reference not in ("max", "ema"):
+            raise ValueError(f"reference must be 'max' or 'ema'; got {reference!r}")
         self.power = float(power)
+        self.reference = reference
+        self.beta = float(beta)
+        #: Calls of the per-matrix direction (all matrices of one step count once); the EMA
+        #: assumes one `directions` call per optimizer step, which this lets a log check.
+        self.calls = tf.Variable(0.0, trainable=False, name="shrink_calls")
         # Per matrix: (running max of ||P||_F, last ||P||_F, last factor, shape).
         self.states = None
         self._position = 0
@@ -97,11 +109,21 @@ class ShrinkStep(orthogonal_step.OrthogonalStep):
         # The library's function (held by the module before the swap; `directions` restores it).
         direction = ORIGINAL_ORTHOGONAL_DIRECTION(matrix, iterations, dtype)
         norm = step_rules.frobenius_norm(matrix)  # (..., 1, 1), robust to tiny entries
-        new_max = tf.maximum(running_max, norm)
+        first = self._position == 1  # the first matrix of this step
+        # Steps so far, this one included (read before the first matrix counts this step).
+        count = tf.convert_to_tensor(self.calls) + (1.0 if first else 0.0)
+        updates = [self.calls.assign(count)] if first else []
+        if self.reference == "max":
+            reference = tf.maximum(running_max, norm)
+        else:
+            decay = tf.minimum(1.0 - 1.0 / count, self.beta)
+            reference = decay * running_max + (1.0 - decay) * norm
         # A zero P (nothing to step along) gives factor 0; its direction is zero anyway.
-        factor = tf.math.divide_no_nan(norm, new_max) ** self.power
-        with tf.control_dependencies([running_max.assign(new_max), last_norm.assign(norm),
-                                      last_factor.assign(factor)]):
+        factor = tf.minimum(1.0, tf.math.divide_no_nan(norm, reference)) ** self.power
+        with tf.control_dependencies(updates):
+            updates += [running_max.assign(reference), last_norm.assign(norm),
+                        last_factor.assign(factor)]
+        with tf.control_dependencies(updates):
             return direction * tf.identity(factor)
 
 
@@ -113,7 +135,7 @@ class ShrinkKFAC(kfac_keras.KFAC):
     """`kfac_keras.KFAC` with a `ShrinkStep` (only with the orthogonal rule, the default).
 
     Args:
-        shrink: dict `{"power": p}`, or None for the library's step.
+        shrink: dict `{"power": p, "reference": "max" | "ema", "beta": b}`, or None for the library's step.
         **kwargs: `kfac_keras.KFAC` options.
     """
 
@@ -124,11 +146,11 @@ class ShrinkKFAC(kfac_keras.KFAC):
             library = self._orthogonal_step
             if library is None:
                 raise ValueError("shrink needs step_rule='orthogonal'")
-            unknown = set(shrink) - {"power"}
+            unknown = set(shrink) - {"power", "reference", "beta"}
             if unknown:
                 raise ValueError(f"unknown shrink keys: {sorted(unknown)}")
             self._orthogonal_step = ShrinkStep(library.iterations, library.dtype, library.bound,
-                                               shrink.get("power", 1.0))
+                                               **shrink)
 
     def attach(self, model):
         registration = super().attach(model)
@@ -149,18 +171,22 @@ LIBRARY_KFAC = kfac_keras.KFAC
 
 def self_check():
     """Factors for a matrix whose norm goes 1, 2, 1, 0.5 (max 1, 2, 2, 2): 1, 1, 0.5, 0.25 at p=1."""
-    step = ShrinkStep(3, "float32", None, power=1.0)
-    step.states = [(tf.Variable(tf.zeros((1, 1))), tf.Variable(tf.zeros((1, 1))),
-                    tf.Variable(tf.ones((1, 1))), (6, 4))]
     base = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
     base /= np.linalg.norm(base)
-    factors, lengths = [], []
-    for scale in (1.0, 2.0, 1.0, 0.5):
-        step._position = 0
-        direction = step._matrix_direction(tf.constant(base * scale), 3)
-        factors.append(float(step.states[0][2].numpy().item()))
-        lengths.append(float(np.linalg.norm(direction.numpy())))
-    return factors, [round(x / lengths[0], 4) for x in lengths]
+    results = {}
+    for reference in ("max", "ema"):
+        step = ShrinkStep(3, "float32", None, power=1.0, reference=reference, beta=0.5)
+        step.states = [(tf.Variable(tf.zeros((1, 1))), tf.Variable(tf.zeros((1, 1))),
+                        tf.Variable(tf.ones((1, 1))), (6, 4))]
+        factors, lengths = [], []
+        for scale in (1.0, 2.0, 1.0, 0.5):
+            step._position = 0
+            direction = step._matrix_direction(tf.constant(base * scale), 3)
+            factors.append(round(float(step.states[0][2].numpy().item()), 4))
+            lengths.append(float(np.linalg.norm(direction.numpy())))
+        results[reference] = (factors, [round(x / lengths[0], 4) for x in lengths],
+                              float(step.calls.numpy()))
+    return results
 
 
 def main(argv=None):
@@ -168,7 +194,8 @@ def main(argv=None):
 
     argv = sys.argv[1:] if argv is None else argv
     if "--self-check" in argv:
-        print("factors (want 1, 1, 0.5, 0.25), direction lengths / first:", self_check())
+        print("factors, direction lengths / first, calls; want max: 1, 1, 0.5, 0.25; "
+              "ema (beta 0.5: references 1, 1.5, 1.25, 0.875): 1, 1, 0.8, 0.5714; calls 4:", self_check())
         return 0
 
     class Diagnostics(s7_classgap.Diagnostics):
@@ -182,7 +209,8 @@ def main(argv=None):
                     return [round(float(np.mean(s[k].numpy())), 5) for s in step.states]
                 print(json.dumps({"kind": "shrink", "step": self.step, "epoch": epoch,
                                   "shrink_factor": values(2), "shrink_norm": values(1),
-                                  "shrink_max": values(0),
+                                  "shrink_reference": values(0),
+                                  "shrink_calls": float(step.calls.numpy()),
                                   "shapes": [list(s[3]) for s in step.states]}), flush=True)
 
     s7_classgap.Diagnostics = Diagnostics

@@ -39,9 +39,12 @@ import numpy as np
 import tensorflow as tf
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "step_efficiency"))
 
 import kfac_keras  # noqa: E402
 from kfac_keras import orthogonal_step, step_rules  # noqa: E402
+from cheap_polar import orthogonalised_matrix_shapes  # noqa: E402
 
 
 class ShrinkStep(orthogonal_step.OrthogonalStep):
@@ -75,22 +78,14 @@ class ShrinkStep(orthogonal_step.OrthogonalStep):
         if self.states is not None:
             return
         self.states = []
-        for block in blocks:
-            if block.lookup_table:
-                continue
-            zeros = [tf.zeros(v.shape, tf.float32) for v in block.variables]
-            matrices = block.kronecker_matrices(zeros)
-            if matrices is None:
-                continue
-            for matrix in matrices:
-                shape = tuple(matrix.shape)
-                per_matrix = shape[:-2] + (1, 1)  # grouped convolutions: one factor per group
-                k = len(self.states)
-                self.states.append((
-                    tf.Variable(tf.zeros(per_matrix), trainable=False, name=f"shrink_max_{k}"),
-                    tf.Variable(tf.zeros(per_matrix), trainable=False, name=f"shrink_norm_{k}"),
-                    tf.Variable(tf.ones(per_matrix), trainable=False, name=f"shrink_factor_{k}"),
-                    shape))
+        for shape in orthogonalised_matrix_shapes(blocks):
+            per_matrix = shape[:-2] + (1, 1)  # grouped convolutions: one factor per group
+            k = len(self.states)
+            self.states.append((
+                tf.Variable(tf.zeros(per_matrix), trainable=False, name=f"shrink_max_{k}"),
+                tf.Variable(tf.zeros(per_matrix), trainable=False, name=f"shrink_norm_{k}"),
+                tf.Variable(tf.ones(per_matrix), trainable=False, name=f"shrink_factor_{k}"),
+                shape))
 
     def directions(self, *args, **kwargs):
         self._position = 0

@@ -19,21 +19,9 @@ sys.path.insert(2, os.path.dirname(os.path.dirname(HERE)))
 
 def main():
     import run
+    from s7_shrink import ShrinkKFAC
 
-    library_make_optimizer = run.make_optimizer
-
-    def make_optimizer(spec, task):
-        kind, kwargs = spec
-        if kind == "kfac" and "shrink" in kwargs:
-            from s7_shrink import ShrinkKFAC
-
-            kwargs = dict(kwargs)
-            kwargs.setdefault("seed", 0)
-            return ShrinkKFAC(**kwargs)
-        return library_make_optimizer(spec, task)
-
-    run.make_optimizer = make_optimizer
-    return run.main()
+    return run.main_with_experiment_optimizer("shrink", ShrinkKFAC)
 
 
 if __name__ == "__main__":

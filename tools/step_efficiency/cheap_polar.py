@@ -87,6 +87,20 @@ def cubic_newton_schulz(x):
     return 1.5 * x - 0.5 * tf.matmul(x, gram)
 
 
+def orthogonalised_matrix_shapes(blocks):
+    """The shape of each Kronecker matrix the orthogonal rule orthogonalises, in the
+    order `OrthogonalStep.directions` meets them (blocks in order; Embedding tables
+    and blocks without Kronecker matrices are skipped, as the library does)."""
+    shapes = []
+    for block in blocks:
+        if block.lookup_table:
+            continue
+        matrices = block.kronecker_matrices([tf.zeros(v.shape, tf.float32)
+                                             for v in block.variables])
+        shapes.extend(tuple(m.shape) for m in matrices or ())
+    return shapes
+
+
 class CheapPolarStep(orthogonal_step.OrthogonalStep):
     """`OrthogonalStep` with the per-matrix direction of a `polar` variant.
 
@@ -123,24 +137,16 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
         if self._caches is not None or self.kind == "split":
             return
         self._caches = []
-        for block in blocks:
-            if block.lookup_table:
-                continue
-            zeros = [tf.zeros(v.shape, tf.float32) for v in block.variables]
-            matrices = block.kronecker_matrices(zeros)
-            if matrices is None:
-                continue
-            for matrix in matrices:
-                shape = tuple(matrix.shape)
-                n = min(shape[-2:])
-                factor = tf.Variable(tf.zeros(shape[:-2] + (n, n)), trainable=False,
-                                     name=f"polar_right_factor_{len(self._caches)}")
-                norm = tf.Variable(tf.zeros(shape[:-2] + (1, 1)), trainable=False,
-                                   name=f"polar_norm_{len(self._caches)}")
-                gram = (tf.Variable(tf.zeros(shape[:-2] + (n, n)), trainable=False,
-                                    name=f"polar_gram_average_{len(self._caches)}")
-                        if self.kind == "ema" else None)
-                self._caches.append((factor, norm, shape, gram))
+        for shape in orthogonalised_matrix_shapes(blocks):
+            n = min(shape[-2:])
+            factor = tf.Variable(tf.zeros(shape[:-2] + (n, n)), trainable=False,
+                                 name=f"polar_right_factor_{len(self._caches)}")
+            norm = tf.Variable(tf.zeros(shape[:-2] + (1, 1)), trainable=False,
+                               name=f"polar_norm_{len(self._caches)}")
+            gram = (tf.Variable(tf.zeros(shape[:-2] + (n, n)), trainable=False,
+                                name=f"polar_gram_average_{len(self._caches)}")
+                    if self.kind == "ema" else None)
+            self._caches.append((factor, norm, shape, gram))
 
     def directions(self, *args, **kwargs):
         self._position = 0

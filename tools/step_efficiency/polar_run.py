@@ -21,21 +21,9 @@ sys.path.insert(1, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 def main():
     import run
+    from cheap_polar import CheapPolarKFAC
 
-    library_make_optimizer = run.make_optimizer
-
-    def make_optimizer(spec, task):
-        kind, kwargs = spec
-        if kind == "kfac" and "polar" in kwargs:
-            from cheap_polar import CheapPolarKFAC
-
-            kwargs = dict(kwargs)
-            kwargs.setdefault("seed", 0)
-            return CheapPolarKFAC(**kwargs)
-        return library_make_optimizer(spec, task)
-
-    run.make_optimizer = make_optimizer
-    return run.main()
+    return run.main_with_experiment_optimizer("polar", CheapPolarKFAC)
 
 
 if __name__ == "__main__":

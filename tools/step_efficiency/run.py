@@ -244,6 +244,23 @@ def alternate_ratio(task, spec, adam_lr, args):
     return totals[0] / totals[1], 1000 * totals[1] / steps, 1000 * totals[0] / steps
 
 
+def main_with_experiment_optimizer(key, factory):
+    """`main()` where a K-FAC configuration carrying `key` is built by
+    `factory(**kwargs)` (seed 0 unless given, as `make_optimizer` does) instead
+    of the library's class; other configurations as usual."""
+    global make_optimizer
+    library_make_optimizer = make_optimizer
+
+    def experiment_make_optimizer(spec, task):
+        kind, kwargs = spec
+        if kind == "kfac" and key in kwargs:
+            return factory(**{"seed": 0, **kwargs})
+        return library_make_optimizer(spec, task)
+
+    make_optimizer = experiment_make_optimizer
+    return main()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help="autoencoder, cnn, lm, mlp, lsq, softmax, "

@@ -44,10 +44,10 @@ sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import kfac_keras  # noqa: E402
 from kfac_keras import orthogonal_step, step_rules  # noqa: E402
-from cheap_polar import orthogonalised_matrix_shapes  # noqa: E402
+from cheap_polar import MatrixDirectionStep, orthogonalised_matrix_shapes  # noqa: E402
 
 
-class ShrinkStep(orthogonal_step.OrthogonalStep):
+class ShrinkStep(MatrixDirectionStep):
     """`OrthogonalStep` whose per-matrix direction is scaled by `min(1, ||P|| / max ||P||)^power`.
 
     Args:
@@ -86,15 +86,6 @@ class ShrinkStep(orthogonal_step.OrthogonalStep):
                 tf.Variable(tf.zeros(per_matrix), trainable=False, name=f"shrink_norm_{k}"),
                 tf.Variable(tf.ones(per_matrix), trainable=False, name=f"shrink_factor_{k}"),
                 shape))
-
-    def directions(self, *args, **kwargs):
-        self._position = 0
-        original = step_rules.orthogonal_direction
-        step_rules.orthogonal_direction = self._matrix_direction
-        try:
-            return super().directions(*args, **kwargs)
-        finally:
-            step_rules.orthogonal_direction = original
 
     def _matrix_direction(self, matrix, iterations, dtype="float32"):
         running_max, last_norm, last_factor, shape = self.states[self._position]

@@ -101,7 +101,27 @@ def orthogonalised_matrix_shapes(blocks):
     return shapes
 
 
-class CheapPolarStep(orthogonal_step.OrthogonalStep):
+class MatrixDirectionStep(orthogonal_step.OrthogonalStep):
+    """The library's `OrthogonalStep` with only the per-matrix direction swapped:
+    during `directions`, `step_rules.orthogonal_direction` is `self._matrix_direction`
+    (called once per orthogonalised matrix, in `orthogonalised_matrix_shapes` order,
+    `self._position` counting them), so blocks, bound, KL-clipped rest, Embedding
+    factor and momentum stay the library's."""
+
+    def _matrix_direction(self, matrix, iterations, dtype="float32"):
+        raise NotImplementedError
+
+    def directions(self, *args, **kwargs):
+        self._position = 0
+        original = step_rules.orthogonal_direction
+        step_rules.orthogonal_direction = self._matrix_direction
+        try:
+            return super().directions(*args, **kwargs)
+        finally:
+            step_rules.orthogonal_direction = original
+
+
+class CheapPolarStep(MatrixDirectionStep):
     """`OrthogonalStep` with the per-matrix direction of a `polar` variant.
 
     Args:
@@ -147,15 +167,6 @@ class CheapPolarStep(orthogonal_step.OrthogonalStep):
                                 name=f"polar_gram_average_{len(self._caches)}")
                     if self.kind == "ema" else None)
             self._caches.append((factor, norm, shape, gram))
-
-    def directions(self, *args, **kwargs):
-        self._position = 0
-        original = step_rules.orthogonal_direction
-        step_rules.orthogonal_direction = self._matrix_direction
-        try:
-            return super().directions(*args, **kwargs)
-        finally:
-            step_rules.orthogonal_direction = original
 
     # ------------------------------------------------------------ per matrix
     def _matrix_direction(self, matrix, iterations, dtype="float32"):

@@ -224,17 +224,18 @@ class KFAC(keras.optimizers.Optimizer):
             `0.2 sqrt(max(rows, cols))` times `orthogonal_iterations`
             Newton-Schulz iterations towards its polar factor (the RMS of
             Keras's `Muon` update), without KL clip; `learning_rate` and
-            `momentum` then apply as above, so the step is linear in the
-            learning rate (`learning_rate=None` means 1e-2 here). Embedding
-            tables take the `"kl_clip"` step at 30 times the learning rate
-            (`orthogonal_step.EMBEDDING_LEARNING_RATE_FACTOR`), and the other
-            variables without a Kronecker block the `"kl_clip"` step (the
-            clip scale, with `norm_constraint`, over all of them). `step_size` logs the
-            learning rate times the RMS entry of the orthogonalised direction.
-            Not combinable with `quadratic_model_step`.
-        orthogonal_iterations: int >= 1 or None, Newton-Schulz iterations of
-            `step_rule="orthogonal"` (only with it). Defaults to None,
-            meaning 3.
+            `momentum` then apply as above: the step is linear in the learning
+            rate (`learning_rate=None` means 1e-2 here). Embedding tables take
+            the `"kl_clip"` step at 30x the learning rate, the other variables
+            without a Kronecker block the `"kl_clip"` step (one clip scale).
+            `step_size` logs the learning rate times the RMS entry of the
+            orthogonalised direction. Not combinable with `quadratic_model_step`.
+        orthogonal_iterations: int >= 1, dict or None (only with
+            `step_rule="orthogonal"`): Newton-Schulz iterations of every
+            matrix, or `{"iterations": k, "large_iterations": k_large,
+            "large_min_dim": n}` (`k_large` where the smaller side is >= n).
+            Defaults to None, meaning `{"iterations": 3, "large_iterations": 2,
+            "large_min_dim": 500}` (`options.DEFAULT_ORTHOGONAL_ITERATIONS`).
         orthogonal_dtype: `"float32"`, `"bfloat16"` or None, the dtype of
             the matrix products in the Newton-Schulz iterations of
             `step_rule="orthogonal"` (only with it); the normalisation, the
@@ -576,8 +577,7 @@ class KFAC(keras.optimizers.Optimizer):
         checkpointing.load_optimizer_variables(self, store)
 
     def save_own_variables(self, store):
-        """Saves the optimizer state, including loaded K-FAC state still
-        waiting for `attach` (see `kfac_keras.checkpointing`)."""
+        """Saves the optimizer state, with loaded state awaiting `attach`."""
         checkpointing.save_optimizer_variables(self, store)
 
     def get_config(self):

@@ -42,11 +42,15 @@ DEFAULT_NORM_CONSTRAINT = 1e-4
 #: the autoencoder, CNN, LM and MLP of tools/step_efficiency/RESULTS.md.
 STEP_RULES = ("kl_clip", "orthogonal")
 DEFAULT_STEP_RULE = "orthogonal"
-#: What `KFAC(orthogonal_iterations=None)` means with `step_rule="orthogonal"`:
-#: 3 Newton-Schulz iterations took the same steps to target as 5 within 2-14
-#: steps on the autoencoder, CNN and LM at ~16% less cost on the autoencoder
-#: (tools/step_efficiency/RESULTS.md).
-DEFAULT_ORTHOGONAL_ITERATIONS = 3
+#: What `KFAC(orthogonal_iterations=None)` means with `step_rule="orthogonal"`
+#: (`orthogonal_step.OrthogonalStep`): 3 Newton-Schulz iterations took the
+#: same steps to target as 5 within 2-14 steps on the autoencoder, CNN and LM
+#: at ~16% less cost on the autoencoder; 2 on the matrices whose smaller side
+#: is at least 500 (the autoencoder's four largest, 96% of its Newton-Schulz
+#: work) kept its steps within 10% on two seeds at 0.78-0.85x the step time,
+#: and no CNN or LM matrix is that large (tools/step_efficiency/RESULTS.md,
+#: S7-polar).
+DEFAULT_ORTHOGONAL_ITERATIONS = {"iterations": 3, "large_iterations": 2, "large_min_dim": 500}
 #: Dtypes of the matrix products in the orthogonal rule's Newton-Schulz
 #: iterations (`KFAC(orthogonal_dtype=...)`), and what None means with it.
 ORTHOGONAL_DTYPES = step_rules.NEWTON_SCHULZ_DTYPES
@@ -418,8 +422,10 @@ class KFACOptions:
         return mode, damping
 
     def _resolve_orthogonal_iterations(self, step_rule, model_step):
-        """`orthogonal_iterations` resolved: an int with the orthogonal rule,
-        else None (a number given without it would be ignored: refused)."""
+        """`orthogonal_iterations` resolved with the orthogonal rule: an int
+        (every matrix) or the dict of `DEFAULT_ORTHOGONAL_ITERATIONS`'s keys
+        (by matrix size); else None (a value given without the rule would be
+        ignored: refused)."""
         iterations = self.orthogonal_iterations
         if not _orthogonal_rule_option("orthogonal_iterations", iterations, step_rule):
             return None
@@ -431,7 +437,17 @@ class KFACOptions:
                 "step length from the quadratic model. Pass step_rule='kl_clip' to "
                 "use the quadratic-model step.")
         if iterations is None:
-            return DEFAULT_ORTHOGONAL_ITERATIONS
+            return dict(DEFAULT_ORTHOGONAL_ITERATIONS)
+        if isinstance(iterations, dict):
+            if set(iterations) != set(DEFAULT_ORTHOGONAL_ITERATIONS):
+                raise ValueError(
+                    "`orthogonal_iterations` as a dict needs exactly the keys "
+                    f"{sorted(DEFAULT_ORTHOGONAL_ITERATIONS)} (Newton-Schulz iterations of "
+                    "the matrices whose smaller side is below `large_min_dim`, and of the "
+                    f"others); received {iterations!r}.")
+            return {key: int(check_number(f"orthogonal_iterations[{key!r}]", value, low=1,
+                                          integer=True))
+                    for key, value in sorted(iterations.items())}
         return int(check_number("orthogonal_iterations", iterations, low=1, integer=True))
 
     def _resolve_orthogonal_dtype(self, step_rule):

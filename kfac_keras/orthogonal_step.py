@@ -98,7 +98,11 @@ class OrthogonalStep:
     """Turns the preconditioned gradients into the orthogonal rule's directions.
 
     Args:
-        iterations: int >= 1, Newton-Schulz iterations per matrix.
+        iterations: int >= 1, Newton-Schulz iterations of every matrix, or a
+            dict `{"iterations": k, "large_iterations": k_large,
+            "large_min_dim": n}`: `k_large` for the matrices whose smaller
+            side is at least `n`, `k` for the others (`KFAC`'s resolved
+            `orthogonal_iterations`).
         dtype: the dtype of the Newton-Schulz matrix products, one of
             `step_rules.NEWTON_SCHULZ_DTYPES`. Defaults to `"float32"`.
         bound: float > 0 or None, the Newton bound (module docstring): each
@@ -107,13 +111,22 @@ class OrthogonalStep:
     """
 
     def __init__(self, iterations, dtype="float32", bound=None):
-        self.iterations = int(iterations)
+        self.iterations = (dict(iterations) if isinstance(iterations, dict)
+                           else int(iterations))
         self.dtype = dtype
         self.bound = None if bound is None else float(bound)
         #: Float32 scalar tensor of the last `directions` call (read in the
         #: same trace): the fraction of the matrices the bound shortened.
         self.bound_fraction = tf.constant(0.0)
         self._reported = False
+
+    def matrix_iterations(self, shape):
+        """The Newton-Schulz iterations of a matrix (or a stack of matrices
+        along leading axes) of static `shape`."""
+        if not isinstance(self.iterations, dict):
+            return self.iterations
+        large = min(shape[-2:]) >= self.iterations["large_min_dim"]
+        return self.iterations["large_iterations" if large else "iterations"]
 
     def _report(self, orthogonal, clipped):
         if self._reported:
@@ -176,9 +189,10 @@ class OrthogonalStep:
             if matrices is None:
                 clipped.append(block.name)
                 continue
-            orthogonal.append(block.name)
-            steps = [step_rules.orthogonal_direction(m, self.iterations, self.dtype)
-                     for m in matrices]
+            counts = [self.matrix_iterations(m.shape) for m in matrices]
+            orthogonal.append(f"{block.name} (Newton-Schulz x{'/'.join(map(str, counts))})")
+            steps = [step_rules.orthogonal_direction(m, k, self.dtype)
+                     for m, k in zip(matrices, counts)]
             if self.bound is not None:
                 scales = [step_rules.newton_bound_scale(m, d, learning_rate, self.bound)
                           for m, d in zip(matrices, steps)]

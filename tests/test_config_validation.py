@@ -488,7 +488,9 @@ def test_options_are_frozen_resolved_and_give_the_config():
     assert options.adaptive == kfac_keras.AdaptiveOptions(
         adapt_damping=True, min_damping=1e-5, damping_update_every=10)
     assert options.norm_constraint == 1e-4
-    assert (options.step_rule, options.orthogonal_iterations) == ("orthogonal", 3)
+    assert options.step_rule == "orthogonal"
+    assert options.orthogonal_iterations == {"iterations": 3, "large_iterations": 2,
+                                             "large_min_dim": 500}
     assert (options.learning_rate, options.momentum) == (1e-2, 0.9)
     config = optimizer.get_config()
     for key, value in options.get_config().items():

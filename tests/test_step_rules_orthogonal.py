@@ -192,6 +192,53 @@ def test_two_steps_match_dense_numpy_kfac():
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
 
 
+def test_iterations_by_matrix_size_match_dense_numpy_kfac():
+    """`orthogonal_iterations` as a dict: the 5x5 `[K1; b1]` (smaller side
+    5 >= `large_min_dim`) takes `large_iterations` = 1, the 6x3 `[K2; b2]`
+    takes 3; the NumPy directions with those counts, not with 3 for both."""
+    rng = np.random.default_rng(13)
+    x = rng.normal(size=(16, 4)).astype("float32")
+    y = rng.integers(0, 3, size=16)
+    lr, damping = 0.05, 0.03
+    model = two_layer_model()
+    optimizer = kfac_keras.KFAC(
+        step_rule="orthogonal",
+        orthogonal_iterations={"iterations": 3, "large_iterations": 1, "large_min_dim": 5},
+        learning_rate=lr, momentum=0.0, damping=damping, adaptive=None,
+        estimation_mode="empirical", factor_decay=0.0, cov_update_every=1,
+        inv_update_every=1, seed=0)
+    step = kfac_keras.make_train_step(model, optimizer, LOSS)
+    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    step(x, y)
+    updates = augmented([v.numpy() - w for v, w in zip(model.trainable_variables, weights)])
+    preconditioned = numpy_preconditioned(weights, x.astype(np.float64), y, damping)
+    assert [p.shape for p in preconditioned] == [(5, 5), (6, 3)]
+    for got, matrix, iterations in zip(updates, preconditioned, (1, 3)):
+        np.testing.assert_allclose(got, -lr * numpy_direction(matrix, iterations),
+                                   rtol=1e-4, atol=2e-6)
+    uniform = -lr * numpy_direction(preconditioned[0], 3)
+    assert np.linalg.norm(updates[0] - uniform) > 0.05 * np.linalg.norm(uniform)
+
+
+def test_default_iterations_by_matrix_size():
+    """None: 2 iterations where the smaller side is >= 500, 3 elsewhere, on
+    the autoencoder's `[K; b]` shapes (and stacks of matrices)."""
+    optimizer = kfac_keras.KFAC()
+    expected = {"iterations": 3, "large_iterations": 2, "large_min_dim": 500}
+    assert optimizer.get_config()["orthogonal_iterations"] == expected
+    counts = {shape: optimizer._orthogonal_step.matrix_iterations(shape)
+              for shape in [(785, 1000), (1001, 500), (501, 250), (251, 30), (31, 250),
+                            (251, 500), (501, 1000), (1001, 784), (4, 499, 2000),
+                            (4, 500, 500)]}
+    assert [shape for shape, count in counts.items() if count == 2] == [
+        (785, 1000), (1001, 500), (501, 1000), (1001, 784), (4, 500, 500)]
+    assert all(count == 3 for count in counts.values() if count != 2)
+    restored = kfac_keras.KFAC.from_config(optimizer.get_config())
+    assert restored.get_config()["orthogonal_iterations"] == expected
+    assert kfac_keras.KFAC(orthogonal_iterations=4)._orthogonal_step.matrix_iterations(
+        (1001, 784)) == 4
+
+
 def test_bfloat16_step_matches_dense_numpy_kfac_and_differs_from_float32():
     """One step with `orthogonal_dtype="bfloat16"`: the dense NumPy K-FAC
     (float64 Newton-Schulz) within bfloat16 rounding, and not the float32
@@ -390,7 +437,7 @@ def test_orthogonal_is_the_default_and_kl_clip_resolves_its_own():
     assert restored.step_rule == "kl_clip" and float(restored.learning_rate) == 1.0
     orthogonal = kfac_keras.KFAC()
     assert orthogonal.step_rule == "orthogonal"
-    assert orthogonal.get_config()["orthogonal_iterations"] == 3
+    assert orthogonal.get_config()["orthogonal_iterations"]["iterations"] == 3
     assert float(orthogonal.learning_rate) == pytest.approx(1e-2)
     assert orthogonal.norm_constraint == 1e-4  # for the variables it does not orthogonalise
     config = kfac_keras.KFAC(step_rule="orthogonal", orthogonal_iterations=5).get_config()
@@ -417,6 +464,16 @@ def test_orthogonal_dtype_resolves_and_round_trips():
      "orthogonal_iterations"),
     (dict(step_rule="orthogonal", orthogonal_iterations=True), TypeError,
      "orthogonal_iterations"),
+    (dict(orthogonal_iterations={"iterations": 3, "large_iterations": 2}), ValueError,
+     "exactly the keys.*large_min_dim"),
+    (dict(orthogonal_iterations={"iterations": 3, "large_iterations": 0,
+                                 "large_min_dim": 500}), ValueError,
+     r"orthogonal_iterations\['large_iterations'\]"),
+    (dict(orthogonal_iterations={"iterations": 3, "large_iterations": 2,
+                                 "large_min_dim": 5e2}), TypeError,
+     r"orthogonal_iterations\['large_min_dim'\].*integer"),
+    (dict(step_rule="kl_clip", orthogonal_iterations={"iterations": 3}), ValueError,
+     "only applies to step_rule='orthogonal'"),
     (dict(step_rule="kl_clip", orthogonal_iterations=3), ValueError,
      "only applies to step_rule='orthogonal'"),
     (dict(step_rule="kl_clip", orthogonal_dtype="bfloat16"), ValueError,

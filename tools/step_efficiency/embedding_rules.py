@@ -83,7 +83,7 @@ class EmbeddingRuleStep(orthogonal_step.OrthogonalStep):
             rms = tf.sqrt(tf.reduce_mean(tf.square(matrix), axis=1, keepdims=True))
             return tf.math.divide_no_nan(matrix, rms) * self.row_rms
         rows = present_rows(matrix)
-        polar = newton_schulz_right(tf.gather(matrix, rows), self.iterations)
+        polar = newton_schulz_right(tf.gather(matrix, rows), self.matrix_iterations(matrix.shape))
         if rule == "present":
             count = tf.cast(tf.maximum(tf.size(rows), dim), tf.float32)
         else:  # "present_table_scale"

@@ -153,6 +153,13 @@ class CustomTrainStep:
                 "a custom train_step under a multi-replica tf.distribute "
                 "strategy. Use Keras's default train_step (compile with a "
                 "loss) with KFACCallback, or train on one replica.")
+        if optimizer.estimation_mode == "curvature_propagation":
+            raise ValueError(
+                f"The model has its own `train_step` ({name}): K-FAC then estimates "
+                "the empirical Fisher of the user's loss from its gradients, so "
+                "estimation_mode='curvature_propagation' (which needs a known loss's "
+                "output Fisher) cannot apply. Leave estimation_mode at its default, "
+                "or use Keras's default train_step with a compiled loss.")
         if optimizer.adaptive is not None:
             if optimizer.requested_adaptive != "auto":
                 raise ValueError(

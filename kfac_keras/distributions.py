@@ -26,7 +26,9 @@ def unwrap_single(loss):
 _EPSILON = 1e-7
 
 SUPPORTED_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
-ESTIMATION_MODES = ("fisher", "empirical")
+#: How the statistics' backward pass gets its output gradients
+#: (`PredictiveDistribution.statistics_objective`).
+ESTIMATION_MODES = ("fisher", "curvature_propagation", "empirical")
 
 
 def _to_float(x):
@@ -130,6 +132,8 @@ class PredictiveDistribution:
     """
 
     name = "base"
+    #: Whether `output_fisher_sqrt_product` is defined (curvature propagation).
+    has_fisher_sqrt = False
 
     def __init__(self, from_logits=False, reduction="sum_over_batch_size",
                  label_smoothing=0.0):
@@ -277,14 +281,19 @@ class PredictiveDistribution:
         raise NotImplementedError
 
     def statistics_objective(self, y_pred, y_true, sample_weight, subset, seed,
-                             first_example=0):
+                             first_example=0, mode="fisher"):
         """`sum_n sqrt(c_n) NLL_n` over the first `subset` examples.
 
         Its gradient w.r.t. a pre-activation has rows `sqrt(c_n) g_n`, whose
         mean outer product is the Fisher factor `G` of the objective. With
         per-position weights `(batch, T)` or a Keras mask on `y_pred`, the
         sum is over examples and positions, `sum_{n,t} sqrt(c_{n,t})
-        NLL_{n,t}` (`value_scale`).
+        NLL_{n,t}` (`value_scale`). With `mode="curvature_propagation"` the
+        NLL is replaced by `<B_n e_n, f_n>`, `e_n` random signs and `B_n` the
+        square root of the output Fisher (`output_fisher_sqrt_product`): its
+        output gradient `B_n e_n` has the sampled score's second moment
+        `E[B e e^T B^T] = H_n` (Martens, Sutskever & Swersky 2012), with less
+        variance (no sampling of the labels' categories).
 
         Args:
             y_pred: the model output (whole batch; `c_n` uses its size).
@@ -292,21 +301,50 @@ class PredictiveDistribution:
             sample_weight: optional `(batch,)` or `(batch, T)` weights.
                 Defaults to None.
             subset: int scalar, the number of leading examples used.
-            seed: shape-(2,) int32 seed for sampled targets (the true
-                Fisher), or None for the labels (the empirical Fisher).
+            seed: shape-(2,) int32 seed for sampled targets or signs, or None
+                for the labels (the empirical Fisher, whatever `mode`).
             first_example: index of `y_pred[0]` in the global batch.
                 Defaults to 0.
+            mode: `"fisher"` (sampled targets) or `"curvature_propagation"`
+                (random signs), used with a seed. Defaults to `"fisher"`.
         """
         y_pred = unwrap_single(y_pred)
         scale = self._objective_scale(y_pred, sample_weight)[:subset]
         y_subset = y_pred[:subset]
-        if seed is None:
-            targets = self.empirical_targets(unwrap_single(y_true)[:subset], y_subset)
+        if seed is not None and mode == "curvature_propagation":
+            output = _to_float(y_subset)
+            signs = 2.0 * tf.cast(sampling.uniform(tf.shape(output), seed, _first_index(
+                output, first_example)) < 0.5, tf.float32) - 1.0
+            vector = tf.stop_gradient(self.output_fisher_sqrt_product(
+                tf.stop_gradient(output), signs))
+            values = vector * output
+            values = tf.reduce_sum(values, axis=-1) if values.shape.rank > 1 else values
         else:
-            targets = self.sample_targets(y_subset, seed, first_example)
+            if seed is None:
+                targets = self.empirical_targets(unwrap_single(y_true)[:subset], y_subset)
+            else:
+                targets = self.sample_targets(y_subset, seed, first_example)
+            values = self.per_value_nll(targets, y_subset)
         if scale.shape.rank == 1:
-            return tf.reduce_sum(tf.sqrt(scale) * self.per_example_nll(targets, y_subset))
-        return tf.reduce_sum(tf.sqrt(scale) * self.per_value_nll(targets, y_subset))
+            return tf.reduce_sum(tf.sqrt(scale) * _sum_per_example(values))
+        return tf.reduce_sum(tf.sqrt(scale) * values)
+
+    def output_fisher_sqrt_product(self, y_pred, noise):
+        """`B noise` per output, `B B^T` the output Fisher of
+        `output_fisher_product` (per unscaled NLL, output coordinates).
+
+        Args:
+            y_pred: the model output (float32).
+            noise: a tensor shaped like `y_pred`.
+        """
+        raise self.missing_fisher_sqrt_error()
+
+    def missing_fisher_sqrt_error(self):
+        """The error for curvature propagation without `has_fisher_sqrt`."""
+        return ValueError(
+            f"estimation_mode='curvature_propagation' needs the square root of the "
+            f"output Fisher, which {self!r} does not have in closed form; use "
+            "estimation_mode='fisher' (sampled targets) with this loss.")
 
     # -- output-space Fisher ------------------------------------------------
     def output_hessian_vector_product(self, y_pred, vector):
@@ -376,6 +414,7 @@ class Categorical(PredictiveDistribution):
     """
 
     name = "categorical"
+    has_fisher_sqrt = True
 
     def __init__(self, sparse_labels, **kwargs):
         super().__init__(**kwargs)
@@ -417,6 +456,15 @@ class Categorical(PredictiveDistribution):
         probs = tf.nn.softmax(_to_float(y_pred), axis=-1)
         weighted = tf.reduce_sum(probs * vector, axis=-1, keepdims=True)
         return probs * vector - probs * weighted
+
+    def output_fisher_sqrt_product(self, y_pred, noise):
+        # Logits: H = diag(p) - p p^T = B B^T, B = diag(sqrt p) - p sqrt(p)^T.
+        # Probabilities: diag(1/q) - 1 1^T = B B^T, B = diag(1/sqrt q) (I - sqrt(q) sqrt(q)^T).
+        root = tf.sqrt(tf.exp(self._log_probs(y_pred)))
+        along = tf.reduce_sum(root * noise, axis=-1, keepdims=True)
+        if self.from_logits:
+            return root * noise - tf.square(root) * along
+        return (noise - root * along) / root
 
     def _probability_fisher_product(self, y_pred, vector):
         # q = p / sum(p): Fisher in p-coordinates diag(1/p) - 1 1^T (for sum(p) = 1).
@@ -460,6 +508,7 @@ class Bernoulli(_ElementwiseDistribution):
     """Sigmoid cross-entropy: independent Bernoulli outputs."""
 
     name = "bernoulli"
+    has_fisher_sqrt = True
 
     def _probs(self, y_pred):
         y_pred = _to_float(y_pred)
@@ -495,6 +544,11 @@ class Bernoulli(_ElementwiseDistribution):
         probs = tf.clip_by_value(y_pred, _EPSILON, 1.0 - _EPSILON)
         return vector / (probs * (1.0 - probs))
 
+    def output_fisher_sqrt_product(self, y_pred, noise):
+        probs = self._probs(y_pred)
+        variance = probs * (1.0 - probs)
+        return noise * (tf.sqrt(variance) if self.from_logits else tf.math.rsqrt(variance))
+
 
 class Gaussian(_ElementwiseDistribution):
     """Squared error: Gaussian of variance 1/2, so `NLL = ||y - f||^2 + const`.
@@ -505,6 +559,7 @@ class Gaussian(_ElementwiseDistribution):
     """
 
     name = "gaussian"
+    has_fisher_sqrt = True
 
     def __init__(self, **kwargs):
         super().__init__(from_logits=True, **kwargs)
@@ -524,70 +579,5 @@ class Gaussian(_ElementwiseDistribution):
     def output_hessian_vector_product(self, y_pred, vector):
         return 2.0 * vector
 
-
-# ------------------------------------------------------ distribution losses
-class TFPDistribution(PredictiveDistribution):
-    """The predictive distribution of a `DistributionLoss`.
-
-    Args:
-        distribution_fn: callable `y_pred -> tfp.distributions.Distribution`.
-        reduction: the Keras reduction. Defaults to `"sum_over_batch_size"`.
-        fisher_samples: int >= 1, samples per example of the Monte-Carlo
-            output Fisher used by the quadratic model
-            (`KFAC(adaptive=...)`). Defaults to 16.
-    """
-
-    name = "tfp"
-
-    def __init__(self, distribution_fn, reduction="sum_over_batch_size", fisher_samples=16):
-        super().__init__(from_logits=True, reduction=reduction)
-        if not callable(distribution_fn):
-            raise TypeError("`distribution_fn` must be a callable y_pred -> "
-                            f"tfp.distributions.Distribution; received {distribution_fn!r}.")
-        if isinstance(fisher_samples, bool) or not isinstance(fisher_samples, int) \
-                or fisher_samples < 1:
-            raise ValueError(f"`fisher_samples` must be an int >= 1; received {fisher_samples!r}.")
-        self.distribution_fn = distribution_fn
-        self.fisher_samples = fisher_samples
-
-    def _distribution(self, y_pred):
-        return self.distribution_fn(_to_float(y_pred))
-
-    def _value_axes(self, y_pred):
-        return list(self._distribution(tf.stop_gradient(y_pred)).batch_shape[1:])
-
-    def sample_targets(self, y_pred, seed, first_example=0):
-        # TFP samplers take a stateless seed but no per-element index: fold
-        # in the first example so replicas draw different targets.
-        seed = sampling.fold_in(seed, first_example)
-        return tf.stop_gradient(self._distribution(tf.stop_gradient(y_pred)).sample(seed=seed))
-
-    def empirical_targets(self, y_true, y_pred):
-        return tf.stop_gradient(tf.convert_to_tensor(y_true))
-
-    def per_value_nll(self, targets, y_pred):
-        return -self._distribution(y_pred).log_prob(tf.stop_gradient(targets))
-
-    def output_fisher_gram(self, y_pred, tangents, sample_weight=None):
-        """Monte-Carlo estimate with `fisher_samples` draws per example (a
-        fixed seed, the same draws for every tangent, so the Gram is
-        positive semi-definite): `mean_n c_n mean_s (s_ns . t_i)(s_ns . t_j)`
-        with the scores `s_ns = grad_f log p(y_s | f_n)`."""
-        y_pred = unwrap_single(y_pred)
-        scale = self._objective_scale(y_pred, sample_weight)
-        y_pred = tf.stop_gradient(_to_float(y_pred))
-        batch = tf.cast(tf.shape(y_pred)[0], tf.float32)
-        tangents = [_to_float(unwrap_single(t)) for t in tangents]
-        gram = 0.0
-        for sample in range(self.fisher_samples):
-            targets = self.sample_targets(y_pred, tf.constant([0x5EED, sample], tf.int32))
-            with tf.GradientTape() as tape:
-                tape.watch(y_pred)
-                log_prob = tf.reduce_sum(-self.per_example_nll(targets, y_pred))
-            score = tape.gradient(log_prob, y_pred)
-            projections = tf.stack([_sum_like(score * t, scale) for t in tangents], axis=-1)
-            gram += tf.einsum("n...,n...i,n...j->ij", scale, projections, projections)
-        return gram / (batch * float(self.fisher_samples))
-
-    def __repr__(self):
-        return f"TFPDistribution({self.distribution_fn!r}, reduction={self.reduction!r})"
+    def output_fisher_sqrt_product(self, y_pred, noise):
+        return tf.sqrt(2.0) * noise

@@ -90,7 +90,7 @@ class JointDistribution:
             for head in self.heads}
 
     def statistics_objective(self, y_pred, y_true, sample_weight, subset, seed,
-                             first_example=0):
+                             first_example=0, mode="fisher"):
         """`sum_h sqrt(w_h) sum_n sqrt(c_hn) NLL_hn`; arguments as in
         `PredictiveDistribution.statistics_objective`."""
         terms = []
@@ -101,7 +101,7 @@ class JointDistribution:
                 _select(y_pred, head, "output"),
                 None if seed is not None else _select(y_true, head, "labels"),
                 self._sample_weight(sample_weight, head), subset,
-                None if seed is None else self._head_seed(seed, head), first_example))
+                None if seed is None else self._head_seed(seed, head), first_example, mode))
         return tf.add_n(terms) if terms else tf.constant(0.0)
 
     def output_fisher_gram(self, y_pred, tangents, sample_weight=None):

@@ -53,9 +53,9 @@ import tensorflow as tf
 from kfac_keras import keras_internals
 from kfac_keras.distributions import (  # noqa: F401 (some re-exported)
     ESTIMATION_MODES, SUPPORTED_REDUCTIONS, Bernoulli, Categorical, Gaussian,
-    PredictiveDistribution, TFPDistribution, normalize_sample_weight,
-    row_sample_weight, unwrap_single)
+    PredictiveDistribution, normalize_sample_weight, row_sample_weight, unwrap_single)
 from kfac_keras.joint_distribution import Head, JointDistribution  # noqa: F401
+from kfac_keras.tfp_distribution import TFPDistribution  # noqa: F401
 
 class DistributionLoss(keras.losses.Loss):
     """A Keras loss that is the NLL of a `tfp.distributions` distribution of

@@ -11,11 +11,8 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from kfac_keras import checkpointing
-from kfac_keras import keras_internals
-from kfac_keras import orthogonal_step
+from kfac_keras import checkpointing, keras_internals, orthogonal_step, step_rules
 from kfac_keras import registration as registration_lib
-from kfac_keras import step_rules
 from kfac_keras.adaptive_step import AdaptiveStep, StepDiagnostics
 from kfac_keras.curvature import CurvatureEstimator
 from kfac_keras.options import KFACOptions
@@ -147,9 +144,10 @@ class KFAC(keras.optimizers.Optimizer):
             Defaults to 20.
         statistics_fraction: float in (0, 1], the fraction of each batch
             (its first examples) used for factor statistics. Defaults to 1.0.
-        estimation_mode: `"fisher"` (default) samples targets from the model's
-            predictive distribution (the true Fisher); `"empirical"` uses the
-            training labels (the empirical Fisher, a worse approximation).
+        estimation_mode: `"fisher"` (default): targets sampled from the model's
+            predictive distribution (the true Fisher); `"curvature_propagation"`:
+            random signs times the output Fisher's square root (its expectation,
+            less noise; not with `DistributionLoss`); `"empirical"`: the labels.
         inverse_method: `"cholesky"` (default) or `"inverse"`: factored
             Tikhonov damping with the pi adjustment, inverses stored
             explicitly; `"eigh"`: exact damping of each Kronecker product in

@@ -192,6 +192,11 @@ class KFACTrainStep:
         else:
             self.distribution = losses_lib.distribution_for_model(model, loss)
             self._loss_fn = _explicit_loss(model, loss)
+        if optimizer.estimation_mode == "curvature_propagation":
+            for head in getattr(self.distribution, "heads", None) or [None]:
+                distribution = self.distribution if head is None else head.distribution
+                if not distribution.has_fisher_sqrt:
+                    raise distribution.missing_fisher_sqrt_error()
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)
@@ -240,9 +245,10 @@ class KFACTrainStep:
         subset = tf.cast(tf.math.ceil(
             optimizer.statistics_fraction * tf.cast(batch, tf.float32)), tf.int32)
         subset = tf.clip_by_value(subset, 1, batch)
-        seed = optimizer.sampling_seed() if optimizer.estimation_mode == "fisher" else None
+        mode = optimizer.estimation_mode
+        seed = None if mode == "empirical" else optimizer.sampling_seed()
         objective = self.distribution.statistics_objective(
-            y_pred, y, sample_weight, subset, seed, first_example)
+            y_pred, y, sample_weight, subset, seed, first_example, mode)
         return objective, subset
 
     def _forward(self, x, y, sample_weight, first_example=0):

@@ -182,3 +182,25 @@ def test_custom_train_step_is_refused():
     with pytest.raises(ValueError, match="own `train_step`.*curvature_propagation"):
         model.fit(x, np.zeros((8, 2), "float32"), verbose=0,
                   callbacks=[kfac_keras.KFACCallback(verbose=0)])
+
+
+def test_each_head_of_a_two_output_model_takes_the_mode():
+    """Two outputs (softmax cross-entropy with loss weight 1, squared error
+    with 0.5): the squared-error head's `G` diagonal is exactly `0.5 * 2/d`
+    only if the signs reached that head too."""
+    d = 3
+    x = np.random.default_rng(7).normal(size=(64, 4)).astype("float32")
+    inputs = keras.Input((4,))
+    classes = keras.layers.Dense(CLASSES, name="classes")(inputs)
+    regression = keras.layers.Dense(d, name="regression")(inputs)
+    model = keras.Model(inputs, {"classes": classes, "regression": regression})
+    optimizer = kfac_keras.KFAC(estimation_mode="curvature_propagation", learning_rate=1e-9,
+                                adaptive=None, factor_decay=0.0, cov_update_every=1, seed=8)
+    model.compile(optimizer=optimizer,
+                  loss={"classes": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                        "regression": "mse"},
+                  loss_weights={"classes": 1.0, "regression": 0.5})
+    model.fit(x, {"classes": np.zeros(len(x), "int32"), "regression": np.zeros((len(x), d))},
+              batch_size=len(x), verbose=0, callbacks=[kfac_keras.KFACCallback(verbose=0)])
+    factor = block_for_layer(optimizer, model.get_layer("regression")).output_grad_factor.numpy()
+    np.testing.assert_allclose(np.diag(factor), 0.5 * 2.0 / d, rtol=1e-5)

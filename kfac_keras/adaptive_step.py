@@ -164,7 +164,7 @@ class AdaptiveStep:
         optimizer = self._optimizer
         learning_rate = tf.cast(keras_internals.current_learning_rate(optimizer), tf.float32)
         step = step_rules.fixed_step(preconditioned, previous, learning_rate,
-                                     optimizer.current_momentum())
+                                     optimizer.current_momentum(), optimizer.nesterov)
         step_fisher = batch.fisher_gram([step], variables)[0, 0]
         change = step_rules.predicted_change(step, step_fisher, full_grads, optimizer.l2_reg)
         self._diagnostics.qmodel_change.assign(change)

@@ -12,24 +12,13 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import checkpointing, keras_internals, orthogonal_step, step_rules
+from kfac_keras.custom_step import MISSING_CAPTURE
 from kfac_keras import registration as registration_lib
 from kfac_keras.adaptive_step import AdaptiveStep, StepDiagnostics
 from kfac_keras.curvature import CurvatureEstimator
 from kfac_keras.options import KFACOptions
 from kfac_keras.validation import is_schedule
 
-_MISSING_CAPTURE = (
-    "KFAC was applied outside a K-FAC training step: it needs the layer inputs "
-    "and pre-activation gradients of each step, which Keras's default train "
-    "step, a later `fit` without the callback and a plain "
-    "`optimizer.apply_gradients(...)` do not provide (the curvature would stay "
-    "frozen). Add the K-FAC callback to fit:\n\n"
-    "    model.fit(x, y, ..., callbacks=[kfac_keras.KFACCallback()])\n\n"
-    "(a model with its own `train_step` keeps it: the callback runs it with "
-    "K-FAC capture on), or, in a custom training loop, build the step with "
-    "`step = kfac_keras.make_train_step(model, optimizer, loss)` and call "
-    "`step(x, y)` instead of `optimizer.apply_gradients(...)`."
-)
 
 
 def _delegate(name):
@@ -116,9 +105,13 @@ class KFAC(keras.optimizers.Optimizer):
             1e-2 with `step_rule="orthogonal"` and 1.0 with `"kl_clip"` (must
             stay None with `AdaptiveOptions(quadratic_model_step=True)`, which
             chooses it; `optimizer.learning_rate` then reads the last `alpha`).
-        momentum: float in [0, 1) or a `LearningRateSchedule`, heavy-ball
-            momentum. Defaults to None, meaning 0.9 (must stay None with
+        momentum: float in [0, 1) or a `LearningRateSchedule`, the momentum
+            `mu`. Defaults to None, meaning 0.9 (must stay None with
             `quadratic_model_step`, which chooses `mu`).
+        nesterov: bool or None: Nesterov momentum (`v = mu v - lr Delta`, the
+            update `mu v - lr Delta`) instead of heavy ball (the update `v`).
+            Defaults to None, meaning True with `step_rule="orthogonal"` and
+            False otherwise (refused with `quadratic_model_step`).
         damping: float > 0 or a `LearningRateSchedule`, the Tikhonov damping
             `lambda` added to the Fisher. Larger values make steps shorter
             and more gradient-like. With `AdaptiveOptions(adapt_damping=True)`
@@ -284,6 +277,7 @@ class KFAC(keras.optimizers.Optimizer):
         orthogonal_iterations=None,
         orthogonal_dtype=None,
         orthogonal_step_bound="auto",
+        nesterov=None,
         name="kfac",
         **kwargs,
     ):
@@ -298,7 +292,8 @@ class KFAC(keras.optimizers.Optimizer):
             norm_constraint=norm_constraint, scale_update_every=scale_update_every,
             distributed_inverses=distributed_inverses, step_rule=step_rule,
             orthogonal_iterations=orthogonal_iterations, orthogonal_dtype=orthogonal_dtype,
-            orthogonal_step_bound=orthogonal_step_bound, name=name, base_arguments=kwargs)
+            orthogonal_step_bound=orthogonal_step_bound, nesterov=nesterov, name=name,
+            base_arguments=kwargs)
         # With the quadratic-model step the learning-rate variable holds alpha.
         super().__init__(
             learning_rate=1.0 if options.learning_rate is None else options.learning_rate,
@@ -326,6 +321,7 @@ class KFAC(keras.optimizers.Optimizer):
         self.curvature.options = self.options
 
     momentum = _option("momentum", "float, schedule, or None with quadratic_model_step.")
+    nesterov = _option("nesterov", "Whether the momentum is Nesterov's (resolved).")
     damping_schedule = _option("damping_schedule", "The damping schedule, or None.")
     approximation = _option("approximation", "`approximation`.")
     adaptive = _option("adaptive", "The resolved `AdaptiveOptions`, or None.")
@@ -495,7 +491,7 @@ class KFAC(keras.optimizers.Optimizer):
                 required with `adapt_damping`. Defaults to None.
         """
         if self._registration is None:
-            raise RuntimeError(_MISSING_CAPTURE)
+            raise RuntimeError(MISSING_CAPTURE)
         self._adaptive_step.check_batch(batch, loss)
         pairs = [(g, v) for g, v in zip(grads, trainable_variables) if g is not None]
         if not pairs:
@@ -557,7 +553,7 @@ class KFAC(keras.optimizers.Optimizer):
             trainable_variables = keras_internals.optimizer_trainable_variables(self)
         custom_step = self.active_custom_step
         if custom_step is None:
-            raise RuntimeError(_MISSING_CAPTURE)
+            raise RuntimeError(MISSING_CAPTURE)
         return custom_step.apply(list(grads), list(trainable_variables))
 
     def update_step(self, gradient, variable, learning_rate):
@@ -567,7 +563,10 @@ class KFAC(keras.optimizers.Optimizer):
         momentum = tf.cast(self.current_momentum(), variable.dtype)
         velocity = keras_internals.optimizer_slot(self, self.velocities, variable)
         self.assign(velocity, momentum * velocity - learning_rate * gradient)
-        self.assign_add(variable, velocity)
+        if self.nesterov:
+            self.assign_add(variable, momentum * velocity - learning_rate * gradient)
+        else:
+            self.assign_add(variable, velocity)
 
     def load_own_variables(self, store):
         """Loads saved optimizer state, including K-FAC state that `attach`

@@ -164,19 +164,26 @@ def kl_clipping_scale(full_grads, preconditioned, norm_constraint):
 
 
 # -------------------------------------------------------- fixed step rule
-def fixed_step(preconditioned, previous, learning_rate, momentum):
-    """The learning-rate + momentum update `mu delta0 - lr Delta` (float32).
+def fixed_step(preconditioned, previous, learning_rate, momentum, nesterov=False):
+    """The learning-rate + momentum update (float32): heavy ball `v = mu v0 -
+    lr Delta`, or with Nesterov `mu v - lr Delta` (`KFAC.update_step`).
 
     Args:
         preconditioned: list of tensors, `Delta`.
-        previous: list of tensors, `delta0`, aligned with `preconditioned`.
+        previous: list of tensors, the velocity `v0`, aligned with
+            `preconditioned`.
         learning_rate: scalar, `lr`.
         momentum: scalar, `mu`.
+        nesterov: bool, whether the update is Nesterov's. Defaults to False.
     """
     learning_rate = tf.cast(learning_rate, tf.float32)
     momentum = tf.cast(momentum, tf.float32)
-    return [momentum * tf.cast(v, tf.float32) - learning_rate * tf.cast(p, tf.float32)
-            for v, p in zip(previous, preconditioned)]
+    steps = []
+    for v, p in zip(previous, preconditioned):
+        p = learning_rate * tf.cast(p, tf.float32)
+        velocity = momentum * tf.cast(v, tf.float32) - p
+        steps.append(momentum * velocity - p if nesterov else velocity)
+    return steps
 
 
 def predicted_change(step, step_fisher, full_grads, l2_reg):

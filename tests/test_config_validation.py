@@ -59,7 +59,9 @@ ROUND_TRIP_CASES = [
          damping=0.1, global_clipnorm=3.0, inverse_method="inverse", step_rule="kl_clip"),
     dict(inverse_method="ekfac", scale_update_every=4, learning_rate=0.03,
          step_rule="orthogonal", orthogonal_iterations=5, orthogonal_dtype="bfloat16",
-         orthogonal_step_bound=0.5),
+         orthogonal_step_bound=0.5, nesterov=False),
+    dict(orthogonal_iterations={"iterations": 4, "large_iterations": 1, "large_min_dim": 64},
+         nesterov=True),
 ]
 
 
@@ -173,7 +175,7 @@ BAD_ARGUMENTS = [
     (dict(use_ema=1), TypeError), (dict(use_ema=True, ema_momentum=1.5), ValueError),
     (dict(ema_overwrite_frequency=0), ValueError), (dict(loss_scale_factor=0.0), ValueError),
     (dict(gradient_accumulation_steps=4), ValueError),
-    (dict(nesterov=True), TypeError),
+    (dict(nesterov=1), TypeError),
     (dict(damping_mode="scaled"), ValueError),
     (dict(damping_mode=1), ValueError),
     (dict(step_rule="muon"), ValueError),
@@ -290,6 +292,7 @@ GOOD = dict(
     seed=st.one_of(st.none(), st.integers(0, 2**31 - 1)),
     decomposition_jit_compile=st.sampled_from(["auto", True, False]),
     distributed_inverses=st.booleans(),
+    nesterov=st.one_of(st.none(), st.booleans()),
     approximation=st.sampled_from(APPROXIMATIONS),
     adaptive=st.one_of(st.none(), _ADAPTIVE),
     norm_constraint=st.one_of(st.none(), _edges(1e-6, 10.0)),
@@ -323,6 +326,7 @@ BAD = dict(
     seed=st.sampled_from([-1, 1.5, 2**40, "7"]),
     decomposition_jit_compile=st.sampled_from(["yes", 1, None]),
     distributed_inverses=st.sampled_from(["yes", 1, None]),
+    nesterov=st.sampled_from(["yes", 1, 0.0]),
     approximation=st.sampled_from(["full", None, "Tridiagonal"]),
     adaptive=st.sampled_from([{}, {"speed": 1}, {"adapt_damping": "yes"}, "on", True,
                               {"adapt_damping": True, "min_damping": 1.0, "max_damping": 0.1},
@@ -398,7 +402,7 @@ def _check_accepted_or_rejected(kwargs):
 _OUTCOMES = []
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
           suppress_health_check=list(HealthCheck))
 @given(constructor_kwargs())
 def test_fuzz_constructor(kwargs):

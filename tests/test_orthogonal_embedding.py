@@ -41,7 +41,8 @@ def _data():
 
 def _first_update(rule, lr, norm_constraint):
     model = _model()
-    optimizer = kfac_keras.KFAC(step_rule=rule, learning_rate=lr, adaptive=None,
+    # momentum 0: the first update is then `-lr D` under heavy ball and Nesterov alike.
+    optimizer = kfac_keras.KFAC(step_rule=rule, learning_rate=lr, momentum=0.0, adaptive=None,
                                 norm_constraint=norm_constraint, damping=0.1,
                                 cov_update_every=1, estimation_mode="empirical", seed=0)
     step = kfac_keras.make_train_step(model, optimizer, LOSS)

@@ -57,6 +57,19 @@ def test_fixed_step_and_its_predicted_change():
         0.5 * (step_fisher + l2_reg * expected @ expected) + _flat(grads) @ expected, rel=1e-5)
 
 
+def test_nesterov_fixed_step_is_the_look_ahead_update():
+    """Nesterov: `v = mu v0 - lr Delta`, the update `mu v - lr Delta` =
+    `mu^2 v0 - (1 + mu) lr Delta`; not the heavy-ball `v`."""
+    preconditioned, previous = _tensors(), _tensors()
+    learning_rate, momentum = 0.3, 0.8
+    step = step_rules.fixed_step(preconditioned, previous, learning_rate, momentum,
+                                 nesterov=True)
+    expected = momentum ** 2 * _flat(previous) - (1 + momentum) * learning_rate * _flat(
+        preconditioned)
+    np.testing.assert_allclose(_flat([s.numpy() for s in step]), expected, rtol=1e-6,
+                               atol=1e-6 * np.abs(expected).max())
+
+
 def test_quadratic_model_step_minimises_the_damped_model():
     direction, previous, grads = _tensors(), _tensors(), _tensors()
     jacobian = RNG.normal(size=(5, _flat(direction).size))

@@ -166,9 +166,11 @@ def _numpy_orthogonal_kfac_direction(weights, x, y, damping, iterations):
     return [numpy_direction(p, iterations) for p in numpy_preconditioned(weights, x, y, damping)]
 
 
-def test_two_steps_match_dense_numpy_kfac():
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_two_steps_match_dense_numpy_kfac(nesterov):
     """Factors from this step's batch (`factor_decay=0`), fixed damping,
-    momentum after the orthogonalisation, over two steps."""
+    momentum after the orthogonalisation (heavy ball, or Nesterov's update
+    `mu v - lr D`), over three steps."""
     rng = np.random.default_rng(5)
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
@@ -176,16 +178,19 @@ def test_two_steps_match_dense_numpy_kfac():
     model = two_layer_model()
     optimizer = kfac_keras.KFAC(
         step_rule="orthogonal", orthogonal_iterations=iterations, learning_rate=lr,
-        momentum=mu, damping=damping, adaptive=None, estimation_mode="empirical",
-        factor_decay=0.0, cov_update_every=1, inv_update_every=1, seed=0)
+        momentum=mu, nesterov=nesterov, damping=damping, adaptive=None,
+        estimation_mode="empirical", factor_decay=0.0, cov_update_every=1,
+        inv_update_every=1, seed=0)
     step = kfac_keras.make_train_step(model, optimizer, LOSS)
     weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
     velocity = [np.zeros_like(w) for w in augmented(weights)]
-    for _ in range(2):
+    for _ in range(3):
         directions = _numpy_orthogonal_kfac_direction(weights, x.astype(np.float64), y,
                                                       damping, iterations)
         velocity = [mu * v - lr * d for v, d in zip(velocity, directions)]
-        moved = [w + v for w, v in zip(augmented(weights), velocity)]
+        updates = ([mu * v - lr * d for v, d in zip(velocity, directions)] if nesterov
+                   else velocity)
+        moved = [w + u for w, u in zip(augmented(weights), updates)]
         weights = [moved[0][:-1], moved[0][-1], moved[1][:-1], moved[1][-1]]
         step(x, y)
         for got, expected in zip(model.trainable_variables, weights):
@@ -438,6 +443,12 @@ def test_orthogonal_is_the_default_and_kl_clip_resolves_its_own():
     orthogonal = kfac_keras.KFAC()
     assert orthogonal.step_rule == "orthogonal"
     assert orthogonal.get_config()["orthogonal_iterations"]["iterations"] == 3
+    assert orthogonal.nesterov and orthogonal.get_config()["nesterov"] is True
+    assert kl_clip.nesterov is False and kl_clip.get_config()["nesterov"] is False
+    assert not kfac_keras.KFAC(step_rule="kl_clip", adaptive=dict(
+        quadratic_model_step=True)).nesterov
+    assert kfac_keras.KFAC.from_config(kfac_keras.KFAC(nesterov=False).get_config()).nesterov \
+        is False
     assert float(orthogonal.learning_rate) == pytest.approx(1e-2)
     assert orthogonal.norm_constraint == 1e-4  # for the variables it does not orthogonalise
     config = kfac_keras.KFAC(step_rule="orthogonal", orthogonal_iterations=5).get_config()
@@ -464,6 +475,9 @@ def test_orthogonal_dtype_resolves_and_round_trips():
      "orthogonal_iterations"),
     (dict(step_rule="orthogonal", orthogonal_iterations=True), TypeError,
      "orthogonal_iterations"),
+    (dict(nesterov="yes"), TypeError, "`nesterov` must be a bool"),
+    (dict(step_rule="kl_clip", nesterov=True, adaptive=dict(quadratic_model_step=True)),
+     ValueError, "nesterov=True cannot be combined"),
     (dict(orthogonal_iterations={"iterations": 3, "large_iterations": 2}), ValueError,
      "exactly the keys.*large_min_dim"),
     (dict(orthogonal_iterations={"iterations": 3, "large_iterations": 0,

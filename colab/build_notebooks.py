@@ -146,7 +146,7 @@ never silently trains as plain SGD.
 
 The defaults:
 
-* **the orthogonal step rule** (`step_rule="orthogonal"`, learning rate 1e-2, momentum 0.9):
+* **the orthogonal step rule** (`step_rule="orthogonal"`, learning rate 1e-2, Nesterov momentum 0.9):
   for each layer, the preconditioned gradient `Δ` (as the matrix `[K; b]`) is replaced by 3
   Newton-Schulz iterations towards its polar factor (all its singular values pushed to about
   1), scaled by `0.2 √max(rows, cols)` as Keras's `Muon` scales its update, times the learning
@@ -308,8 +308,8 @@ print(f"K-FAC (paper): {kfac_run['per_step_ms']:.0f} ms/step, final loss "
 `kfac_keras.KFAC()` without options takes the orthogonal step (`step_rule="orthogonal"`): each
 layer's preconditioned gradient `[K; b]` is replaced by 3 Newton-Schulz iterations towards its
 polar factor (2 on the four matrices whose smaller side is at least 500), scaled by
-`0.2 √max(rows, cols)` (Keras's `Muon` update size), times the learning rate 1e-2, with momentum
-0.9 after. Its damping is relative (each layer's `λ` times the mean eigenvalue of its curvature,
+`0.2 √max(rows, cols)` (Keras's `Muon` update size), times the learning rate 1e-2, with Nesterov
+momentum 0.9 after. Its damping is relative (each layer's `λ` times the mean eigenvalue of its curvature,
 from `λ = 1`) and adapted by the same Levenberg-Marquardt rule, with a floor of 1e-3. Its steps skip the two forward-mode passes of the
 quadratic model; the damping rule adds one forward pass and one forward-mode pass every 10
 steps.

@@ -335,8 +335,7 @@ class KFAC(keras.optimizers.Optimizer):
     estimation_mode = _option("estimation_mode", "`estimation_mode`.")
     inverse_method = _option("inverse_method", "`inverse_method`.")
     seed = _option("seed", "`seed`, or None.")
-    decomposition_jit_compile = _option("decomposition_jit_compile",
-                                        "`decomposition_jit_compile`.")
+    decomposition_jit_compile = _option("decomposition_jit_compile", "(resolved option)")
     distributed_inverses = _option("distributed_inverses", "`distributed_inverses`.")
     step_rule = _option("step_rule", "`step_rule`.")
     uses_quadratic_model_step = _option(
@@ -522,10 +521,14 @@ class KFAC(keras.optimizers.Optimizer):
             self._diagnostics.step_size.assign(self._learning_rate_now())
         prediction = self._adaptive_step.before_update(
             full_grads, preconditioned, self._velocities_of(variables), variables, batch)
+        directions = preconditioned  # the update's `D` (before the loss scale below)
         if self.loss_scale_factor is not None:  # the base class divides by it
             preconditioned = [p * self.loss_scale_factor for p in preconditioned]
         super().apply(preconditioned, variables)
         updates = self._velocities_of(variables)
+        if self.nesterov:  # the update taken is `mu v - lr D`, not the velocity `v`
+            mu, lr = tf.cast(self.current_momentum(), tf.float32), self._learning_rate_now()
+            updates = [mu * u - lr * tf.cast(d, u.dtype) for u, d in zip(updates, directions)]
         self._diagnostics.update_norm.assign(tf.sqrt(step_rules.dot(updates, updates)))
         self._adaptive_step.after_update(prediction, loss, updates, variables, batch)
 

@@ -192,7 +192,10 @@ def test_two_steps_match_dense_numpy_kfac(nesterov):
                    else velocity)
         moved = [w + u for w, u in zip(augmented(weights), updates)]
         weights = [moved[0][:-1], moved[0][-1], moved[1][:-1], moved[1][-1]]
-        step(x, y)
+        logs = step(x, y)
+        # `update_norm` is the norm of the update taken (Nesterov's, not the velocity).
+        assert float(logs["update_norm"]) == pytest.approx(
+            np.sqrt(sum(np.sum(u ** 2) for u in updates)), rel=1e-4)
         for got, expected in zip(model.trainable_variables, weights):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
 

@@ -1,5 +1,5 @@
 #!/bin/bash
-# S8-nesterov runs (RESULTS.md S8-nesterov). Usage: bash tools/step_efficiency/s8_nesterov.sh ae0|ae1|cnn|lm WINNER
+# S8-nesterov runs (RESULTS.md S8-nesterov). Usage: bash tools/step_efficiency/s8_nesterov.sh ae0|ae1|cnn|cnn1|lm WINNER
 # One process at a time, nice 5, steps only (no --ratio); logs under tools/step_efficiency/logs/s8_nesterov/.
 set -e
 cd "$(dirname "$0")/../.."
@@ -15,11 +15,14 @@ case "$1" in
 ae0) TASK=autoencoder; STEPS=200; SEED=0; TARGETS=150,120,100,90,80; C="$ALL"; NAME=ae_seed0 ;;
 ae1) TASK=autoencoder; STEPS=200; SEED=1; TARGETS=150,120,100,90,80; C="$ALL"; NAME=ae_seed1 ;;
 cnn) TASK=cnn; STEPS=200; SEED=0; TARGETS=0.1,0.05,0.02; C="$ALL"; NAME=cnn_seed0 ;;
+cnn1)  # extra (not in the brief): default vs nesterov, CNN seed 1
+  C="{\"default\": {$O}, \"nesterov\": {$O, \"nesterov\": true}}"
+  TASK=cnn; STEPS=200; SEED=1; TARGETS=0.1,0.05,0.02; NAME=cnn_seed1 ;;
 lm)
   W=${2:?winner config name}
   C=$(echo "$ALL" | $PY -c "import json,sys; a=json.load(sys.stdin); print(json.dumps({k: a[k] for k in ('default', '$W')}))")
   TASK=lm; STEPS=600; SEED=0; TARGETS=3.2447,2.9447,2.7447; NAME=lm_seed0 ;;
-*) echo "usage: $0 ae0|ae1|cnn|lm WINNER" >&2; exit 2 ;;
+*) echo "usage: $0 ae0|ae1|cnn|cnn1|lm WINNER" >&2; exit 2 ;;
 esac
 {
   echo "command: nesterov_run.py --task $TASK --steps $STEPS --seed $SEED --targets $TARGETS --configs C --out $LOGS/$NAME.jsonl"

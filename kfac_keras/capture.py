@@ -27,6 +27,20 @@ import tensorflow as tf
 
 from kfac_keras import keras_internals
 
+#: What `KFAC.apply`/`apply_gradients` raise outside a K-FAC training step.
+MISSING_CAPTURE = (
+    "KFAC was applied outside a K-FAC training step: it needs the layer inputs "
+    "and pre-activation gradients of each step, which Keras's default train "
+    "step, a later `fit` without the callback and a plain "
+    "`optimizer.apply_gradients(...)` do not provide (the curvature would stay "
+    "frozen). Add the K-FAC callback to fit:\n\n"
+    "    model.fit(x, y, ..., callbacks=[kfac_keras.KFACCallback()])\n\n"
+    "(a model with its own `train_step` keeps it: the callback runs it with "
+    "K-FAC capture on), or, in a custom training loop, build the step with "
+    "`step = kfac_keras.make_train_step(model, optimizer, loss)` and call "
+    "`step(x, y)` instead of `optimizer.apply_gradients(...)`."
+)
+
 #: What a capture wrapper records (a block's `capture_mode`):
 #: * "preactivation": `(inputs, s)` with the layer's activation switched off.
 #: * "output": `(inputs, output)`, the layer run unchanged (e.g. Embedding:

@@ -42,20 +42,6 @@ from kfac_keras import distributed
 from kfac_keras import guards
 from kfac_keras.blocks.base import StatisticsSource
 
-#: What `KFAC.apply`/`apply_gradients` raise outside a K-FAC training step.
-MISSING_CAPTURE = (
-    "KFAC was applied outside a K-FAC training step: it needs the layer inputs "
-    "and pre-activation gradients of each step, which Keras's default train "
-    "step, a later `fit` without the callback and a plain "
-    "`optimizer.apply_gradients(...)` do not provide (the curvature would stay "
-    "frozen). Add the K-FAC callback to fit:\n\n"
-    "    model.fit(x, y, ..., callbacks=[kfac_keras.KFACCallback()])\n\n"
-    "(a model with its own `train_step` keeps it: the callback runs it with "
-    "K-FAC capture on), or, in a custom training loop, build the step with "
-    "`step = kfac_keras.make_train_step(model, optimizer, loss)` and call "
-    "`step(x, y)` instead of `optimizer.apply_gradients(...)`."
-)
-
 #: The note in the registration report and the logs of a custom train step.
 EMPIRICAL_NOTE = (
     "The model has its own `train_step`: K-FAC runs it and estimates the "

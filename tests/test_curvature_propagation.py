@@ -25,6 +25,7 @@ import tensorflow as tf
 
 import kfac_keras
 from conftest import block_for_layer
+from test_ekfac import OwnStepSequential
 from kfac_keras import distributions
 
 CLASSES = 3
@@ -156,27 +157,9 @@ def test_distribution_loss_is_refused_before_any_state_changes():
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
-class _OwnStep(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(2)
-
-    def call(self, inputs):
-        return self.dense(inputs)
-
-    def train_step(self, data):
-        x, y = data
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_mean(tf.square(self(x, training=True) - y))
-        grads = tape.gradient(loss, self.trainable_variables)
-        self.optimizer.apply_gradients(zip(grads, self.trainable_variables))
-        return {"loss": loss}
-
-
 def test_custom_train_step_is_refused():
     x = np.zeros((8, 3), "float32")
-    model = _OwnStep()
-    model(x)
+    model = OwnStepSequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer=kfac_keras.KFAC(estimation_mode="curvature_propagation",
                                             adaptive=None))
     with pytest.raises(ValueError, match="own `train_step`.*curvature_propagation"):

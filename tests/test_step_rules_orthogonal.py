@@ -200,6 +200,21 @@ def test_two_steps_match_dense_numpy_kfac(nesterov):
             np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=2e-6)
 
 
+def _first_update(x, y, lr, damping, **options):
+    """`(updates, weights)`: one momentum-free step of the orthogonal rule on
+    `two_layer_model` (factors from this batch, fixed damping), the updates
+    as `[K; b]` matrices and the weights before it (float64)."""
+    model = two_layer_model()
+    optimizer = kfac_keras.KFAC(
+        step_rule="orthogonal", learning_rate=lr, momentum=0.0, damping=damping,
+        adaptive=None, estimation_mode="empirical", factor_decay=0.0, cov_update_every=1,
+        inv_update_every=1, seed=0, **options)
+    step = kfac_keras.make_train_step(model, optimizer, LOSS)
+    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
+    step(x, y)
+    return augmented([v.numpy() - w for v, w in zip(model.trainable_variables, weights)]), weights
+
+
 def test_iterations_by_matrix_size_match_dense_numpy_kfac():
     """`orthogonal_iterations` as a dict: the 5x5 `[K1; b1]` (smaller side
     5 >= `large_min_dim`) takes `large_iterations` = 1, the 6x3 `[K2; b2]`
@@ -208,17 +223,9 @@ def test_iterations_by_matrix_size_match_dense_numpy_kfac():
     x = rng.normal(size=(16, 4)).astype("float32")
     y = rng.integers(0, 3, size=16)
     lr, damping = 0.05, 0.03
-    model = two_layer_model()
-    optimizer = kfac_keras.KFAC(
-        step_rule="orthogonal",
-        orthogonal_iterations={"iterations": 3, "large_iterations": 1, "large_min_dim": 5},
-        learning_rate=lr, momentum=0.0, damping=damping, adaptive=None,
-        estimation_mode="empirical", factor_decay=0.0, cov_update_every=1,
-        inv_update_every=1, seed=0)
-    step = kfac_keras.make_train_step(model, optimizer, LOSS)
-    weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-    step(x, y)
-    updates = augmented([v.numpy() - w for v, w in zip(model.trainable_variables, weights)])
+    updates, weights = _first_update(
+        x, y, lr, damping,
+        orthogonal_iterations={"iterations": 3, "large_iterations": 1, "large_min_dim": 5})
     preconditioned = numpy_preconditioned(weights, x.astype(np.float64), y, damping)
     assert [p.shape for p in preconditioned] == [(5, 5), (6, 3)]
     for got, matrix, iterations in zip(updates, preconditioned, (1, 3)):
@@ -257,17 +264,9 @@ def test_bfloat16_step_matches_dense_numpy_kfac_and_differs_from_float32():
     lr, damping, iterations = 0.05, 0.03, 3
     updates = {}
     for dtype in ("float32", "bfloat16"):
-        model = two_layer_model()
-        optimizer = kfac_keras.KFAC(
-            step_rule="orthogonal", orthogonal_iterations=iterations, orthogonal_dtype=dtype,
-            learning_rate=lr, momentum=0.0, damping=damping, adaptive=None,
-            estimation_mode="empirical", factor_decay=0.0, cov_update_every=1,
-            inv_update_every=1, seed=0)
-        step = kfac_keras.make_train_step(model, optimizer, LOSS)
-        weights = [v.numpy().astype(np.float64) for v in model.trainable_variables]
-        step(x, y)
-        updates[dtype] = augmented([v.numpy() - w for v, w in
-                                     zip(model.trainable_variables, weights)])
+        updates[dtype], weights = _first_update(x, y, lr, damping,
+                                                orthogonal_iterations=iterations,
+                                                orthogonal_dtype=dtype)
     directions = _numpy_orthogonal_kfac_direction(weights, x.astype(np.float64), y, damping,
                                                   iterations)
     for got, exact, float32 in zip(updates["bfloat16"], directions, updates["float32"]):

@@ -213,10 +213,10 @@ print(f"median step time: K-FAC {runs[0]['history']['per_step_ms']:.0f} ms, "
       f"Adam {runs[1]['history']['per_step_ms']:.0f} ms")
 '''), md('''
 In the saved run (5 epochs of 16 steps), K-FAC with its defaults ends at a training loss of
-0.00056 and a validation accuracy of 0.9715, Adam at 0.2687 and 0.9370; a K-FAC step takes
-about 13 ms here against Adam's 4 ms (median; the saved run shared a busy machine). The epoch
-lines show the damping going from its start of 1e-2 to the 1e-3 floor by the third epoch, and
-`rho` between 1.0 and 1.8 in every epoch line.
+0.0001 and a validation accuracy of 0.9780, Adam at 0.2687 and 0.9370; a K-FAC step takes
+about 13 ms here against Adam's 5 ms (median, 2-core CPU). The epoch lines show the damping
+(relative to each layer's curvature) falling from its start of 1 to 0.017 by the fifth epoch, and
+`rho` between 1.0 and 2.2 in every epoch line.
 
 ## Next
 
@@ -347,12 +347,12 @@ fig = nbu.plot_loss_curves(runs, loss_scale=PIXELS, targets=TARGETS,
                            ylabel="summed CE per image", title="Deep autoencoder, MNIST")
 plt.show()
 '''), md('''
-In the saved run, the defaults (the orthogonal rule) need the fewest steps to every target below
-250 (23 steps to 120, against 77 for the paper's algorithm) and the fewest seconds (15.8 s to 120
-against 32.7 s), although each of their steps took longer here (559 ms against 359 ms: the
-Newton-Schulz iterations on the 1000-wide layers); both end near 87 (87.0 and 87.3). SGD with
-momentum and Adam do not reach 150 within the 120 steps (final losses 205.7 and 165.9). Step
-times depend on the machine and its load (the saved run shared a busy machine).
+In the saved run, the defaults (the orthogonal rule) need the fewest steps and seconds to every
+target below 250 (23 steps and 7.1 s to 120, against 77 steps and 20.6 s for the paper's
+algorithm), although each of their steps took longer here (272 ms against 249 ms: the
+Newton-Schulz iterations on the 1000-wide layers), and they end lower (69.5 against 87.3). SGD
+with momentum and Adam do not reach 150 within the 120 steps (final losses 205.7 and 161.9).
+Step times depend on the machine and its load (the saved run: a 2-core CPU, other jobs running).
 
 ## What K-FAC's adaptive rules did
 
@@ -481,10 +481,9 @@ for run in cnn_runs:
     print(f"{run['label']:40s} validation accuracy {run['epochs']['val_accuracy'][-1]:.4f}, "
           f"{run['per_step_ms']:.0f} ms/step")
 '''), md('''
-In the saved run, after 3 epochs both K-FAC runs reach a validation accuracy of about 0.97
-(0.9665 with the automatic blocks and 0.9710 with diagonal blocks for the normalization layers),
-Adam 0.9045. In both K-FAC runs the damping rule took `λ` from 1e-2 to near its 1e-3 floor in
-the first epoch.
+In the saved run, after 3 epochs the K-FAC run with the automatic blocks reaches a validation
+accuracy of 0.9730 and the one with diagonal blocks for the normalization layers 0.9605, Adam
+0.9045.
 '''), md('''
 ## A small Transformer
 
@@ -527,8 +526,8 @@ for run in transformer_runs:
           f"{run['per_step_ms']:.0f} ms/step")
 '''), md('''
 On this small synthetic task both end at about the same validation accuracy after 6 epochs
-(K-FAC 0.8672, Adam 0.8750 in the saved run); K-FAC's training loss falls faster in the first
-epochs (1.03 and 0.50 in epochs 1 and 2, against Adam's 1.30 and 0.98).
+(K-FAC 0.8701, Adam 0.8750 in the saved run); K-FAC's training loss falls much faster in the
+first 100 steps (left plot).
 
 '''), md('''
 The report is also available after training as `optimizer.registration.report()`, and as a list
@@ -646,10 +645,10 @@ plt.legend()
 plt.grid(True, which="both", alpha=0.3)
 plt.show()
 '''), md('''
-In the saved run, K-FAC with its defaults is at a batch loss of 0.028 at step 60 and 0.0002 at
-step 300 (2.6e-06 at step 240: this late the batch loss is tiny and noisy); Adam's last batch
-loss is 0.146. The damping is at its 1e-3 floor at every printed step, with `rho` between 0.99
-and 1.7: the quadratic model predicts these updates well. When it predicts no decrease
+In the saved run, K-FAC with its defaults is at a batch loss of 0.030 at step 60 and 3.5e-06 at
+step 300; Adam's last batch loss is 0.146. The (relative) damping falls from 0.046 at step 60 to
+its 1e-3 floor by step 180, with `rho` between 1.0 and 1.3 at every printed step: the quadratic
+model predicts these updates well. When it predicts no decrease
 (`qmodel_change > 0`), `rho` is undefined (`nan`) and the damping rule treats that like a poor
 prediction, raising `λ`.
 '''), md('''
@@ -903,8 +902,9 @@ What the outputs above show on this model (150 steps):
 * The extra passes of the damping rule (every 10 steps) do not show in the mean step times,
   which are within the run-to-run noise of the plain runs here.
 * **`KFAC()` itself (the orthogonal rule, learning rate 1e-2, the same damping rule) ends
-  lowest of all**, below 0.00005 (the table prints 0.0000), at a mean step time close to the
-  KL-clipped runs' (26 ms against 23 ms here).
+  lowest of all**, below 0.00005 (the table prints -0.0000, float32 rounding of a loss near 0),
+  at a mean step of 23 ms against the KL-clipped runs' 13 ms here (the Newton-Schulz
+  iterations on the 785x256 matrix).
 
 ## 5. Step size and momentum from the quadratic model
 
@@ -936,16 +936,16 @@ for ax in axes:
 fig.tight_layout()
 plt.show()
 '''), md('''
-In the saved run the paper's algorithm ends at a loss of 0.0039 at a mean of 22 ms per step
+In the saved run the paper's algorithm ends at a loss of 0.0039 at a mean of 21 ms per step
 (with the two extra forward-mode passes of every step), `KFAC(step_rule="kl_clip")` at 0.0022
-(23 ms) and `KFAC()` below 0.00005 (26 ms); mean step times on the busy machine the saved run
-shared are only a rough guide.
+(13 ms) and `KFAC()` below 0.00005 (23 ms); mean step times on a shared 2-core CPU are only a
+rough guide.
 
 ## Rules of thumb
 
-* Start with the defaults, `KFAC()`: the orthogonal step rule at learning rate 1e-2, momentum
-  0.9, damping adapted from 1e-2 with a floor of 1e-3. Its step is proportional to the
-  learning rate, so tune that as for Muon.
+* Start with the defaults, `KFAC()`: the orthogonal step rule at learning rate 1e-2, Nesterov
+  momentum 0.9, relative damping adapted from 1 with a floor of 1e-3. Its step is proportional
+  to the learning rate, so tune that as for Muon.
 * With `KFAC(step_rule="kl_clip")`, `norm_constraint` sets the step length whenever it binds:
   raise it for longer steps, lower it if training is unstable.
 * Give the damping rule a reasonable start: it changes `λ` by a factor of at most `(19/20)^10`

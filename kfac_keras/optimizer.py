@@ -12,13 +12,12 @@ import tensorflow as tf
 from absl import logging
 
 from kfac_keras import checkpointing, keras_internals, orthogonal_step, step_rules
-from kfac_keras.capture import MISSING_CAPTURE
 from kfac_keras import registration as registration_lib
 from kfac_keras.adaptive_step import AdaptiveStep, StepDiagnostics
+from kfac_keras.capture import MISSING_CAPTURE
 from kfac_keras.curvature import CurvatureEstimator
 from kfac_keras.options import KFACOptions
 from kfac_keras.validation import is_schedule
-
 
 
 def _delegate(name):

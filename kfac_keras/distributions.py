@@ -253,6 +253,13 @@ class PredictiveDistribution:
         value_axes`; `per_example_nll` is its sum over positions."""
         raise NotImplementedError
 
+    @staticmethod
+    def _per_value(elementwise):
+        """Per-element terms summed over the last (output) axis."""
+        if elementwise.shape.rank < 2:
+            return elementwise
+        return tf.reduce_sum(elementwise, axis=-1)
+
     def per_example_nll(self, targets, y_pred):
         """Unscaled negative log-likelihood of each example, shape `(batch,)`.
 
@@ -317,8 +324,7 @@ class PredictiveDistribution:
                 output, first_example)) < 0.5, tf.float32) - 1.0
             vector = tf.stop_gradient(self.output_fisher_sqrt_product(
                 tf.stop_gradient(output), signs))
-            values = vector * output
-            values = tf.reduce_sum(values, axis=-1) if values.shape.rank > 1 else values
+            values = self._per_value(vector * output)
         else:
             if seed is None:
                 targets = self.empirical_targets(unwrap_single(y_true)[:subset], y_subset)
@@ -495,13 +501,6 @@ class _ElementwiseDistribution(PredictiveDistribution):
         if self.last_axis == "sum" or y_pred.shape.rank < 2:
             return 1
         return _static_count([y_pred.shape[-1]], y_pred)
-
-    @staticmethod
-    def _per_value(elementwise):
-        """Elementwise NLLs summed over the last (output) axis."""
-        if elementwise.shape.rank < 2:
-            return elementwise
-        return tf.reduce_sum(elementwise, axis=-1)
 
 
 class Bernoulli(_ElementwiseDistribution):

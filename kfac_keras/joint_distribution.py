@@ -59,6 +59,16 @@ class JointDistribution:
         reductions = [head.distribution.reduction for head in self.heads]
         return "sum" if "sum" in reductions else reductions[0]
 
+    @property
+    def has_fisher_sqrt(self):
+        """True if every head's output Fisher has a closed-form square root."""
+        return all(head.distribution.has_fisher_sqrt for head in self.heads)
+
+    def missing_fisher_sqrt_error(self):
+        """The first head's error that has no closed-form square root."""
+        return next(head.distribution.missing_fisher_sqrt_error() for head in self.heads
+                    if not head.distribution.has_fisher_sqrt)
+
     @staticmethod
     def _head_seed(seed, head):
         # The first output keeps the step's seed (a single weighted output

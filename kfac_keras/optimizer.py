@@ -334,7 +334,7 @@ class KFAC(keras.optimizers.Optimizer):
     estimation_mode = _option("estimation_mode", "`estimation_mode`.")
     inverse_method = _option("inverse_method", "`inverse_method`.")
     seed = _option("seed", "`seed`, or None.")
-    decomposition_jit_compile = _option("decomposition_jit_compile", "(resolved option)")
+    decomposition_jit_compile = _option("decomposition_jit_compile", "`decomposition_jit_compile`.")
     distributed_inverses = _option("distributed_inverses", "`distributed_inverses`.")
     step_rule = _option("step_rule", "`step_rule`.")
     uses_quadratic_model_step = _option(

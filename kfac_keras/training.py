@@ -192,11 +192,9 @@ class KFACTrainStep:
         else:
             self.distribution = losses_lib.distribution_for_model(model, loss)
             self._loss_fn = _explicit_loss(model, loss)
-        if optimizer.estimation_mode == "curvature_propagation":
-            for head in getattr(self.distribution, "heads", None) or [None]:
-                distribution = self.distribution if head is None else head.distribution
-                if not distribution.has_fisher_sqrt:
-                    raise distribution.missing_fisher_sqrt_error()
+        if (optimizer.estimation_mode == "curvature_propagation"
+                and not self.distribution.has_fisher_sqrt):
+            raise self.distribution.missing_fisher_sqrt_error()
         if not isinstance(jit_compile, bool):
             raise TypeError(f"`jit_compile` must be a bool; received {jit_compile!r}.")
         strategy = distributed.multi_replica_strategy(model)

@@ -157,6 +157,22 @@ def test_distribution_loss_is_refused_before_any_state_changes():
         np.testing.assert_array_equal(got.numpy(), expected)
 
 
+def test_a_distribution_loss_head_of_a_two_output_model_is_refused():
+    import tensorflow_probability as tfp
+
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, {"classes": keras.layers.Dense(CLASSES, name="classes")(inputs),
+                                 "normal": keras.layers.Dense(2, name="normal")(inputs)})
+    optimizer = kfac_keras.KFAC(estimation_mode="curvature_propagation")
+    model.compile(optimizer=optimizer, loss={
+        "classes": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        "normal": kfac_keras.DistributionLoss(
+            lambda f: tfp.distributions.Normal(f[..., :1], tf.exp(f[..., 1:])))})
+    with pytest.raises(ValueError, match="square root of the output Fisher"):
+        kfac_keras.make_train_step(model, optimizer)
+    assert optimizer.registration is None
+
+
 def test_custom_train_step_is_refused():
     x = np.zeros((8, 3), "float32")
     model = OwnStepSequential([keras.Input((3,)), keras.layers.Dense(2)])

@@ -8,7 +8,13 @@ One step, in three parts:
    gradient; and, every `cov_update_every` steps (a `tf.cond`, no host round
    trip), the gradient of the *sampled* objective w.r.t. the captured
    pre-activations (and w.r.t. the diagonal blocks' variables), from which
-   the blocks update their factors. No second forward pass.
+   the blocks update their factors. No second forward pass. Without XLA
+   the `tf.cond` is around the whole part: a statistics step runs the
+   forward pass, both backward passes and the update in one branch (CPU
+   kernels such as oneDNN's pooling gradient need their forward op in the
+   same graph), and the other steps neither sample targets nor keep a
+   persistent tape. Under XLA the forward pass stays outside the `tf.cond`,
+   so it is compiled once.
 2. *Decompositions*, every `inv_update_every` steps (a `tf.cond`): outside
    XLA on CPU, inside XLA on GPU (`kfac_keras.linalg.decomposition_jit`).
    EKFAC decomposes inside part 1 on the steps that also re-estimate its
@@ -114,6 +120,28 @@ def _update_loss_scale(loss_scale_optimizer, batch_ok):
     counter.assign(tf.where(tf.logical_and(batch_ok, tf.logical_not(grow)),
                             tf.convert_to_tensor(counter) + 1,
                             tf.zeros_like(tf.convert_to_tensor(counter))))
+
+
+def _cond_with_none(pred, true_fn, false_fn):
+    """`tf.cond` over branches that return the same nested structure with
+    None entries (variables without a gradient), which `tf.cond` cannot
+    return: the Nones are dropped inside the branches and put back after."""
+    traced = []
+
+    def without_none(fn):
+        def branch():
+            result = fn()
+            flat = tf.nest.flatten(result)
+            traced.append((result, [value is None for value in flat]))
+            return [value for value in flat if value is not None]
+        return branch
+
+    values = iter(tf.cond(pred, without_none(true_fn), without_none(false_fn)))
+    structure, nones = traced[0]  # eagerly, only the branch taken runs
+    if any(other != nones for _, other in traced[1:]):
+        raise ValueError("The branches of the step return gradients for different variables.")
+    return tf.nest.pack_sequence_as(
+        structure, [None if none else next(values) for none in nones])
 
 
 class _ForwardPass:
@@ -249,11 +277,14 @@ class KFACTrainStep:
             y_pred, y, sample_weight, subset, seed, first_example, mode)
         return objective, subset
 
-    def _forward(self, x, y, sample_weight, first_example=0):
+    def _forward(self, x, y, sample_weight, first_example=0, statistics=True):
         """Forward pass with captures, loss and gradients (of this replica's
-        slice of the batch under a strategy); see `_ForwardPass`."""
+        slice of the batch under a strategy); see `_ForwardPass`. With
+        `statistics=False` the statistics objective is not built (no targets
+        are sampled) and the tape is not kept for a second backward pass."""
         model, optimizer, registration = self.model, self.optimizer, self.registration
-        with tf.GradientTape(persistent=True) as tape:
+        objective = subset = None
+        with tf.GradientTape(persistent=statistics) as tape:
             with registration.capture() as recorder:
                 y_pred = _check_output(model(x, training=True), self.distribution)
             loss = self._loss(x, y, y_pred, sample_weight)
@@ -261,8 +292,9 @@ class KFACTrainStep:
                 scaled_loss = self.loss_scale_optimizer.scale_loss(loss)
             else:
                 scaled_loss = optimizer.scale_loss(loss)
-            objective, subset = self._statistics_objective(
-                y, y_pred, sample_weight, first_example)
+            if statistics:
+                objective, subset = self._statistics_objective(
+                    y, y_pred, sample_weight, first_example)
         grads = tape.gradient(scaled_loss, model.trainable_variables)
         if self.loss_scale_optimizer is not None:
             grads = _unscale_gradients(grads, self.loss_scale_optimizer.dynamic_scale)
@@ -324,23 +356,50 @@ class KFACTrainStep:
             lambda: self._compiled_gradients_and_statistics(x, y, sample_weight, False))
 
     def _gradients_and_statistics_impl(self, x, y, sample_weight, decompose_first):
-        optimizer = self.optimizer
         frozen = self.model.non_trainable_variables  # put back if the step is skipped
         frozen_values = guards.read_values(frozen)
-        forward = self._forward(x, y, sample_weight)
+        due = self.optimizer.curvature_pass_due()
+        if self.jit_compile:
+            y_pred, loss, grads, updated, ok = self._forward_and_statistics(
+                x, y, sample_weight, decompose_first, due, statistics=True)
+        else:
+            # Without XLA, a statistics step runs its own forward pass in its
+            # branch: oneDNN's pooling gradients need the forward op in the
+            # same graph, and a backward pass in a branch of its own falls
+            # back to kernels up to 20x slower. Other steps sample no targets.
+            y_pred, loss, grads, updated, ok = _cond_with_none(
+                due,
+                lambda: self._forward_and_statistics(
+                    x, y, sample_weight, decompose_first, due, statistics=True),
+                lambda: self._forward_and_statistics(
+                    x, y, sample_weight, decompose_first, due, statistics=False))
+        guards.restore_if_skipped(ok, frozen, frozen_values)
+        return y_pred, loss, grads, updated, ok
+
+    def _forward_and_statistics(self, x, y, sample_weight, decompose_first, due, statistics):
+        """The forward pass, the guard, and (when `statistics` and `due`) the
+        statistics update; returns `(y_pred, loss, grads, updated, ok)`."""
+        optimizer = self.optimizer
+        forward = self._forward(x, y, sample_weight, statistics=statistics)
+        # In the statistics branch (without XLA) the sampled backward pass
+        # runs beside the forward pass, outside the guard's own branch.
+        block_inputs = self._block_inputs(forward) if statistics and not self.jit_compile else None
 
         def update_statistics():
-            optimizer.update_curvature(self._block_inputs(forward),
-                                       tf.cast(forward.subset, tf.float32), decompose_first)
+            inputs = block_inputs if block_inputs is not None else self._block_inputs(forward)
+            optimizer.update_curvature(inputs, tf.cast(forward.subset, tf.float32),
+                                       decompose_first)
             return tf.constant(True)
 
         # Non-finite guard: a bad batch or bad statistics skip the step.
         batch_ok = guards.batch_is_finite(forward.loss, forward.grads)
         if self.loss_scale_optimizer is not None:
             _update_loss_scale(self.loss_scale_optimizer, batch_ok)
-        updated, ok = guards.guarded_statistics_update(
-            optimizer, optimizer.curvature_pass_due(), batch_ok, update_statistics)
-        guards.restore_if_skipped(ok, frozen, frozen_values)
+        if statistics:
+            updated, ok = guards.guarded_statistics_update(
+                optimizer, due, batch_ok, update_statistics)
+        else:
+            updated, ok = tf.constant(False), batch_ok
         return forward.y_pred, forward.loss, forward.grads, updated, ok
 
     def _apply_impl(self, grads, ok, x, y, sample_weight, loss):

@@ -82,6 +82,46 @@ def test_modes_agree_on_the_same_batches():
             np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
 
 
+def test_modes_agree_for_a_pooling_convnet():
+    # Without XLA a statistics step runs in its own branch (with its own
+    # forward pass), other steps in another; the weights must match XLA's
+    # single forward pass and the eager run.
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 8, 8, 2)).astype("float32")
+    y = rng.integers(0, 3, size=64)
+    results = []
+    for mode in ["graph", "jit", "eager"]:
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([
+            keras.Input((8, 8, 2)), keras.layers.Conv2D(4, 3, activation="relu"),
+            keras.layers.MaxPooling2D(2), keras.layers.Flatten(), keras.layers.Dense(3)])
+        _compile(model, mode, cov_update_every=2, inv_update_every=3)
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False,
+                  callbacks=[kfac_keras.KFACCallback(verbose=0)])
+        results.append(model.get_weights())
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_cond_with_none_puts_the_nones_back():
+    from kfac_keras.training import _cond_with_none
+
+    @tf.function
+    def run(pred):
+        return _cond_with_none(pred, lambda: (tf.constant(1.0), [None, tf.constant([2.0])]),
+                               lambda: (tf.constant(3.0), [None, tf.constant([4.0])]))
+
+    for pred, (first, second) in ((True, (1.0, 2.0)), (False, (3.0, 4.0))):
+        scalar, (missing, vector) = run(tf.constant(pred))
+        assert missing is None
+        assert float(scalar) == first and vector.numpy().tolist() == [second]
+    with pytest.raises(ValueError, match="different variables"):
+        tf.function(lambda: _cond_with_none(
+            tf.constant(True), lambda: [None, tf.constant(1.0)],
+            lambda: [tf.constant(1.0), None]))()
+
+
 def test_custom_loop_equals_fit():
     x, y = _data(64)
     keras.utils.set_random_seed(5)

@@ -306,7 +306,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         self.other_lr_ratio = float(other_lr_ratio)
         self.relative_damping = bool(relative_damping)
         self.warmup_steps = int(warmup_steps)
-        self.nesterov = bool(nesterov)
+        self.buffer_nesterov = bool(nesterov)  # the library has its own `nesterov`
         self.natural_lr_ratio = float(natural_lr_ratio)
         self.kl_relative_to_loss = bool(kl_relative_to_loss)
         self._bound = None
@@ -427,7 +427,7 @@ class StepRuleKFAC(kfac_keras.KFAC):
         momentum = tf.cast(self.current_momentum(), tf.float32)
         new = momentum * buffer + direction
         buffer.assign(new)
-        return direction + momentum * new if self.nesterov else new
+        return direction + momentum * new if self.buffer_nesterov else new
 
     def _rule_directions(self, block, members, grads, precond, variables):
         """Unscaled-by-lr step (to be multiplied by `-lr`) of one block's variables,
